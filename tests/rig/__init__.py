@@ -1,0 +1,1 @@
+"""Real-component test rig: throwaway CA, Dovecot and slapd run as child processes."""
