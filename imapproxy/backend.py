@@ -1,0 +1,210 @@
+"""The proxy's login dialogue with an IMAP backend: sans-IO.
+
+greeting -> [STARTTLS -> TLS] -> [ID] -> LOGIN -> [CAPABILITY] -> logged in.
+ID and LOGIN are pipelined; credentials go as quoted strings when they can, as
+literals otherwise (non-synchronising when the backend offers LITERAL+, RFC 7888).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum, auto
+
+from .credentials import Credentials
+from .errors import AuthenticationFailed, BackendProtocolError, BackendRefused, BackendUnavailable
+from .events import (
+    BackendAction,
+    BackendLoggedIn,
+    BackendLoginFailed,
+    SendToBackend,
+    StartBackendTLS,
+)
+from .imapwire import quoted
+
+#: Backend lines before login are short; a capability list is the longest.
+MAX_BACKEND_LINE = 65536
+
+#: RFC 5530 codes that tell the user something true and useful; passed on as they are.
+#: Everything else becomes our own AUTHENTICATIONFAILED.
+PASS_THROUGH_CODES = frozenset(
+    {"UNAVAILABLE", "IN-USE", "EXPIRED", "CONTACTADMIN", "LIMIT", "PRIVACYREQUIRED",
+     "SERVERBUG"}
+)
+
+_CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
+
+
+class Step(Enum):
+    GREETING = auto()
+    STARTTLS = auto()
+    LOGIN_CONTINUATION = auto()  # waiting for "+" before sending the password literal
+    LOGIN = auto()
+    CAPABILITY = auto()
+    DONE = auto()
+
+
+def parse_status(text: bytes) -> tuple[str | None, bytes]:
+    """Split "[CODE args] text" into ("CODE args", text)."""
+    match = _CODE.match(text)
+    if match is None:
+        return None, text
+    return match.group(1).decode("ascii", "replace"), match.group(2)
+
+
+def capability_list(code: str | None) -> bytes | None:
+    if code is None or not code.upper().startswith("CAPABILITY "):
+        return None
+    return code[len("CAPABILITY "):].encode("ascii")
+
+
+class ImapBackendLogin:
+    """Logs in at one IMAP backend on behalf of a client."""
+
+    def __init__(self, credentials: Credentials, login: str, *, starttls: bool,
+                 client_id: tuple[tuple[str, str | None], ...] = ()) -> None:
+        self.step = Step.GREETING
+        self._credentials = credentials
+        self._login = login.encode("utf-8")
+        self._starttls = starttls
+        self._client_id = client_id
+        self._buffer = bytearray()
+        self._capabilities: bytes | None = None
+        self._literal_plus = False
+        self._pending_password: bytes | None = None
+
+    def receive_data(self, data: bytes) -> list[BackendAction]:
+        self._buffer += data
+        actions: list[BackendAction] = []
+        while self.step is not Step.DONE:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_BACKEND_LINE:
+                    return actions + self._fail(BackendProtocolError())
+                break
+            line = bytes(self._buffer[:end]).rstrip(b"\r")
+            del self._buffer[: end + 1]
+            actions += self._line(line)
+        return actions
+
+    def tls_started(self) -> list[BackendAction]:
+        # RFC 3501 section 6.2.1: capabilities seen before TLS no longer count.
+        self._literal_plus = False
+        return self._send_login()
+
+    def _fail(self, error: Exception) -> list[BackendAction]:
+        self.step = Step.DONE
+        assert isinstance(error, (BackendProtocolError, BackendUnavailable, AuthenticationFailed,
+                                  BackendRefused))
+        return [BackendLoginFailed(error)]
+
+    def _line(self, line: bytes) -> list[BackendAction]:
+        tag, _, rest = line.partition(b" ")
+        status, _, text = rest.partition(b" ")
+        status = status.upper()
+        if self.step is Step.GREETING:
+            if tag != b"*" or status not in (b"OK", b"PREAUTH", b"BYE"):
+                return self._fail(BackendProtocolError())
+            if status != b"OK":
+                # PREAUTH would log us in as someone unknown; BYE means go away.
+                return self._fail(BackendUnavailable())
+            code, _ = parse_status(text)
+            self._note_capabilities(capability_list(code))
+            if self._starttls:
+                self.step = Step.STARTTLS
+                return [SendToBackend(b"P1 STARTTLS\r\n")]
+            return self._send_login()
+        if self.step is Step.LOGIN_CONTINUATION and tag == b"+":
+            assert self._pending_password is not None
+            password, self._pending_password = self._pending_password, None
+            self.step = Step.LOGIN
+            return [SendToBackend(password + b"\r\n")]
+        if tag == b"*":
+            if status == b"CAPABILITY":
+                self._note_capabilities(text)
+            elif status == b"BYE":
+                return self._fail(BackendUnavailable())
+            return []  # other untagged data (ID replies, ...) is of no interest here
+        if self.step is Step.STARTTLS and tag == b"P1":
+            if status != b"OK":
+                return self._fail(BackendUnavailable())
+            return [StartBackendTLS()]
+        if tag == b"P2":  # our ID: whatever the answer, login goes on
+            return []
+        if self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION) and tag == b"P3":
+            return self._login_reply(status, text)
+        if self.step is Step.CAPABILITY and tag == b"P4":
+            return self._logged_in()
+        return self._fail(BackendProtocolError())
+
+    def _note_capabilities(self, caps: bytes | None) -> None:
+        if caps is None:
+            return
+        self._capabilities = caps
+        names = caps.upper().split()
+        self._literal_plus = b"LITERAL+" in names or b"IMAP4REV2" in names
+
+    def _send_login(self) -> list[BackendAction]:
+        out = bytearray()
+        if self._client_id:
+            out += b"P2 ID " + id_list(self._client_id) + b"\r\n"
+        user = self._astring(self._login)
+        if user is None:
+            # A synchronising literal for the name would cost another round trip; names
+            # with control or 8-bit characters are rare, so they need LITERAL+.
+            return self._fail(BackendProtocolError())
+        password = self._credentials.password.reveal()
+        encoded_password = quoted(password)
+        if encoded_password is not None:
+            out += b"P3 LOGIN " + user + b" " + encoded_password + b"\r\n"
+            self.step = Step.LOGIN
+        elif self._literal_plus:
+            out += (b"P3 LOGIN " + user + b" {%d+}\r\n" % len(password)) + password + b"\r\n"
+            self.step = Step.LOGIN
+        else:
+            out += b"P3 LOGIN " + user + b" {%d}\r\n" % len(password)
+            self._pending_password = password
+            self.step = Step.LOGIN_CONTINUATION
+        return [SendToBackend(bytes(out))]
+
+    def _astring(self, value: bytes) -> bytes | None:
+        encoded = quoted(value)
+        if encoded is not None:
+            return encoded
+        if self._literal_plus:
+            return b"{%d+}\r\n" % len(value) + value
+        return None
+
+    def _login_reply(self, status: bytes, text: bytes) -> list[BackendAction]:
+        code, message = parse_status(text)
+        if status == b"OK":
+            caps = capability_list(code)
+            if caps is not None:
+                self._capabilities = caps
+                return self._logged_in()
+            # RFC 3501 section 6.2.3: capabilities may change at login; ask again.
+            self.step = Step.CAPABILITY
+            self._capabilities = None
+            return [SendToBackend(b"P4 CAPABILITY\r\n")]
+        if status == b"NO" and code is not None:
+            name = code.split(" ", 1)[0].upper()
+            if name in PASS_THROUGH_CODES:
+                text_out = message.decode("utf-8", "replace").strip() or "Login refused"
+                return self._fail(BackendRefused(name, text_out))
+        return self._fail(AuthenticationFailed())
+
+    def _logged_in(self) -> list[BackendAction]:
+        self.step = Step.DONE
+        trailing = bytes(self._buffer)
+        self._buffer.clear()
+        return [BackendLoggedIn(self._capabilities, trailing)]
+
+
+def id_list(pairs: tuple[tuple[str, str | None], ...]) -> bytes:
+    """Render RFC 2971 ID parameters; values that need literals are dropped."""
+    items = []
+    for key, value in pairs:
+        k = quoted(key.encode("utf-8"))
+        v = b"NIL" if value is None else quoted(value.encode("utf-8"))
+        if k is not None and v is not None:
+            items.append(k + b" " + v)
+    return b"(" + b" ".join(items) + b")" if items else b"NIL"

@@ -1,0 +1,430 @@
+"""Configuration: one frozen dataclass tree loaded from TOML and validated at start-up.
+
+Every error names the file and the dotted key, so an operator can fix it from one line.
+No Twisted import here: the config is plain data passed down to whoever needs it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+PROTOCOLS = ("imap", "pop3")
+TLS_MODES = ("none", "starttls", "implicit")
+LDAP_SCOPES = ("base", "one", "sub")
+
+
+class ConfigError(Exception):
+    """A config problem, rendered as one line: FILE: KEY: what is wrong."""
+
+    def __init__(self, path: Path | str, key: str, message: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.message = message
+        super().__init__(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+
+@dataclass(frozen=True)
+class Listener:
+    protocol: str
+    host: str
+    port: int
+    tls: str
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: Path | None = None
+    key: Path | None = None
+    plaintext_auth: bool = False
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class UsernameConfig:
+    """Username rewriting, in the manner of Perdition's strip/add/lower-case options."""
+
+    domain_delimiter: str = "@"
+    lowercase: bool = False
+    default_domain: str = ""
+    strip_domain_for_lookup: bool = False
+    strip_domain_for_backend: bool = False
+
+
+@dataclass(frozen=True)
+class LdapConfig:
+    uris: tuple[str, ...] = ("ldap://127.0.0.1:389",)
+    base: str = ""
+    scope: str = "sub"
+    filter: str = "(uid={user})"
+    bind_dn: str = ""
+    bind_password: str = field(default="", repr=False)
+    starttls: bool = False
+    ca_file: Path | None = None
+    host_attribute: str = "mailHost"
+    imap_port_attribute: str = ""
+    pop3_port_attribute: str = ""
+    login_attribute: str = ""
+    timeout: float = 5.0
+    pool_size: int = 4
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    positive_ttl: float = 300.0
+    negative_ttl: float = 30.0
+    stale_ttl: float = 3600.0
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    type: str = "static"
+    map: Path | None = None
+    ldap: LdapConfig | None = None
+    cache: CacheConfig = CacheConfig()
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    imap_port: int = 143
+    pop3_port: int = 110
+    tls: str = "none"
+    ca_file: Path | None = None
+    connect_timeout: float = 10.0
+    login_timeout: float = 30.0
+    #: seconds a backend that failed to connect is skipped (circuit breaker)
+    down_cooldown: float = 30.0
+    #: explicit and loud: only for labs; certificates are verified otherwise
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: RFC 3501 gives no limit; 8 KiB is far above any real pre-auth command.
+    max_line: int = 8192
+    #: A LOGIN literal holds a name or a password; 64 KiB is generous.
+    max_preauth_literal: int = 65536
+    preauth_timeout: float = 60.0
+    max_bad_commands: int = 10
+    max_failed_logins: int = 5
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    #: RFC 3501 section 5.4: at least 30 minutes for an authenticated session.
+    authenticated: float = 1860.0
+    #: RFC 2177: clients re-issue IDLE every 29 minutes, so 31 leaves a margin.
+    idle: float = 1860.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    listeners: tuple[Listener, ...]
+    tls: TlsConfig
+    directory: DirectoryConfig
+    backend: BackendConfig
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    username: UsernameConfig = UsernameConfig()
+    workers: int = 1
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used so leftovers are errors."""
+
+    def __init__(self, path: Path, prefix: str, data: Any) -> None:
+        self.path = path
+        self.prefix = prefix
+        if not isinstance(data, dict):
+            raise ConfigError(path, prefix, "must be a table")
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), message)
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a port of `true` is a mistake, not 1.
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(name, f"expected {_kind_name(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(name, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
+        return value  # type: ignore[return-value]
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        value = float(self.get(name, (int, float), default))
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum:g}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.get(name, int, default)
+        if value < minimum or (maximum is not None and value > maximum):
+            limit = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise self.error(name, f"must be {limit}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise self.error(name, f"must be one of {', '.join(repr(c) for c in choices)}")
+        return value
+
+    def file(self, name: str, required: bool = False) -> Path | None:
+        value = self.get(name, str, "")
+        if not value:
+            if required:
+                raise self.error(name, "is required")
+            return None
+        resolved = (self.path.parent / value).resolve()
+        if not resolved.is_file():
+            raise self.error(name, f"file not found: {resolved}")
+        return resolved
+
+    def table(self, name: str) -> _Table | None:
+        self.used.add(name)
+        if name not in self.data:
+            return None
+        return _Table(self.path, self.key(name), self.data[name])
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port"; raises ValueError with a reason."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("IPv6 addresses are written [addr]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError("expected host:port (IPv6 as [addr]:port)")
+    if not host:
+        raise ValueError("missing host")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _listener(table: _Table) -> Listener:
+    protocol = table.choice("protocol", PROTOCOLS, "imap")
+    address = table.get("address", str, "")
+    if not address:
+        raise table.error("address", "is required")
+    try:
+        host, port = parse_address(address)
+    except ValueError as e:
+        raise table.error("address", str(e)) from None
+    tls = table.choice("tls", TLS_MODES, "starttls")
+    table.finish()
+    return Listener(protocol, host, port, tls)
+
+
+def _tls(table: _Table | None) -> TlsConfig:
+    if table is None:
+        return TlsConfig()
+    cert = table.file("certificate")
+    key = table.file("key")
+    plaintext = table.get("plaintext_auth", bool, False)
+    min_version = table.choice("min_version", ("1.2", "1.3"), "1.2")
+    table.finish()
+    if (cert is None) != (key is None):
+        missing = "key" if key is None else "certificate"
+        raise table.error(missing, "certificate and key go together")
+    return TlsConfig(cert, key, plaintext, min_version)
+
+
+def _ldap(table: _Table) -> LdapConfig:
+    uris = table.get("uris", list, ["ldap://127.0.0.1:389"])
+    if not uris or not all(isinstance(u, str) and u.startswith(("ldap://", "ldaps://"))
+                           for u in uris):
+        raise table.error("uris", "must be a non-empty list of ldap:// or ldaps:// URIs")
+    base = table.get("base", str, "")
+    if not base:
+        raise table.error("base", "is required")
+    scope = table.choice("scope", LDAP_SCOPES, "sub")
+    search_filter = table.get("filter", str, "(uid={user})")
+    if not (search_filter.startswith("(") and search_filter.endswith(")")):
+        raise table.error("filter", "must be an LDAP filter in parentheses")
+    try:
+        search_filter.format(user="u", local="l", domain="d")
+    except (KeyError, IndexError, ValueError) as e:
+        raise table.error("filter", f"only {{user}}, {{local}} and {{domain}} may be used ({e})")
+    bind_dn = table.get("bind_dn", str, "")
+    password = table.get("bind_password", str, "")
+    password_file = table.file("bind_password_file")
+    if password and password_file:
+        raise table.error("bind_password_file", "give bind_password or bind_password_file")
+    if password_file:
+        password = password_file.read_text().strip()
+    starttls = table.get("starttls", bool, False)
+    ca_file = table.file("ca_file")
+    host_attribute = table.get("host_attribute", str, "mailHost")
+    if not host_attribute:
+        raise table.error("host_attribute", "is required")
+    config = LdapConfig(
+        uris=tuple(uris), base=base, scope=scope, filter=search_filter, bind_dn=bind_dn,
+        bind_password=password, starttls=starttls, ca_file=ca_file,
+        host_attribute=host_attribute,
+        imap_port_attribute=table.get("imap_port_attribute", str, ""),
+        pop3_port_attribute=table.get("pop3_port_attribute", str, ""),
+        login_attribute=table.get("login_attribute", str, ""),
+        timeout=table.number("timeout", 5.0, minimum=0.1),
+        pool_size=table.integer("pool_size", 4, minimum=1, maximum=64),
+    )
+    table.finish()
+    return config
+
+
+def _cache(table: _Table | None) -> CacheConfig:
+    if table is None:
+        return CacheConfig()
+    config = CacheConfig(
+        positive_ttl=table.number("positive_ttl", 300.0),
+        negative_ttl=table.number("negative_ttl", 30.0),
+        stale_ttl=table.number("stale_ttl", 3600.0),
+        max_entries=table.integer("max_entries", 100_000, minimum=0),
+    )
+    table.finish()
+    return config
+
+
+def _directory(table: _Table | None, path: Path) -> DirectoryConfig:
+    if table is None:
+        raise ConfigError(path, "directory", "is required")
+    kind = table.choice("type", ("static", "ldap"), "static")
+    map_path = table.file("map", required=(kind == "static"))
+    ldap_table = table.table("ldap")
+    if kind == "ldap" and ldap_table is None:
+        raise table.error("ldap", 'is required when type = "ldap"')
+    ldap = _ldap(ldap_table) if ldap_table is not None else None
+    cache = _cache(table.table("cache"))
+    table.finish()
+    return DirectoryConfig(kind, map_path, ldap, cache)
+
+
+def _backend(table: _Table | None) -> BackendConfig:
+    if table is None:
+        return BackendConfig()
+    config = BackendConfig(
+        imap_port=table.integer("imap_port", 143, 1, 65535),
+        pop3_port=table.integer("pop3_port", 110, 1, 65535),
+        tls=table.choice("tls", TLS_MODES, "none"),
+        ca_file=table.file("ca_file"),
+        connect_timeout=table.number("connect_timeout", 10.0, minimum=0.1),
+        login_timeout=table.number("login_timeout", 30.0, minimum=0.1),
+        down_cooldown=table.number("down_cooldown", 30.0),
+        insecure_skip_verify=table.get("insecure_skip_verify", bool, False),
+    )
+    table.finish()
+    return config
+
+
+def _limits(table: _Table | None) -> Limits:
+    if table is None:
+        return Limits()
+    config = Limits(
+        max_line=table.integer("max_line", 8192, minimum=512),
+        max_preauth_literal=table.integer("max_preauth_literal", 65536, minimum=256),
+        preauth_timeout=table.number("preauth_timeout", 60.0, minimum=1.0),
+        max_bad_commands=table.integer("max_bad_commands", 10, minimum=1),
+        max_failed_logins=table.integer("max_failed_logins", 5, minimum=1),
+    )
+    table.finish()
+    return config
+
+
+def _timeouts(table: _Table | None) -> Timeouts:
+    if table is None:
+        return Timeouts()
+    config = Timeouts(
+        authenticated=table.number("authenticated", 1860.0, minimum=1800.0),
+        idle=table.number("idle", 1860.0, minimum=60.0),
+    )
+    table.finish()
+    return config
+
+
+def _username(table: _Table | None) -> UsernameConfig:
+    if table is None:
+        return UsernameConfig()
+    delimiter = table.get("domain_delimiter", str, "@")
+    if len(delimiter) != 1:
+        raise table.error("domain_delimiter", "must be a single character")
+    config = UsernameConfig(
+        domain_delimiter=delimiter,
+        lowercase=table.get("lowercase", bool, False),
+        default_domain=table.get("default_domain", str, ""),
+        strip_domain_for_lookup=table.get("strip_domain_for_lookup", bool, False),
+        strip_domain_for_backend=table.get("strip_domain_for_backend", bool, False),
+    )
+    table.finish()
+    return config
+
+
+def _sections(path: Path, data: dict[str, Any]) -> Config:
+    root = _Table(path, "", data)
+    listen = root.get("listen", list, [])
+    if not listen:
+        raise ConfigError(path, "listen", "at least one [[listen]] table is required")
+    listeners = tuple(_listener(_Table(path, f"listen[{i}]", item)) for i, item in enumerate(listen))
+    tls = _tls(root.table("tls"))
+    for i, listener in enumerate(listeners):
+        if listener.tls != "none" and tls.certificate is None:
+            raise ConfigError(path, f"listen[{i}].tls",
+                              f"tls = {listener.tls!r} needs [tls] certificate and key")
+    config = Config(
+        path=path,
+        listeners=listeners,
+        tls=tls,
+        directory=_directory(root.table("directory"), path),
+        backend=_backend(root.table("backend")),
+        limits=_limits(root.table("limits")),
+        timeouts=_timeouts(root.table("timeouts")),
+        username=_username(root.table("username")),
+        workers=root.integer("workers", 1, minimum=1, maximum=256),
+    )
+    root.finish()
+    return config
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate a config file; raises ConfigError naming the file and key."""
+    path = Path(path).resolve()
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "config file not found") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read config file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"invalid TOML: {e}") from None
+    return _sections(path, data)
+
+

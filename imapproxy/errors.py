@@ -1,0 +1,81 @@
+"""The proxy's error hierarchy; each error knows the reply a client gets for it.
+
+Modelled on h11's ``error_status_hint``: the code that raises an error decides what
+it means, the adapter only renders it.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy raises on purpose."""
+
+    #: RFC 5530 response code for IMAP (without brackets), None for none.
+    imap_code: str | None = None
+    #: RFC 3206 / RFC 2449 response code for POP3.
+    pop3_code: str | None = None
+    #: Text safe to show to the client.
+    public_text: str = "Internal error"
+
+    def client_text(self) -> str:
+        return self.public_text
+
+
+class ClientProtocolError(ProxyError):
+    """The client broke the protocol (bad syntax, oversized line, ...)."""
+
+    imap_code = None
+    public_text = "Protocol error"
+
+    def __init__(self, text: str, *, fatal: bool = False) -> None:
+        super().__init__(text)
+        self.public_text = text
+        #: fatal errors end the session (framing is lost), others get BAD and go on.
+        self.fatal = fatal
+
+
+class BackendProtocolError(ProxyError):
+    """The backend said something we could not understand."""
+
+    imap_code = "UNAVAILABLE"
+    pop3_code = "SYS/TEMP"
+    public_text = "Backend error, try again later"
+
+
+class AuthenticationFailed(ProxyError):
+    """Wrong credentials, or a user we cannot route: the client sees the same answer."""
+
+    imap_code = "AUTHENTICATIONFAILED"
+    pop3_code = "AUTH"
+    public_text = "Authentication failed"
+
+
+class UserNotFound(AuthenticationFailed):
+    """No route for this user. Answered exactly like a wrong password (no enumeration)."""
+
+
+class DirectoryUnavailable(ProxyError):
+    """The directory could not be asked and nothing cached could answer."""
+
+    imap_code = "UNAVAILABLE"
+    pop3_code = "SYS/TEMP"
+    public_text = "Service temporarily unavailable, try again later"
+
+
+class BackendUnavailable(ProxyError):
+    """No backend for this user could be reached in time."""
+
+    imap_code = "UNAVAILABLE"
+    pop3_code = "SYS/TEMP"
+    public_text = "Service temporarily unavailable, try again later"
+
+
+class BackendRefused(ProxyError):
+    """The backend refused the login with a response code worth passing on (RFC 5530)."""
+
+    pop3_code = "AUTH"
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(code)
+        self.imap_code = code
+        self.public_text = text

@@ -1,0 +1,289 @@
+"""The IMAP dialogue before login, spoken by the proxy itself: sans-IO.
+
+Bytes go in through ``receive_data``, results of the login come back through
+``login_succeeded``/``login_failed``, and every method returns the actions
+(events.py) for the adapter to carry out. The session ends in ``Splice``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum, auto
+
+from . import imapwire
+from .config import Limits
+from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
+from .errors import ClientProtocolError, ProxyError
+from .events import Action, Close, Login, SendToClient, Splice, StartClientTLS
+from .imapwire import ArgumentReader, CommandReceived, LiteralRejected, NeedContinuation, response
+
+
+class State(Enum):
+    #: reading commands before login (RFC 3501 section 3.1)
+    NOT_AUTHENTICATED = auto()
+    #: AUTHENTICATE sent "+"; the next line is the SASL response (RFC 3501 section 6.2.2)
+    AUTHENTICATE = auto()
+    #: waiting for lookup and backend login; client bytes are held back, unparsed
+    LOGGING_IN = auto()
+    #: handed over to the relay
+    RELAYING = auto()
+    CLOSED = auto()
+
+
+# Rule: every state change goes through ImapSession._enter, checked against this table.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.NOT_AUTHENTICATED: frozenset({State.AUTHENTICATE, State.LOGGING_IN, State.CLOSED}),
+    State.AUTHENTICATE: frozenset({State.NOT_AUTHENTICATED, State.LOGGING_IN, State.CLOSED}),
+    State.LOGGING_IN: frozenset({State.NOT_AUTHENTICATED, State.RELAYING, State.CLOSED}),
+    State.RELAYING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+# Commands valid only after login, answered with a hint instead of "unknown command".
+_NEEDS_LOGIN = frozenset(
+    b"SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST LSUB STATUS APPEND "
+    b"CHECK CLOSE EXPUNGE SEARCH FETCH STORE COPY MOVE UID IDLE ENABLE NAMESPACE GETQUOTA "
+    b"GETQUOTAROOT SETQUOTA GETACL SETACL MYRIGHTS LISTRIGHTS COMPRESS UNSELECT GETMETADATA "
+    b"SETMETADATA NOTIFY XLIST".split()
+)
+
+SERVER_ID = b'* ID ("name" "imapproxy")\r\n'
+
+
+class ImapSession:
+    """One client's pre-login IMAP session."""
+
+    def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
+                 limits: Limits = Limits()) -> None:
+        self.state = State.NOT_AUTHENTICATED
+        self.tls_active = tls_active
+        self.starttls_available = starttls_available and not tls_active
+        self.plaintext_auth = plaintext_auth
+        self.limits = limits
+        self.client_id: tuple[tuple[str, str | None], ...] = ()
+        self.bad_commands = 0
+        self.failed_logins = 0
+        self._wire = imapwire.CommandAssembler(limits.max_line, limits.max_preauth_literal)
+        self._pending_tag = b"*"
+        self._commands: dict[bytes, Callable[[bytes, ArgumentReader], list[Action]]] = {
+            b"CAPABILITY": self._capability,
+            b"NOOP": self._noop,
+            b"LOGOUT": self._logout,
+            b"STARTTLS": self._starttls,
+            b"LOGIN": self._login,
+            b"AUTHENTICATE": self._authenticate,
+            b"ID": self._id,
+        }
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """The greeting (RFC 3501 section 7.1.1, with a CAPABILITY response code)."""
+        return [SendToClient(b"* OK [CAPABILITY " + self.capabilities() + b"] IMAP proxy ready\r\n")]
+
+    def receive_data(self, data: bytes) -> list[Action]:
+        if self.state in (State.CLOSED, State.RELAYING):
+            return []
+        self._wire.feed(data)
+        if self.state is State.LOGGING_IN:
+            if self._wire.buffered > self._wire.max_command:
+                return self._fatal("Too much data pipelined during login")
+            return []
+        return self._process()
+
+    def login_succeeded(self, capabilities: bytes | None) -> list[Action]:
+        """The backend accepted the login: answer the client and hand over to the relay."""
+        self._enter(State.RELAYING)
+        code = None if capabilities is None else "CAPABILITY " + capabilities.decode("ascii",
+                                                                                   "replace")
+        reply = response(self._pending_tag, b"OK", "Logged in", code)
+        return [SendToClient(reply), Splice(self._wire.take_buffer())]
+
+    def login_failed(self, error: ProxyError) -> list[Action]:
+        """The lookup or the backend said no; the client may try again (within limits)."""
+        self._enter(State.NOT_AUTHENTICATED)
+        self.failed_logins += 1
+        actions: list[Action] = [
+            SendToClient(response(self._pending_tag, b"NO", error.client_text(), error.imap_code))
+        ]
+        if self.failed_logins >= self.limits.max_failed_logins:
+            actions.append(SendToClient(b"* BYE Too many failed logins\r\n"))
+            actions.append(self._close("too many failed logins"))
+            return actions
+        return actions + self._process()
+
+    def timed_out(self) -> list[Action]:
+        if self.state in (State.CLOSED, State.RELAYING):
+            return []
+        # RFC 3501 section 7.1.5: BYE before closing for inactivity.
+        return [SendToClient(b"* BYE Autologout; idle for too long\r\n"),
+                self._close("pre-auth timeout")]
+
+    # -- capabilities -------------------------------------------------------------------
+
+    @property
+    def login_allowed(self) -> bool:
+        return self.tls_active or self.plaintext_auth
+
+    def capabilities(self) -> bytes:
+        caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"IDLE"]
+        if self.starttls_available:
+            caps.append(b"STARTTLS")
+        # RFC 3501 section 6.2.3: LOGINDISABLED while plaintext login is refused; and no
+        # AUTH= mechanism then either (RFC 3501 section 6.2.1, RFC 4959).
+        caps.append(b"AUTH=PLAIN" if self.login_allowed else b"LOGINDISABLED")
+        return b" ".join(caps)
+
+    # -- processing -----------------------------------------------------------------------
+
+    def _enter(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise AssertionError(f"illegal transition {self.state} -> {new}")
+        self.state = new
+
+    def _close(self, reason: str) -> Close:
+        self._enter(State.CLOSED)
+        return Close(reason)
+
+    def _fatal(self, text: str) -> list[Action]:
+        return [SendToClient(b"* BYE " + text.encode() + b"\r\n"), self._close(text)]
+
+    def _process(self) -> list[Action]:
+        actions: list[Action] = []
+        while self.state in (State.NOT_AUTHENTICATED, State.AUTHENTICATE):
+            try:
+                event = self._wire.next_event()
+            except ClientProtocolError as e:
+                return actions + self._fatal(e.public_text)
+            if event is None:
+                break
+            if isinstance(event, NeedContinuation):
+                if self.state is State.AUTHENTICATE:
+                    return actions + self._fatal("Invalid SASL response")
+                actions.append(SendToClient(b"+ Ready for literal data\r\n"))
+            elif isinstance(event, LiteralRejected):
+                actions += self._bad(event.tag, "Literal too large")
+            elif self.state is State.AUTHENTICATE:
+                actions += self._sasl_response(event)
+            else:
+                actions += self._command(event)
+        return actions
+
+    def _bad(self, tag: bytes, text: str) -> list[Action]:
+        self.bad_commands += 1
+        reply: list[Action] = [SendToClient(response(tag, b"BAD", text))]
+        if self.bad_commands >= self.limits.max_bad_commands:
+            reply += self._fatal("Too many invalid commands")
+        return reply
+
+    def _command(self, command: CommandReceived) -> list[Action]:
+        args = ArgumentReader(command.segments)
+        tag = command.tag
+        if tag == b"*":
+            return self._bad(b"*", "Invalid tag")
+        try:
+            args.tag()
+            args.space()
+            name = args.atom().upper()
+        except ClientProtocolError:
+            return self._bad(tag, "Missing command")
+        handler = self._commands.get(name)
+        if handler is None:
+            if name in _NEEDS_LOGIN:
+                return self._bad(tag, "Log in first")
+            return self._bad(tag, "Unknown command")
+        try:
+            return handler(tag, args)
+        except ClientProtocolError as e:
+            if e.fatal:
+                return self._fatal(e.public_text)
+            return self._bad(tag, f"{name.decode()}: {e.public_text}")
+
+    def _capability(self, tag: bytes, args: ArgumentReader) -> list[Action]:
+        args.expect_end()
+        return [SendToClient(b"* CAPABILITY " + self.capabilities() + b"\r\n"
+                             + response(tag, b"OK", "CAPABILITY completed"))]
+
+    def _noop(self, tag: bytes, args: ArgumentReader) -> list[Action]:
+        args.expect_end()
+        return [SendToClient(response(tag, b"OK", "NOOP completed"))]
+
+    def _logout(self, tag: bytes, args: ArgumentReader) -> list[Action]:
+        args.expect_end()
+        return [SendToClient(b"* BYE Logging out\r\n" + response(tag, b"OK", "LOGOUT completed")),
+                self._close("logout")]
+
+    def _id(self, tag: bytes, args: ArgumentReader) -> list[Action]:
+        args.space()
+        self.client_id = args.id_parameters()
+        args.expect_end()
+        return [SendToClient(SERVER_ID + response(tag, b"OK", "ID completed"))]
+
+    def _starttls(self, tag: bytes, args: ArgumentReader) -> list[Action]:
+        args.expect_end()
+        if not self.starttls_available:
+            return self._bad(tag, "STARTTLS not available")
+        # RFC 3501 section 6.2.1 and RFC 2595 section 3.1: whatever the client pipelined
+        # after STARTTLS arrived in plaintext and must not be acted on after the handshake.
+        self._wire.discard()
+        self.tls_active = True
+        self.starttls_available = False
+        return [SendToClient(response(tag, b"OK", "Begin TLS negotiation now")), StartClientTLS()]
+
+    def _refuse_plaintext(self, tag: bytes) -> list[Action]:
+        return [SendToClient(response(tag, b"NO", "Plaintext login is disabled, use STARTTLS",
+                                      "PRIVACYREQUIRED"))]
+
+    def _login(self, tag: bytes, args: ArgumentReader) -> list[Action]:
+        args.space()
+        user = args.astring()
+        args.space()
+        password = args.astring()
+        args.expect_end()
+        if not self.login_allowed:
+            return self._refuse_plaintext(tag)
+        credentials = Credentials(decode_username(user), Secret(password), "", "LOGIN")
+        return self._begin_login(tag, credentials)
+
+    def _authenticate(self, tag: bytes, args: ArgumentReader) -> list[Action]:
+        args.space()
+        mechanism = args.atom().upper()
+        initial: bytes | None = None
+        if not args.at_end():
+            args.space()
+            initial = args.atom()
+        args.expect_end()
+        if mechanism != b"PLAIN":
+            return [SendToClient(response(tag, b"NO", "Unsupported authentication mechanism"))]
+        if not self.login_allowed:
+            return self._refuse_plaintext(tag)
+        if initial is None:
+            self._pending_tag = tag
+            self._enter(State.AUTHENTICATE)
+            return [SendToClient(b"+ \r\n")]
+        # RFC 4959 section 3: "=" stands for an empty initial response.
+        return self._plain(tag, b"" if initial == b"=" else initial)
+
+    def _sasl_response(self, event: CommandReceived) -> list[Action]:
+        tag = self._pending_tag
+        self._enter(State.NOT_AUTHENTICATED)
+        line = event.segments[0] if len(event.segments) == 1 else b""
+        if line == b"*":
+            # RFC 3501 section 6.2.2: a "*" line cancels, answered with BAD.
+            return self._bad(tag, "AUTHENTICATE cancelled")
+        return self._plain(tag, line)
+
+    def _plain(self, tag: bytes, encoded: bytes) -> list[Action]:
+        try:
+            credentials = decode_sasl_plain(encoded)
+        except ClientProtocolError as e:
+            return self._bad(tag, f"AUTHENTICATE: {e.public_text}")
+        except ProxyError as e:
+            self.failed_logins += 1
+            return [SendToClient(response(tag, b"NO", e.client_text(), e.imap_code))]
+        return self._begin_login(tag, credentials)
+
+    def _begin_login(self, tag: bytes, credentials: Credentials) -> list[Action]:
+        self._pending_tag = tag
+        self._enter(State.LOGGING_IN)
+        return [Login(credentials, self.client_id)]

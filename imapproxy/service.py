@@ -1,0 +1,101 @@
+"""twistd glue: ``twistd imapproxy --config FILE`` builds the service tree from the config."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.abstract import isIPv6Address
+from twisted.python import usage
+
+from . import config as configmodule
+from .config import Config, ConfigError, Listener
+from .directory import StaticDirectory
+from .protocol import BackendConnector, ProxyFactory
+from .tls import backend_trust_root, server_options
+
+
+class Options(usage.Options):
+    """Command-line options of the twistd plugin."""
+
+    synopsis = "--config FILE"
+    longdesc = ("IMAP/POP3 proxy: speaks the protocol until login, looks the user up in a "
+                "directory, logs in at the user's backend and relays the session.")
+    optParameters = [
+        ["config", "c", "/etc/imapproxy/imapproxy.toml", "Path to the TOML config file."],
+    ]
+
+
+def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> Any:
+    """A server endpoint for one [[listen]] table; implicit TLS wraps it (RFC 8314)."""
+    if listener.tls == "implicit":
+        return SSL4ServerEndpoint(reactor, listener.port, tls_options, interface=listener.host)
+    if isIPv6Address(listener.host):
+        return TCP6ServerEndpoint(reactor, listener.port, interface=listener.host)
+    return TCP4ServerEndpoint(reactor, listener.port, interface=listener.host)
+
+
+def build_directory(config: Config, reactor: Any) -> tuple[Any, list[service.IService]]:
+    """The configured directory plus any services it needs running (LDAP thread pool)."""
+    if config.directory.type == "ldap":
+        from .ldapdirectory import LdapDirectory
+
+        directory = LdapDirectory.from_config(config, reactor)
+        return directory, [directory.service]
+    assert config.directory.map is not None
+    return StaticDirectory.from_file(config.directory.map), []
+
+
+def build_service(config: Config, reactor: Any) -> service.MultiService:
+    """The whole proxy as a MultiService: one listening service per [[listen]] table."""
+    top = service.MultiService()
+    directory, extra = build_directory(config, reactor)
+    for child in extra:
+        child.setServiceParent(top)
+    health = _health(config, reactor)
+    trust_root = backend_trust_root(config.backend) if config.backend.tls != "none" else None
+    connector = BackendConnector(reactor, config, health=health, trust_root=trust_root)
+    tls = server_options(config.tls, config.path) if config.tls.certificate else None
+    factories = []
+    for listener in config.listeners:
+        factory = ProxyFactory(reactor, config, listener, directory, connector, tls)
+        factories.append(factory)
+        endpoint = listening_endpoint(reactor, listener, tls)
+        internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+
+    def sweep() -> None:
+        for factory in factories:
+            factory.sweep_idle()
+
+    sweeper = internet.TimerService(60, sweep)
+    sweeper.clock = reactor
+    sweeper.setServiceParent(top)
+    top.factories = factories  # type: ignore[attr-defined]
+    top.directory = directory  # type: ignore[attr-defined]
+    return top
+
+
+def _health(config: Config, reactor: Any) -> Any:
+    try:
+        from .health import BackendHealth
+    except ImportError:  # pragma: no cover - until the circuit breaker lands
+        return None
+    return BackendHealth(reactor, config.backend.down_cooldown)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:  # noqa: N802
+    """Entry point for twistd. A bad config ends the process with one line on stderr."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        config = configmodule.load(options["config"])
+        return build_service(config, reactor)
+    except ConfigError as e:
+        sys.stderr.write(f"imapproxy: config error: {e}\n")
+        raise SystemExit(1) from None
+
+

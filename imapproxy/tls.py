@@ -1,0 +1,82 @@
+"""TLS settings built from the config: the certificate shown to clients, and the
+verification of backend certificates (service_identity, through Twisted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from zope.interface import implementer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+from .config import BackendConfig, ConfigError, TlsConfig
+
+_MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _read_pem_certificates(path: Path) -> list[crypto.X509]:
+    data = path.read_bytes()
+    certificates = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for chunk in data.split(marker)[1:]:
+        certificates.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + chunk))
+    return certificates
+
+
+def server_options(config: TlsConfig, config_path: Path | str) -> ssl.CertificateOptions:
+    """Options for client-facing TLS: the certificate with its chain, TLS 1.2 minimum."""
+    assert config.certificate is not None and config.key is not None
+    try:
+        chain = _read_pem_certificates(config.certificate)
+        if not chain:
+            raise ConfigError(config_path, "tls.certificate", "no PEM certificate in file")
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, config.key.read_bytes())
+    except (OSError, crypto.Error, ValueError) as e:
+        raise ConfigError(config_path, "tls.certificate", f"cannot load certificate/key: {e}") \
+            from None
+    options = ssl.CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=_MIN_VERSIONS[config.min_version],
+    )
+    try:
+        # A key that does not belong to the certificate fails here, at start-up.
+        context = options.getContext()
+        context.check_privatekey()
+    except SSL.Error as e:
+        raise ConfigError(config_path, "tls.key", f"key does not match certificate: {e}") \
+            from None
+    return options
+
+
+def backend_trust_root(config: BackendConfig) -> object:
+    """The CAs that backend certificates are checked against: ca_file or the system's."""
+    if config.ca_file is None:
+        return ssl.platformTrust()
+    certificates = [ssl.Certificate(c) for c in _read_pem_certificates(config.ca_file)]
+    return ssl.trustRootFromCertificates(certificates)
+
+
+def backend_client_options(hostname: str, trust_root: object,
+                           insecure: bool = False) -> IOpenSSLClientConnectionCreator:
+    """Client TLS towards a backend, verifying its certificate and host name."""
+    if insecure:
+        return _InsecureCreator(hostname)  # type: ignore[return-value]
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root)  # type: ignore[arg-type]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _InsecureCreator:
+    """No verification at all: only behind [backend] insecure_skip_verify = true."""
+
+    def __init__(self, hostname: str) -> None:
+        self._options = ssl.CertificateOptions(verify=False)
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802
+        context = self._options.getContext()
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
