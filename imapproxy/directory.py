@@ -42,10 +42,12 @@ class Directory(Protocol):
     """Looks up a user's route. May return a Route or a Deferred firing with one.
 
     Raises (or fails with) UserNotFound when there is no route, DirectoryUnavailable
-    when the directory cannot be asked.
+    when the directory cannot be asked. ``username`` is the rewritten lookup name;
+    the route's login is the directory's own login name if it has one, else
+    ``backend_login``, else ``username``.
     """
 
-    def lookup(self, username: str, protocol: str) -> Any: ...
+    def lookup(self, username: str, protocol: str, backend_login: str | None = None) -> Any: ...
 
 
 def parse_server(text: str) -> Server:
@@ -92,11 +94,11 @@ class StaticDirectory:
             raise ConfigError(path, "", f"cannot read map: {e}") from None
         return cls(parse_map(text, path))
 
-    def lookup(self, username: str, protocol: str) -> Route:
+    def lookup(self, username: str, protocol: str, backend_login: str | None = None) -> Route:
         name = username.lower()
         for pattern, servers in self.rules:
             if fnmatch.fnmatchcase(name, pattern):
-                return Route(username, tuple(rendezvous_order(name, servers)))
+                return Route(backend_login or username, tuple(rendezvous_order(name, servers)))
         raise UserNotFound()
 
 
