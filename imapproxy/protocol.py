@@ -18,11 +18,10 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -119,6 +118,18 @@ class BackendProtocol(Protocol):
             self.peer.backend_lost()
 
 
+class _OneConnection(Factory):
+    """Hands out one pre-built protocol, without the start/stop log lines of Factory."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802
+        return self._protocol
+
+
 class BackendConnector:
     """Connects to the first reachable server of a route and logs in there."""
 
@@ -172,7 +183,7 @@ class BackendConnector:
                                                 self.config.tls == "starttls", client_id)
         backend = BackendProtocol(dialogue, server, tls_creator)
         try:
-            await connectProtocol(endpoint, backend)
+            await endpoint.connect(_OneConnection(backend))
         except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError):
             raise BackendUnavailable() from None
         logged_in = backend.logged_in
@@ -352,6 +363,7 @@ class ProxyFactory(ServerFactory):
     """Builds FrontendProtocols for one listener, sharing directory and connector."""
 
     protocol = FrontendProtocol  # type: ignore[assignment]
+    noisy = False
 
     def __init__(self, reactor: Any, config: Config, listener: Listener, directory: Directory,
                  connector: BackendConnector, server_tls: Any = None) -> None:
