@@ -43,10 +43,12 @@ class _Authority:
     def __init__(self, directory: Path, common_name: str) -> None:
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "imapproxy tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "imapproxy tests"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
         public = self.key.public_key()
         self.cert = (
             x509.CertificateBuilder()

@@ -64,9 +64,7 @@ class MailUser:
 
 def make_users(count: int, prefix: str = "user", first_uid: int = 3000) -> list[MailUser]:
     """Return ``count`` users ``<prefix>0..`` with password ``<name>-pw`` and distinct uids."""
-    return [
-        MailUser(f"{prefix}{i}", f"{prefix}{i}-pw", first_uid + i) for i in range(count)
-    ]
+    return [MailUser(f"{prefix}{i}", f"{prefix}{i}-pw", first_uid + i) for i in range(count)]
 
 
 def make_traversable(path: Path) -> None:
@@ -86,7 +84,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _greets(host: str, port: int, expected: bytes) -> bool:
-    """True when a plain TCP connection to ``host:port`` gets a greeting starting with ``expected``."""
+    """True when ``host:port`` accepts a connection and greets with ``expected``."""
     try:
         with socket.create_connection((host, port), timeout=1.0) as sock:
             return sock.recv(512).startswith(expected)
@@ -211,9 +209,7 @@ class Dovecot:
         tls = self.cert is not None
         if self.cert is not None:
             ssl = (
-                "ssl = yes\n"
-                f"ssl_cert = <{self.cert.chain_path}\n"
-                f"ssl_key = <{self.cert.key_path}\n"
+                f"ssl = yes\nssl_cert = <{self.cert.chain_path}\nssl_key = <{self.cert.key_path}\n"
             )
         else:
             ssl = "ssl = no\n"
@@ -391,9 +387,7 @@ service stats {{
     # -- mail ----------------------------------------------------------------
 
     def _run(self, args: list[str], stdin: bytes | None = None) -> str:
-        result = subprocess.run(
-            args, input=stdin, capture_output=True, timeout=60, check=False
-        )
+        result = subprocess.run(args, input=stdin, capture_output=True, timeout=60, check=False)
         if result.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(args)} failed ({result.returncode}): "
@@ -408,9 +402,7 @@ service stats {{
     def deliver(self, user: str, message: bytes) -> None:
         """Deliver ``message`` to the user's INBOX with dovecot-lda (IDLE clients see it)."""
         self._user(user)
-        self._run(
-            [str(DOVECOT_LDA), "-c", str(self.config_path), "-d", user, "-e"], stdin=message
-        )
+        self._run([str(DOVECOT_LDA), "-c", str(self.config_path), "-d", user, "-e"], stdin=message)
 
     def message_count(self, user: str) -> int:
         """Number of messages in the user's INBOX, as Dovecot sees it."""

@@ -249,9 +249,7 @@ access to *
             raise_exceptions=False,
         )
 
-    def _apply(
-        self, operation: str, dn: str, call: Callable[[ldap3.Connection], bool]
-    ) -> None:
+    def _apply(self, operation: str, dn: str, call: Callable[[ldap3.Connection], bool]) -> None:
         connection = self.admin_connection()
         try:
             ok = call(connection)
