@@ -120,6 +120,17 @@ class Timeouts:
     authenticated: float = 1860.0
     #: RFC 2177: clients re-issue IDLE every 29 minutes, so 31 leaves a margin.
     idle: float = 1860.0
+    #: seconds between "* OK Still here" lines to an idling client; 0 = off. Mobile
+    #: NATs drop silent flows after a few minutes; Dovecot itself sends one every 2.
+    idle_keepalive: float = 0.0
+    #: how often the one timer of all relayed sessions runs (timeouts, keepalives)
+    sweep_interval: float = 15.0
+    #: seconds a graceful drain (SIGTERM) waits for sessions before closing them
+    drain: float = 30.0
+    #: TCP keepalive on both legs: idle seconds, probe interval, probe count
+    tcp_keepalive_idle: int = 300
+    tcp_keepalive_interval: int = 60
+    tcp_keepalive_count: int = 5
 
 
 @dataclass(frozen=True)
@@ -365,6 +376,12 @@ def _timeouts(table: _Table | None) -> Timeouts:
     config = Timeouts(
         authenticated=table.number("authenticated", 1860.0, minimum=1800.0),
         idle=table.number("idle", 1860.0, minimum=60.0),
+        idle_keepalive=table.number("idle_keepalive", 0.0),
+        sweep_interval=table.number("sweep_interval", 15.0, minimum=0.1),
+        drain=table.number("drain", 30.0),
+        tcp_keepalive_idle=table.integer("tcp_keepalive_idle", 300, minimum=1),
+        tcp_keepalive_interval=table.integer("tcp_keepalive_interval", 60, minimum=1),
+        tcp_keepalive_count=table.integer("tcp_keepalive_count", 5, minimum=1),
     )
     table.finish()
     return config

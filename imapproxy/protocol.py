@@ -9,6 +9,7 @@ dialogue. Nothing here parses the protocol; that lives in imap.py and backend.py
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .backend import ImapBackendLogin
-from .config import Config, Listener
+from .config import Config, Listener, Timeouts
 from .credentials import Credentials
 from .directory import Directory, Route, Server
 from .errors import BackendProtocolError, BackendUnavailable, ProxyError
@@ -42,10 +43,34 @@ from .events import (
     StartClientTLS,
 )
 from .imap import ImapSession
+from .pop3 import Pop3Session
+from .pop3backend import Pop3BackendLogin
+from .relay import BYE_SHUTDOWN, Relay
+from .sessions import SessionRegistry
 from .tls import backend_client_options
 
 log = Logger(namespace="imapproxy")
 _session_ids = itertools.count(1)
+
+
+def configure_socket(transport: Any, timeouts: Timeouts) -> None:
+    """TCP_NODELAY (no Nagle stalls on multi-part replies) and tuned TCP keepalive."""
+    if not hasattr(transport, "setTcpNoDelay"):
+        return  # not TCP (an in-memory transport in tests)
+    transport.setTcpNoDelay(True)
+    transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    if not hasattr(sock, "setsockopt"):
+        return
+    for option, value in ((getattr(socket, "TCP_KEEPIDLE", None), timeouts.tcp_keepalive_idle),
+                          (getattr(socket, "TCP_KEEPINTVL", None),
+                           timeouts.tcp_keepalive_interval),
+                          (getattr(socket, "TCP_KEEPCNT", None), timeouts.tcp_keepalive_count)):
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass
 
 EndpointFactory = Callable[[str, int], IStreamClientEndpoint]
 
@@ -66,30 +91,36 @@ def _make_imap_login(credentials: Credentials, login: str, starttls: bool,
     return ImapBackendLogin(credentials, login, starttls=starttls, client_id=client_id)
 
 
+def _make_pop3_login(credentials: Credentials, login: str, starttls: bool,
+                     client_id: tuple[tuple[str, str | None], ...]) -> Pop3BackendLogin:
+    return Pop3BackendLogin(credentials, login, starttls=starttls, client_id=client_id)
+
+
 #: protocol name -> backend login dialogue constructor
-BACKEND_DIALOGUES: dict[str, Callable[..., Any]] = {"imap": _make_imap_login}
+BACKEND_DIALOGUES: dict[str, Callable[..., Any]] = {"imap": _make_imap_login,
+                                                    "pop3": _make_pop3_login}
 
 
 class BackendProtocol(Protocol):
     """The proxy's connection to a backend: login dialogue first, then relay."""
 
-    def __init__(self, dialogue: Any, server: Server, tls_creator: Callable[[], Any]) -> None:
+    def __init__(self, dialogue: Any, server: Server, tls_creator: Callable[[], Any],
+                 timeouts: Timeouts) -> None:
         self.dialogue = dialogue
         self.server = server
-        self.peer: FrontendProtocol | None = None
+        self.relay: Relay | None = None
         self.logged_in: defer.Deferred[BackendLoggedIn] = defer.Deferred()
         self.result: BackendLoggedIn | None = None
         self._tls_creator = tls_creator
+        self._timeouts = timeouts
 
     def connectionMade(self) -> None:  # noqa: N802
-        self.transport.setTcpNoDelay(True)
-        self.transport.setTcpKeepAlive(True)
+        configure_socket(self.transport, self._timeouts)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        peer = self.peer
-        if peer is not None:
-            peer.transport.write(data)
-            peer.bytes_to_client += len(data)
+        relay = self.relay
+        if relay is not None:
+            relay.from_backend(data)
             return
         if self.logged_in.called:
             return  # login over but not yet spliced: cannot happen with a paused client
@@ -112,10 +143,11 @@ class BackendProtocol(Protocol):
             self.logged_in.errback(action.error)
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # noqa: N802
+        self.dialogue = None
         if not self.logged_in.called:
             self.logged_in.errback(BackendUnavailable())
-        elif self.peer is not None:
-            self.peer.backend_lost()
+        elif self.relay is not None:
+            self.relay.backend_lost()
 
 
 class _OneConnection(Factory):
@@ -138,6 +170,7 @@ class BackendConnector:
                  trust_root: object = None) -> None:
         self.reactor = reactor
         self.config = config.backend
+        self.timeouts = config.timeouts
         self.health = health
         self.endpoint_factory = endpoint_factory or default_endpoint_factory(
             reactor, config.backend.connect_timeout)
@@ -181,7 +214,7 @@ class BackendConnector:
             endpoint = wrapClientTLS(tls_creator(), endpoint)
         dialogue = BACKEND_DIALOGUES[protocol](credentials, route.login,
                                                 self.config.tls == "starttls", client_id)
-        backend = BackendProtocol(dialogue, server, tls_creator)
+        backend = BackendProtocol(dialogue, server, tls_creator, self.timeouts)
         try:
             await endpoint.connect(_OneConnection(backend))
         except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError):
@@ -206,7 +239,14 @@ def _make_imap_session(listener: Listener, config: Config) -> ImapSession:
                        plaintext_auth=config.tls.plaintext_auth, limits=config.limits)
 
 
-FRONTEND_SESSIONS: dict[str, Callable[[Listener, Config], Any]] = {"imap": _make_imap_session}
+def _make_pop3_session(listener: Listener, config: Config) -> Pop3Session:
+    return Pop3Session(tls_active=listener.tls == "implicit",
+                       starttls_available=listener.tls == "starttls",
+                       plaintext_auth=config.tls.plaintext_auth, limits=config.limits)
+
+
+FRONTEND_SESSIONS: dict[str, Callable[[Listener, Config], Any]] = {"imap": _make_imap_session,
+                                                                   "pop3": _make_pop3_session}
 
 
 class FrontendProtocol(Protocol):
@@ -215,6 +255,7 @@ class FrontendProtocol(Protocol):
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
         self.session: Any = None
+        self.relay: Relay | None = None
         self.backend: BackendProtocol | None = None
         self.session_id = next(_session_ids)
         self.user = ""
@@ -222,7 +263,6 @@ class FrontendProtocol(Protocol):
         self.bytes_from_client = 0
         self.bytes_to_client = 0
         self.started = 0.0
-        self.last_activity = 0.0
         self.end_reason = ""
         self.disconnected = False
         self._timer: Any = None
@@ -231,28 +271,30 @@ class FrontendProtocol(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         factory = self.factory
-        self.started = self.last_activity = factory.reactor.seconds()
-        self.transport.setTcpNoDelay(True)
-        self.transport.setTcpKeepAlive(True)
+        self.started = factory.reactor.seconds()
+        configure_socket(self.transport, factory.config.timeouts)
+        factory.registry.add(self)
+        if factory.registry.draining:
+            self.transport.write(BYE_SHUTDOWN)
+            self.close("shutdown")
+            return
         self.session = FRONTEND_SESSIONS[factory.listener.protocol](factory.listener,
                                                                      factory.config)
         self._timer = factory.reactor.callLater(factory.config.limits.preauth_timeout,
                                                 self._preauth_timeout)
-        factory.sessions.add(self)
         self._execute(self.session.start())
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.bytes_from_client += len(data)
-        backend = self.backend
-        if backend is not None:
-            backend.transport.write(data)
-            self.last_activity = self.factory.reactor.seconds()
-            return
-        self._execute(self.session.receive_data(data))
+        relay = self.relay
+        if relay is not None:
+            relay.from_client(data)
+        elif self.session is not None:
+            self._execute(self.session.receive_data(data))
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # noqa: N802
         self.disconnected = True
-        self.factory.sessions.discard(self)
+        self.factory.registry.remove(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.backend is not None:
@@ -269,20 +311,30 @@ class FrontendProtocol(Protocol):
             bytes_in=self.bytes_from_client, bytes_out=self.bytes_to_client,
             reason=self.end_reason,
         )
+        self.relay = None
+        self.session = None
 
-    def backend_lost(self) -> None:
-        """The backend closed while relaying: close the client after what it was sent."""
+    def close(self, reason: str, abort: bool = False) -> None:
+        """Close the client connection (after flushing, unless ``abort``)."""
         if not self.end_reason:
-            self.end_reason = "backend closed"
-        self.transport.loseConnection()
+            self.end_reason = reason
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
-    def close_idle(self) -> None:
-        self.end_reason = "idle timeout"
-        self.transport.loseConnection()
+    def drain(self) -> None:
+        """Graceful shutdown of this session: see Relay.drain; pre-login ones just get BYE."""
+        if self.relay is not None:
+            self.relay.drain()
+        elif not self.disconnected:
+            self.transport.write(BYE_SHUTDOWN)
+            self.close("shutdown")
 
     def _preauth_timeout(self) -> None:
         self._timer = None
-        self._execute(self.session.timed_out())
+        if self.session is not None:
+            self._execute(self.session.timed_out())
 
     # -- actions --------------------------------------------------------------------------
 
@@ -299,8 +351,7 @@ class FrontendProtocol(Protocol):
             elif isinstance(action, Splice):
                 self._splice(action.trailing)
             elif isinstance(action, Close):
-                self.end_reason = action.reason
-                self.transport.loseConnection()
+                self.close(action.reason)
 
     async def _login(self, action: Login) -> None:
         factory = self.factory
@@ -315,48 +366,54 @@ class FrontendProtocol(Protocol):
             log.info("login failed id={session_id} client={client} user={user} reason={reason}",
                      session_id=self.session_id, client=client.host, user=credentials.username,
                      reason=type(e).__name__)
-            if not self.disconnected:
-                self.transport.resumeProducing()
-                self._execute(self.session.login_failed(e))
+            self._login_failed(e)
             return
         except Exception:
             log.failure("unexpected error during login of {user}", user=credentials.username)
-            if not self.disconnected:
-                self.transport.resumeProducing()
-                self._execute(self.session.login_failed(BackendUnavailable()))
+            self._login_failed(BackendUnavailable())
             return
-        if self.disconnected:
+        if self.disconnected or self.session is None:
             backend.transport.loseConnection()
             return
         self.user = credentials.username
         self.mechanism = credentials.mechanism
         self.backend = backend
         log.info("login id={session_id} client={client} user={user} backend={backend} "
-                 "mechanism={mechanism}", session_id=self.session_id, client=client.host,
-                 user=self.user, backend=str(backend.server), mechanism=self.mechanism)
+                 "mechanism={mechanism} tls={tls}", session_id=self.session_id,
+                 client=client.host, user=self.user, backend=str(backend.server),
+                 mechanism=self.mechanism, tls=getattr(self.session, "tls_active", False))
         assert backend.result is not None
         self._execute(self.session.login_succeeded(backend.result.capabilities))
 
+    def _login_failed(self, error: ProxyError) -> None:
+        if self.disconnected or self.session is None:
+            return
+        self.transport.resumeProducing()
+        self._execute(self.session.login_failed(error))
+
     def _splice(self, trailing: bytes) -> None:
         backend = self.backend
-        assert backend is not None
+        assert backend is not None and backend.result is not None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self.session = None  # the pre-login session is done; free it
-        result = backend.result
-        assert result is not None
-        if result.trailing:
-            self.transport.write(result.trailing)
-            self.bytes_to_client += len(result.trailing)
-        backend.peer = self
+        factory = self.factory
+        relay = Relay(self, backend, factory.reactor, factory.listener.protocol == "imap")
+        self.relay = backend.relay = relay
+        backend.dialogue = None
+        if backend.result.trailing:
+            relay.from_backend(backend.result.trailing)
+        backend.result = None
         # Backpressure both ways, as twisted.protocols.portforward does.
         self.transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.transport, True)
         if trailing:
-            backend.transport.write(trailing)
+            relay.from_client(trailing)
         backend.transport.resumeProducing()
         self.transport.resumeProducing()
+        if factory.registry.draining:
+            relay.drain()
 
 
 class ProxyFactory(ServerFactory):
@@ -366,22 +423,15 @@ class ProxyFactory(ServerFactory):
     noisy = False
 
     def __init__(self, reactor: Any, config: Config, listener: Listener, directory: Directory,
-                 connector: BackendConnector, server_tls: Any = None) -> None:
+                 connector: BackendConnector, registry: SessionRegistry,
+                 server_tls: Any = None) -> None:
         self.reactor = reactor
         self.config = config
         self.listener = listener
         self.directory = directory
         self.connector = connector
+        self.registry = registry
         self.server_tls = server_tls
-        self.sessions: set[FrontendProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> FrontendProtocol:  # noqa: N802
         return FrontendProtocol(self)
-
-    def sweep_idle(self) -> None:
-        """Close relayed sessions whose client has been silent too long (one timer for all)."""
-        limit = max(self.config.timeouts.authenticated, self.config.timeouts.idle)
-        deadline = self.reactor.seconds() - limit
-        for session in [s for s in self.sessions if s.backend is not None]:
-            if session.last_activity < deadline:
-                session.close_idle()

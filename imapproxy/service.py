@@ -14,6 +14,7 @@ from . import config as configmodule
 from .config import Config, ConfigError, Listener
 from .directory import StaticDirectory
 from .protocol import BackendConnector, ProxyFactory
+from .sessions import SessionRegistry
 from .tls import backend_trust_root, server_options
 
 
@@ -58,23 +59,33 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     trust_root = backend_trust_root(config.backend) if config.backend.tls != "none" else None
     connector = BackendConnector(reactor, config, health=health, trust_root=trust_root)
     tls = server_options(config.tls, config.path) if config.tls.certificate else None
+    registry = SessionRegistry(reactor, config.timeouts)
+    # Started first, so stopped last: by then the listeners no longer accept.
+    DrainService(registry).setServiceParent(top)
     factories = []
     for listener in config.listeners:
-        factory = ProxyFactory(reactor, config, listener, directory, connector, tls)
+        factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls)
         factories.append(factory)
         endpoint = listening_endpoint(reactor, listener, tls)
         internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
-
-    def sweep() -> None:
-        for factory in factories:
-            factory.sweep_idle()
-
-    sweeper = internet.TimerService(60, sweep)
+    sweeper = internet.TimerService(config.timeouts.sweep_interval, registry.sweep)
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
     top.factories = factories  # type: ignore[attr-defined]
     top.directory = directory  # type: ignore[attr-defined]
+    top.registry = registry  # type: ignore[attr-defined]
     return top
+
+
+class DrainService(service.Service):
+    """On stop (SIGTERM), drain every session gracefully before the reactor exits."""
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
+
+    def stopService(self) -> Any:  # noqa: N802
+        super().stopService()
+        return self.registry.drain()
 
 
 def _health(config: Config, reactor: Any) -> Any:

@@ -43,8 +43,11 @@ def server_options(config: TlsConfig, config_path: Path | str) -> ssl.Certificat
     )
     try:
         # A key that does not belong to the certificate fails here, at start-up.
-        context = options.getContext()
+        context = options.getContext()  # cached by CertificateOptions and shared
         context.check_privatekey()
+        # Idle connections (most of an IDLE-heavy load) give their read/write buffers
+        # back to OpenSSL's allocator: tens of KiB per connection.
+        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     except SSL.Error as e:
         raise ConfigError(config_path, "tls.key", f"key does not match certificate: {e}") \
             from None

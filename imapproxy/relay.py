@@ -1,0 +1,135 @@
+"""The post-login byte pump between a client and its backend.
+
+Bytes pass through untouched and unbuffered, with backpressure both ways (as in
+twisted.protocols.portforward). Beside them a SessionTracker follows the IMAP
+stream, so the relay knows when a session idles (timeouts, keepalives), when it
+is safe to add a line of our own (BYE), and how to end it without losing anything
+(drain). POP3 sessions are relayed without a tracker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .tracker import SessionTracker
+
+#: RFC 5530 UNAVAILABLE: the client should come back later (here: reconnect now).
+BYE_BACKEND_GONE = b"* BYE [UNAVAILABLE] Backend closed the connection\r\n"
+BYE_SHUTDOWN = b"* BYE [UNAVAILABLE] Shutting down\r\n"
+BYE_TIMEOUT = b"* BYE Autologout; idle for too long\r\n"
+STILL_HERE = b"* OK Still here\r\n"
+#: our own tag for the LOGOUT the proxy sends when it ends a session itself
+DRAIN_TAG = b"PXYDRAIN"
+
+
+class Relay:
+    """One relayed session: the two transports, the tracker and the clock readings."""
+
+    __slots__ = ("client", "backend", "tracker", "clock", "last_client", "last_server",
+                 "draining", "detached", "on_drained")
+
+    def __init__(self, client: Any, backend: Any, clock: Any, imap: bool) -> None:
+        self.client = client  # the FrontendProtocol
+        self.backend = backend  # the BackendProtocol
+        self.tracker = SessionTracker() if imap else None
+        self.clock = clock
+        self.last_client = self.last_server = clock.seconds()
+        self.draining = False
+        #: the client has been sent its last line; what the backend says now is dropped
+        self.detached = False
+        self.on_drained: Any = None
+
+    # -- the pump ------------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.from_client(data)
+        self.last_client = self.clock.seconds()
+        self.backend.transport.write(data)
+        if self.draining:
+            self._drain_step()
+
+    def from_backend(self, data: bytes) -> None:
+        if self.detached:
+            return
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.from_server(data)
+        self.last_server = self.clock.seconds()
+        client = self.client
+        client.transport.write(data)
+        client.bytes_to_client += len(data)
+        if self.draining:
+            self._drain_step()
+
+    def backend_lost(self) -> None:
+        """The backend went away: tell the client at once so it reconnects (no silent hang)."""
+        tracker = self.tracker
+        if (not self.detached and tracker is not None and not tracker.saw_bye
+                and not tracker.logout_sent and tracker.server_at_boundary):
+            self._to_client(BYE_BACKEND_GONE)
+        self.client.close("backend closed")
+
+    def _to_client(self, line: bytes) -> None:
+        self.client.transport.write(line)
+        self.client.bytes_to_client += len(line)
+        self.last_server = self.clock.seconds()
+
+    # -- the one timer ---------------------------------------------------------------------
+
+    def tick(self, now: float, timeouts: Any) -> None:
+        """Timeouts by state and keepalives; called for every session by the registry sweep."""
+        tracker = self.tracker
+        idling = tracker is not None and tracker.idling
+        limit = timeouts.idle if idling else timeouts.authenticated
+        if now - self.last_client >= limit:
+            if tracker is not None and tracker.server_at_boundary:
+                self._to_client(BYE_TIMEOUT)
+            self.end("idle timeout" if idling else "inactivity timeout")
+            return
+        if (idling and timeouts.idle_keepalive and tracker is not None
+                and now - self.last_server >= timeouts.idle_keepalive
+                and tracker.server_at_boundary):
+            # RFC 3501 section 7.1: an untagged OK is allowed at any time.
+            self._to_client(STILL_HERE)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def end(self, reason: str) -> None:
+        """Close now: LOGOUT to the backend (so it cleans up), then close both sides."""
+        if not self.detached:
+            self.detached = True
+            self.backend.transport.write(DRAIN_TAG + b" LOGOUT\r\n")
+        self.client.close(reason)
+
+    def drain(self) -> None:
+        """End the session as soon as nothing would be lost by it."""
+        if self.draining:
+            return
+        self.draining = True
+        if self.tracker is None:
+            return  # POP3: nothing to follow; the drain deadline ends it
+        self._drain_step()
+
+    def _drain_step(self) -> None:
+        tracker = self.tracker
+        assert tracker is not None
+        if self.detached or tracker.opaque:
+            return
+        if tracker.client_at_boundary:
+            # No new command may start: stop reading the client (and keep the backend's
+            # backpressure from resuming it).
+            self.backend.transport.unregisterProducer()
+            self.client.transport.pauseProducing()
+        if tracker.idling:
+            # RFC 2177: end IDLE with DONE; the backend's reply to it goes nowhere.
+            self.detached = True
+            self.backend.transport.write(b"DONE\r\n" + DRAIN_TAG + b" LOGOUT\r\n")
+            self._to_client(BYE_SHUTDOWN)
+            self.client.close("shutdown")
+        elif tracker.quiet:
+            self.detached = True
+            self.backend.transport.write(DRAIN_TAG + b" LOGOUT\r\n")
+            self._to_client(BYE_SHUTDOWN)
+            self.client.close("shutdown")

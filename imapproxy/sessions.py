@@ -1,0 +1,66 @@
+"""Every live client session of this process: one timer for all, and graceful drain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .config import Timeouts
+
+log = Logger(namespace="imapproxy")
+
+
+class SessionRegistry:
+    """Tracks FrontendProtocols; sweeps relayed ones for timeouts and keepalives."""
+
+    def __init__(self, clock: Any, timeouts: Timeouts) -> None:
+        self.clock = clock
+        self.timeouts = timeouts
+        self.sessions: set[Any] = set()
+        self.draining = False
+        self._drained: defer.Deferred[None] | None = None
+
+    def add(self, session: Any) -> None:
+        self.sessions.add(session)
+
+    def remove(self, session: Any) -> None:
+        self.sessions.discard(session)
+        if self._drained is not None and not self.sessions:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def sweep(self) -> None:
+        """The one timer: idle/inactivity timeouts and IDLE keepalives for every session."""
+        now = self.clock.seconds()
+        timeouts = self.timeouts
+        for session in list(self.sessions):
+            relay = session.relay
+            if relay is not None:
+                relay.tick(now, timeouts)
+
+    def drain(self, timeout: float | None = None) -> defer.Deferred[None]:
+        """End every session without losing anything; close what is left after ``timeout``."""
+        self.draining = True
+        if timeout is None:
+            timeout = self.timeouts.drain
+        log.info("draining {count} sessions (at most {timeout:g}s)", count=len(self.sessions),
+                 timeout=timeout)
+        if not self.sessions:
+            return defer.succeed(None)
+        if self._drained is None:
+            self._drained = defer.Deferred()
+        done = self._drained
+        for session in list(self.sessions):
+            session.drain()
+        if self.sessions:
+            deadline = self.clock.callLater(timeout, self._force_close)
+            done.addBoth(lambda result: (deadline.active() and deadline.cancel(), result)[1])
+        return done
+
+    def _force_close(self) -> None:
+        if self.sessions:
+            log.warn("drain timeout: closing {count} sessions", count=len(self.sessions))
+        for session in list(self.sessions):
+            session.close("drain timeout", abort=True)
