@@ -139,8 +139,8 @@ class BackendProtocol(Protocol):
             self.result = action
             self.logged_in.callback(action)
         elif isinstance(action, BackendLoginFailed):
-            self.transport.loseConnection()
             self.logged_in.errback(action.error)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # noqa: N802
         self.dialogue = None

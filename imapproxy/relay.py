@@ -26,7 +26,7 @@ class Relay:
     """One relayed session: the two transports, the tracker and the clock readings."""
 
     __slots__ = ("client", "backend", "tracker", "clock", "last_client", "last_server",
-                 "draining", "detached", "on_drained")
+                 "draining", "detached", "client_paused")
 
     def __init__(self, client: Any, backend: Any, clock: Any, imap: bool) -> None:
         self.client = client  # the FrontendProtocol
@@ -37,7 +37,7 @@ class Relay:
         self.draining = False
         #: the client has been sent its last line; what the backend says now is dropped
         self.detached = False
-        self.on_drained: Any = None
+        self.client_paused = False
 
     # -- the pump ------------------------------------------------------------------------
 
@@ -117,9 +117,10 @@ class Relay:
         assert tracker is not None
         if self.detached or tracker.opaque:
             return
-        if tracker.client_at_boundary:
+        if tracker.client_at_boundary and not self.client_paused:
             # No new command may start: stop reading the client (and keep the backend's
             # backpressure from resuming it).
+            self.client_paused = True
             self.backend.transport.unregisterProducer()
             self.client.transport.pauseProducing()
         if tracker.idling:

@@ -1,0 +1,102 @@
+"""In-memory wiring of the proxy for adapter tests: MemoryReactorClock, fake backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+
+from imapproxy.config import (
+    BackendConfig,
+    Config,
+    DirectoryConfig,
+    Limits,
+    Listener,
+    Timeouts,
+    TlsConfig,
+)
+from imapproxy.directory import StaticDirectory, parse_map
+from imapproxy.protocol import BackendConnector, FrontendProtocol, ProxyFactory
+from imapproxy.sessions import SessionRegistry
+
+DOVECOT_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID IDLE] Dovecot ready.\r\n"
+
+
+@dataclass
+class FakeEndpoint:
+    """Connects a protocol to an in-memory transport; records every connection."""
+
+    reactor: Any
+    host: str
+    port: int
+    connections: list[Any]
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", self.host, self.port))
+        transport = StringTransportWithDisconnection(
+            peerAddress=IPv4Address("TCP", self.host, self.port))
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.connections.append(protocol)
+        return defer.succeed(protocol)
+
+
+@dataclass
+class Harness:
+    """A proxy factory on a MemoryReactorClock with fake backends."""
+
+    reactor: MemoryReactorClock = field(default_factory=MemoryReactorClock)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    routes: str = "* 10.0.0.1:143\n"
+    protocol: str = "imap"
+    backends: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        listener = Listener(self.protocol, "127.0.0.1", 1143, "none")
+        self.config = Config(
+            path=Path("/nonexistent/test.toml"), listeners=(listener,),
+            tls=TlsConfig(plaintext_auth=True), directory=DirectoryConfig(),
+            backend=BackendConfig(), limits=self.limits, timeouts=self.timeouts)
+        self.registry = SessionRegistry(self.reactor, self.timeouts)
+        connector = BackendConnector(
+            self.reactor, self.config,
+            endpoint_factory=lambda host, port: FakeEndpoint(self.reactor, host, port,
+                                                              self.backends))
+        self.factory = ProxyFactory(self.reactor, self.config, listener,
+                                    StaticDirectory(parse_map(self.routes)), connector,
+                                    self.registry)
+
+    def connect_client(self, host: str = "192.0.2.7") -> tuple[FrontendProtocol, Any]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
+        transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", host, 40000))
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def logged_in_client(self, user: bytes = b"alice") -> tuple[FrontendProtocol, Any, Any]:
+        """A client logged in through a fake backend; returns (client, its transport, backend)."""
+        client, transport = self.connect_client()
+        transport.clear()
+        client.dataReceived(b"a1 LOGIN " + user + b" secret\r\n")
+        backend = self.backends[-1]
+        backend.dataReceived(DOVECOT_GREETING)
+        assert backend.transport.value().endswith(b"P3 LOGIN \"" + user + b"\" \"secret\"\r\n")
+        backend.transport.clear()
+        backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1 IDLE LITERAL+] Logged in\r\n")
+        assert transport.value().startswith(b"a1 OK [CAPABILITY IMAP4rev1 IDLE LITERAL+]")
+        transport.clear()
+        return client, transport, backend
+
+    def advance(self, seconds: float, step: float = 15.0) -> None:
+        """Move the clock, running the sweep as the TimerService would."""
+        remaining = seconds
+        while remaining > 0:
+            delta = min(step, remaining)
+            self.reactor.advance(delta)
+            self.registry.sweep()
+            remaining -= delta
