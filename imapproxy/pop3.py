@@ -1,0 +1,383 @@
+"""The POP3 dialogue before login, spoken by the proxy itself: sans-IO.
+
+Same shape as imap.py: bytes go in through ``receive_data``, the outcome of the login
+comes back through ``login_succeeded``/``login_failed``, and every method returns the
+actions (events.py) for the adapter to carry out. The session ends in ``Splice``.
+
+Also holds the POP3 line framing (``LineReader``, ``reply``) that pop3backend.py reuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum, auto
+
+from .config import Limits
+from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
+from .errors import ClientProtocolError, ProxyError
+from .events import Action, Close, Login, SendToClient, Splice, StartClientTLS
+
+# -- framing ---------------------------------------------------------------------------------
+
+#: RFC 2449 section 4: a command line is at most 255 octets with its CRLF. We allow
+#: Limits.max_line (8 KiB by default) instead: RFC 5034 section 4 lets SASL response
+#: lines grow past 255 octets, and a generous limit costs nothing while still bounded.
+RFC_COMMAND_LINE = 255
+
+#: Bytes a client may pipeline behind PASS/AUTH while the backend login runs. The adapter
+#: pauses reading during login, so only what was already in flight can arrive; 64 KiB is
+#: far above any real burst of pipelined POP3 commands (RFC 2449 section 6.6).
+MAX_PIPELINED_DURING_LOGIN = 65536
+
+
+class LineTooLong:
+    """The line being read exceeded the limit; it is being skipped up to its LF."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LINE_TOO_LONG"
+
+
+LINE_TOO_LONG = LineTooLong()
+
+
+class LineReader:
+    """Cuts a byte stream into lines (RFC 1939 section 3: CRLF-terminated), bounded.
+
+    A bare LF ends a line too (lenient, as common servers are). A line of more than
+    ``max_line`` octets (without its CRLF) yields one ``LINE_TOO_LONG`` and the rest of it
+    is dropped, so the stream stays in sync and at most ``max_line + 1`` octets are held.
+    """
+
+    __slots__ = ("max_line", "_buffer", "_skipping")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buffer = bytearray()
+        self._skipping = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_line(self) -> bytes | LineTooLong | None:
+        """The next line without its line end, LINE_TOO_LONG, or None for "need data"."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if self._skipping:
+                if end < 0:
+                    self._buffer.clear()
+                    return None
+                del self._buffer[: end + 1]
+                self._skipping = False
+                continue
+            if end < 0:
+                # One octet of slack: the CR of a line of exactly max_line octets.
+                if len(self._buffer) > self.max_line + 1:
+                    self._buffer.clear()
+                    self._skipping = True
+                    return LINE_TOO_LONG
+                return None
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > self.max_line:
+                return LINE_TOO_LONG
+            return line
+
+    def take_buffer(self) -> bytes:
+        """Everything fed but not yet returned as a line (h11's trailing_data)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def discard(self) -> None:
+        self._buffer.clear()
+        self._skipping = False
+
+
+def reply(ok: bool, text: str, code: str | None = None) -> bytes:
+    """One status line: ``+OK text`` or ``-ERR [CODE] text`` (RFC 2449 section 8)."""
+    code_part = f"[{code}] " if code else ""
+    # Texts are ours or a backend's; control characters would let one reply forge another.
+    clean = "".join(ch if ch >= " " and ch != "\x7f" else " " for ch in code_part + text)
+    return (b"+OK " if ok else b"-ERR ") + clean.encode("utf-8") + b"\r\n"
+
+
+# -- the session -----------------------------------------------------------------------------
+
+
+class State(Enum):
+    #: reading commands before login (RFC 1939 section 4)
+    AUTHORIZATION = auto()
+    #: USER was accepted; PASS may follow (RFC 1939 section 7)
+    USER_GIVEN = auto()
+    #: AUTH sent "+ "; the next line is the SASL response (RFC 5034 section 4)
+    AUTH_RESPONSE = auto()
+    #: waiting for lookup and backend login; client bytes are held back, unparsed
+    LOGGING_IN = auto()
+    #: handed over to the relay
+    RELAYING = auto()
+    CLOSED = auto()
+
+
+# Rule: every state change goes through Pop3Session._enter, checked against this table.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.AUTHORIZATION: frozenset(
+        {State.USER_GIVEN, State.AUTH_RESPONSE, State.LOGGING_IN, State.CLOSED}),
+    State.USER_GIVEN: frozenset(
+        {State.AUTHORIZATION, State.AUTH_RESPONSE, State.LOGGING_IN, State.CLOSED}),
+    State.AUTH_RESPONSE: frozenset({State.AUTHORIZATION, State.LOGGING_IN, State.CLOSED}),
+    State.LOGGING_IN: frozenset({State.AUTHORIZATION, State.RELAYING, State.CLOSED}),
+    State.RELAYING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+# Commands of the TRANSACTION state (RFC 1939 sections 5 and 7), answered with a hint
+# instead of "unknown command".
+_NEEDS_LOGIN = frozenset(b"STAT LIST RETR DELE NOOP RSET TOP UIDL LAST".split())
+
+Handler = Callable[[bytes | None], list[Action]]
+
+
+class Pop3Session:
+    """One client's pre-login POP3 session."""
+
+    def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
+                 limits: Limits = Limits()) -> None:
+        self.state = State.AUTHORIZATION
+        self.tls_active = tls_active
+        self.starttls_available = starttls_available and not tls_active
+        self.plaintext_auth = plaintext_auth
+        self.limits = limits
+        self.bad_commands = 0
+        self.failed_logins = 0
+        self._lines = LineReader(limits.max_line)
+        self._username: str | None = None
+        # The commands each reading state accepts. USER_GIVEN adds PASS; any other command
+        # there forgets the name first (RFC 1939 section 7: PASS must follow USER).
+        authorization: dict[bytes, Handler] = {
+            b"CAPA": self._capa,
+            b"STLS": self._stls,
+            b"USER": self._user,
+            b"PASS": self._pass_without_user,
+            b"AUTH": self._auth,
+            b"QUIT": self._quit,
+        }
+        self._commands: dict[State, dict[bytes, Handler]] = {
+            State.AUTHORIZATION: authorization,
+            State.USER_GIVEN: {**authorization, b"PASS": self._pass},
+        }
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """The greeting (RFC 1939 section 4)."""
+        return [SendToClient(reply(True, "POP3 proxy ready"))]
+
+    def receive_data(self, data: bytes) -> list[Action]:
+        if self.state in (State.CLOSED, State.RELAYING):
+            return []
+        self._lines.feed(data)
+        if self.state is State.LOGGING_IN:
+            if self._lines.buffered > MAX_PIPELINED_DURING_LOGIN:
+                return self._fatal("Too much data pipelined during login")
+            return []
+        return self._process()
+
+    def login_succeeded(self, capabilities: bytes | None = None) -> list[Action]:
+        """The backend accepted the login: answer the client and hand over to the relay.
+
+        ``capabilities`` is for IMAP; POP3 clients ask CAPA again after login, and that
+        goes to the backend (RFC 2449 section 5).
+        """
+        self._enter(State.RELAYING)
+        # Commands pipelined behind PASS/AUTH (RFC 2449 section 6.6) are the backend's now.
+        return [SendToClient(reply(True, "Logged in")), Splice(self._lines.take_buffer())]
+
+    def login_failed(self, error: ProxyError) -> list[Action]:
+        """The lookup or the backend said no; the client may try again (within limits)."""
+        self._enter(State.AUTHORIZATION)
+        return self._refused(error) + self._process()
+
+    def timed_out(self) -> list[Action]:
+        if self.state in (State.CLOSED, State.RELAYING):
+            return []
+        # RFC 1939 section 3 lets the server just close; one -ERR line tells the user why.
+        return self._fatal("Autologout; idle for too long")
+
+    # -- capabilities -------------------------------------------------------------------
+
+    @property
+    def login_allowed(self) -> bool:
+        return self.tls_active or self.plaintext_auth
+
+    def capabilities(self) -> list[bytes]:
+        """The CAPA list (RFC 2449 section 6, RFC 2595 section 4, RFC 5034 section 6)."""
+        caps: list[bytes] = []
+        if self.login_allowed:
+            # RFC 2595 section 4: don't advertise plaintext mechanisms that are refused.
+            caps += [b"USER", b"SASL PLAIN"]
+        if self.starttls_available:
+            caps.append(b"STLS")
+        caps += [b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"IMPLEMENTATION imapproxy"]
+        return caps
+
+    # -- processing -----------------------------------------------------------------------
+
+    def _enter(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise AssertionError(f"illegal transition {self.state} -> {new}")
+        self.state = new
+
+    def _close(self, reason: str) -> Close:
+        self._enter(State.CLOSED)
+        return Close(reason)
+
+    def _fatal(self, text: str) -> list[Action]:
+        return [SendToClient(reply(False, text)), self._close(text)]
+
+    def _process(self) -> list[Action]:
+        actions: list[Action] = []
+        while self.state in (State.AUTHORIZATION, State.USER_GIVEN, State.AUTH_RESPONSE):
+            line = self._lines.next_line()
+            if line is None:
+                break
+            if isinstance(line, LineTooLong):
+                if self.state is State.AUTH_RESPONSE:
+                    self._enter(State.AUTHORIZATION)
+                actions += self._bad("Line too long")
+            elif self.state is State.AUTH_RESPONSE:
+                actions += self._sasl_response(line)
+            else:
+                actions += self._command(line)
+        return actions
+
+    def _bad(self, text: str) -> list[Action]:
+        """A -ERR for a command we could not act on; too many of them end the session."""
+        self.bad_commands += 1
+        if self.bad_commands >= self.limits.max_bad_commands:
+            return self._fatal(text + "; too many invalid commands, closing")
+        return [SendToClient(reply(False, text))]
+
+    def _refused(self, error: ProxyError) -> list[Action]:
+        """A failed login, counted; too many of them end the session."""
+        self.failed_logins += 1
+        line = SendToClient(reply(False, error.client_text(), error.pop3_code))
+        if self.failed_logins >= self.limits.max_failed_logins:
+            return [line, self._close("too many failed logins")]
+        return [line]
+
+    def _command(self, line: bytes) -> list[Action]:
+        # RFC 1939 section 3: a case-insensitive keyword, then arguments after one space.
+        keyword, space, argument = line.partition(b" ")
+        name = keyword.upper()
+        handler = self._commands[self.state].get(name)
+        if self.state is State.USER_GIVEN and name != b"PASS":
+            self._username = None
+            self._enter(State.AUTHORIZATION)
+        if handler is None:
+            if not name:
+                return self._bad("Empty command")
+            if name == b"APOP":
+                return self._bad("APOP is not supported, use USER/PASS or AUTH PLAIN")
+            if name in _NEEDS_LOGIN:
+                return self._bad("Log in first")
+            return self._bad("Unknown command")
+        return handler(argument if space else None)
+
+    def _capa(self, argument: bytes | None) -> list[Action]:
+        if argument is not None:
+            return self._bad("CAPA takes no arguments")
+        # RFC 2449 section 5: a multi-line reply; no capability starts with ".".
+        body = b"".join(cap + b"\r\n" for cap in self.capabilities())
+        return [SendToClient(reply(True, "Capability list follows") + body + b".\r\n")]
+
+    def _quit(self, argument: bytes | None) -> list[Action]:
+        if argument is not None:
+            return self._bad("QUIT takes no arguments")
+        # RFC 1939 section 4: QUIT in the AUTHORIZATION state just says goodbye.
+        return [SendToClient(reply(True, "Bye")), self._close("quit")]
+
+    def _stls(self, argument: bytes | None) -> list[Action]:
+        if argument is not None:
+            return self._bad("STLS takes no arguments")
+        if not self.starttls_available:
+            return self._bad("STLS not available")
+        # RFC 2595 section 4 (and RFC 3207's reasoning): whatever the client pipelined
+        # after STLS arrived in plaintext and must not be acted on after the handshake.
+        self._lines.discard()
+        self.tls_active = True
+        self.starttls_available = False
+        return [SendToClient(reply(True, "Begin TLS negotiation now")), StartClientTLS()]
+
+    def _refuse_plaintext(self) -> list[Action]:
+        # RFC 3206 section 4: [AUTH] marks a problem with the credentials or their use.
+        hint = ": use STLS first" if self.starttls_available else ""
+        return [SendToClient(reply(False, "TLS required" + hint, "AUTH"))]
+
+    def _user(self, argument: bytes | None) -> list[Action]:
+        if not self.login_allowed:
+            return self._refuse_plaintext()
+        if not argument:
+            return self._bad("USER needs a name")
+        try:
+            self._username = decode_username(argument)
+        except ClientProtocolError as e:
+            return self._bad(e.public_text)
+        self._enter(State.USER_GIVEN)
+        return [SendToClient(reply(True, "Send PASS"))]
+
+    def _pass_without_user(self, argument: bytes | None) -> list[Action]:
+        if not self.login_allowed:
+            return self._refuse_plaintext()
+        return self._bad("Send USER first")
+
+    def _pass(self, argument: bytes | None) -> list[Action]:
+        username, self._username = self._username, None
+        assert username is not None
+        self._enter(State.AUTHORIZATION)
+        if not argument:
+            return self._bad("PASS needs a password")
+        # RFC 1939 section 7: PASS has one argument, so spaces belong to the password.
+        return self._begin_login(Credentials(username, Secret(argument), "", "USER"))
+
+    def _auth(self, argument: bytes | None) -> list[Action]:
+        if not self.login_allowed:
+            return self._refuse_plaintext()
+        if argument is None:
+            # Not in RFC 5034, but RFC 1734 clients send a bare AUTH to list mechanisms.
+            return [SendToClient(reply(True, "Supported mechanisms follow") + b"PLAIN\r\n.\r\n")]
+        mechanism, space, initial = argument.partition(b" ")
+        if mechanism.upper() != b"PLAIN":
+            return self._bad("Unsupported authentication mechanism")
+        if not space:
+            self._enter(State.AUTH_RESPONSE)
+            return [SendToClient(b"+ \r\n")]  # RFC 5034 section 4: empty challenge
+        # RFC 5034 section 4: "=" stands for an empty initial response.
+        return self._plain(b"" if initial == b"=" else initial)
+
+    def _sasl_response(self, line: bytes) -> list[Action]:
+        self._enter(State.AUTHORIZATION)
+        if line == b"*":
+            # RFC 5034 section 4: "*" cancels, and the server rejects the AUTH with -ERR.
+            return self._bad("AUTH cancelled")
+        return self._plain(line)
+
+    def _plain(self, encoded: bytes) -> list[Action]:
+        try:
+            credentials = decode_sasl_plain(encoded)
+        except ClientProtocolError as e:
+            return self._bad(f"AUTH: {e.public_text}")
+        except ProxyError as e:
+            return self._refused(e)
+        return self._begin_login(credentials)
+
+    def _begin_login(self, credentials: Credentials) -> list[Action]:
+        self._enter(State.LOGGING_IN)
+        return [Login(credentials)]

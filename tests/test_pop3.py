@@ -1,0 +1,452 @@
+"""Tests for imapproxy.pop3: the sans-IO pre-login POP3 session and its line framing.
+
+Each test is a transcript of client bytes and login results against the actions that come
+out. ``check`` runs every transcript twice, fed whole and fed one byte at a time, and
+requires the same (merged) output from both. Hypothesis checks that no input makes the
+session raise and that buffering stays bounded.
+"""
+
+from __future__ import annotations
+
+from base64 import b64encode
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imapproxy.config import Limits
+from imapproxy.credentials import Credentials, Secret
+from imapproxy.errors import (
+    AuthenticationFailed,
+    BackendRefused,
+    BackendUnavailable,
+    DirectoryUnavailable,
+    ProxyError,
+    UserNotFound,
+)
+from imapproxy.events import Close, Login, SendToClient, Splice, StartClientTLS
+from imapproxy.pop3 import (
+    LINE_TOO_LONG,
+    MAX_PIPELINED_DURING_LOGIN,
+    LineReader,
+    Pop3Session,
+    State,
+    reply,
+)
+
+# -- transcript machinery -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoginOk:
+    """The adapter reports a successful backend login."""
+
+
+@dataclass(frozen=True)
+class LoginFails:
+    error: ProxyError
+
+
+@dataclass(frozen=True)
+class TimesOut:
+    pass
+
+
+Step = bytes | LoginOk | LoginFails | TimesOut
+
+IMPLICIT = {"tls_active": True, "starttls_available": False, "plaintext_auth": False}
+STARTTLS = {"tls_active": False, "starttls_available": True, "plaintext_auth": False}
+PLAINTEXT_OK = {"tls_active": False, "starttls_available": True, "plaintext_auth": True}
+NO_TLS_AT_ALL = {"tls_active": False, "starttls_available": False, "plaintext_auth": False}
+
+GREETING = SendToClient(b"+OK POP3 proxy ready\r\n")
+TAIL_CAPS = b"RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION imapproxy\r\n.\r\n"
+CAPA_HEAD = b"+OK Capability list follows\r\n"
+
+
+def merged(actions: list[Any]) -> list[Any]:
+    """Join consecutive SendToClient actions: only the byte stream matters, not its chunks."""
+    out: list[Any] = []
+    for action in actions:
+        if isinstance(action, SendToClient) and out and isinstance(out[-1], SendToClient):
+            out[-1] = SendToClient(out[-1].data + action.data)
+        else:
+            out.append(action)
+    return out
+
+
+def run(session: Pop3Session, steps: list[Step], *, split: bool) -> list[Any]:
+    actions: list[Any] = list(session.start())
+    for step in steps:
+        if isinstance(step, bytes):
+            chunks = [step[i : i + 1] for i in range(len(step))] if split else [step]
+            for chunk in chunks:
+                actions += session.receive_data(chunk)
+        elif isinstance(step, LoginOk):
+            actions += session.login_succeeded(None)
+        elif isinstance(step, LoginFails):
+            actions += session.login_failed(step.error)
+        else:
+            actions += session.timed_out()
+    return merged(actions)
+
+
+def check(steps: list[Step], expected: list[Any], limits: Limits = Limits(),
+          **options: bool) -> Pop3Session:
+    """Run the transcript whole and byte by byte; both must give ``expected``."""
+    options = options or PLAINTEXT_OK
+    whole = Pop3Session(**options, limits=limits)
+    assert run(whole, steps, split=False) == merged([GREETING, *expected])
+    split = Pop3Session(**options, limits=limits)
+    assert run(split, steps, split=True) == merged([GREETING, *expected])
+    assert split.state is whole.state
+    return whole
+
+
+def send(data: bytes) -> SendToClient:
+    return SendToClient(data)
+
+
+def login(user: str, password: bytes, mechanism: str = "USER") -> Login:
+    return Login(Credentials(user, Secret(password), "", mechanism))
+
+
+def plain(authzid: bytes, user: bytes, password: bytes) -> bytes:
+    return b64encode(authzid + b"\0" + user + b"\0" + password)
+
+
+# -- greeting, CAPA, QUIT, unknown commands ----------------------------------------------------
+
+
+def test_greeting_then_quit() -> None:
+    session = check([b"QUIT\r\n"], [send(b"+OK Bye\r\n"), Close("quit")])
+    assert session.state is State.CLOSED
+    assert session.receive_data(b"CAPA\r\n") == []
+    assert session.timed_out() == []
+
+
+def test_capa_when_login_is_allowed_on_starttls_listener() -> None:
+    check([b"CAPA\r\n"],
+          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS)])
+
+
+def test_capa_before_tls_without_plaintext_hides_user_and_sasl() -> None:
+    check([b"capa\r\n"], [send(CAPA_HEAD + b"STLS\r\n" + TAIL_CAPS)], **STARTTLS)
+
+
+def test_capa_on_implicit_tls_listener() -> None:
+    check([b"CAPA\r\n"], [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)], **IMPLICIT)
+
+
+def test_capa_with_neither_tls_nor_plaintext() -> None:
+    check([b"CAPA\r\n"], [send(CAPA_HEAD + TAIL_CAPS)], **NO_TLS_AT_ALL)
+
+
+@pytest.mark.parametrize(("line", "text"), [
+    (b"NOOP", b"Log in first"),
+    (b"STAT", b"Log in first"),
+    (b"retr 1", b"Log in first"),
+    (b"UIDL", b"Log in first"),
+    (b"FROB", b"Unknown command"),
+    (b"", b"Empty command"),
+    (b"APOP alice 0123", b"APOP is not supported, use USER/PASS or AUTH PLAIN"),
+    (b"PASS secret", b"Send USER first"),
+    (b"CAPA x", b"CAPA takes no arguments"),
+    (b"QUIT now", b"QUIT takes no arguments"),
+    (b"STLS x", b"STLS takes no arguments"),
+    (b"USER", b"USER needs a name"),
+    (b"USER ", b"USER needs a name"),
+    (b"USER \xff\xfe", b"Username is not valid UTF-8"),
+    (b"USER a\x01b", b"Invalid username"),
+    (b"AUTH CRAM-MD5", b"Unsupported authentication mechanism"),
+])
+def test_commands_refused_before_login(line: bytes, text: bytes) -> None:
+    session = check([line + b"\r\n", b"QUIT\r\n"],
+                    [send(b"-ERR " + text + b"\r\n+OK Bye\r\n"), Close("quit")])
+    assert session.bad_commands == 1
+
+
+def test_bare_lf_ends_a_line_too() -> None:
+    check([b"CAPA\nQUIT\n"],
+          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
+           Close("quit")])
+
+
+def test_too_many_bad_commands_close() -> None:
+    limits = Limits(max_bad_commands=3)
+    check([b"A\r\nB\r\nC\r\nD\r\n"],
+          [send(b"-ERR Unknown command\r\n-ERR Unknown command\r\n"
+                b"-ERR Unknown command; too many invalid commands, closing\r\n"),
+           Close("Unknown command; too many invalid commands, closing")],
+          limits=limits)
+
+
+def test_timeout_says_why_and_closes() -> None:
+    session = check([b"CAPA\r\n", TimesOut()],
+                    [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS),
+                     send(b"-ERR Autologout; idle for too long\r\n"),
+                     Close("Autologout; idle for too long")])
+    assert session.state is State.CLOSED
+
+
+# -- line limits ---------------------------------------------------------------------------------
+
+
+def test_overlong_line_is_refused_and_skipped() -> None:
+    limits = Limits(max_line=16)
+    check([b"USER " + b"x" * 40 + b"\r\nQUIT\r\n"],
+          [send(b"-ERR Line too long\r\n+OK Bye\r\n"), Close("quit")], limits=limits)
+
+
+def test_line_at_the_limit_is_accepted() -> None:
+    limits = Limits(max_line=6)
+    check([b"QUIT  \r\n"], [send(b"-ERR QUIT takes no arguments\r\n")], limits=limits)
+    check([b"QUIT   \r\nQUIT\r\n"],
+          [send(b"-ERR Line too long\r\n+OK Bye\r\n"), Close("quit")], limits=limits)
+
+
+def test_overlong_sasl_response_ends_the_exchange() -> None:
+    limits = Limits(max_line=16)
+    check([b"AUTH PLAIN\r\n", b"A" * 40 + b"\r\nQUIT\r\n"],
+          [send(b"+ \r\n-ERR Line too long\r\n+OK Bye\r\n"), Close("quit")], limits=limits)
+
+
+# -- STLS ------------------------------------------------------------------------------------------
+
+
+def test_stls_discards_pipelined_plaintext() -> None:
+    # RFC 2595 section 4: the USER/PASS pipelined behind STLS must never be acted on.
+    # Fed whole only: byte by byte, the bytes after STLS would be the TLS stream.
+    session = Pop3Session(**STARTTLS)
+    session.start()
+    assert session.receive_data(b"STLS\r\nUSER alice\r\nPASS secret\r\n") == [
+        send(b"+OK Begin TLS negotiation now\r\n"), StartClientTLS()]
+    assert session.tls_active and session.state is State.AUTHORIZATION
+    assert session.receive_data(b"CAPA\r\n") == [
+        send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)]
+
+
+def test_stls_twice_or_on_tls_listener_is_refused() -> None:
+    check([b"STLS\r\n", b"STLS\r\n"],
+          [send(b"+OK Begin TLS negotiation now\r\n"), StartClientTLS(),
+           send(b"-ERR STLS not available\r\n")], **STARTTLS)
+    check([b"STLS\r\n"], [send(b"-ERR STLS not available\r\n")], **IMPLICIT)
+
+
+def test_plaintext_login_refused_before_tls_then_allowed_after() -> None:
+    token = plain(b"", b"alice", b"pw")
+    check([b"USER alice\r\nPASS pw\r\nAUTH PLAIN " + token + b"\r\nAUTH\r\n", b"STLS\r\n",
+           b"USER alice\r\nPASS pw\r\n"],
+          [send(b"-ERR [AUTH] TLS required: use STLS first\r\n" * 4
+                + b"+OK Begin TLS negotiation now\r\n"), StartClientTLS(),
+           send(b"+OK Send PASS\r\n"), login("alice", b"pw")], **STARTTLS)
+
+
+def test_plaintext_login_refused_without_any_tls() -> None:
+    check([b"USER alice\r\n"], [send(b"-ERR [AUTH] TLS required\r\n")], **NO_TLS_AT_ALL)
+
+
+# -- USER/PASS -------------------------------------------------------------------------------------
+
+
+def test_user_pass_login_and_splice_with_pipelined_commands() -> None:
+    # RFC 2449 section 6.6: commands behind PASS belong to the backend, in order.
+    session = check([b"USER alice\r\nPASS pass with  spaces \r\nSTAT\r\nLIST\r\n", LoginOk()],
+                    [send(b"+OK Send PASS\r\n"), login("alice", b"pass with  spaces "),
+                     send(b"+OK Logged in\r\n"), Splice(b"STAT\r\nLIST\r\n")])
+    assert session.state is State.RELAYING
+    assert session.receive_data(b"more") == []
+    assert session.timed_out() == []
+
+
+def test_user_then_other_command_forgets_the_name() -> None:
+    check([b"USER alice\r\nCAPA\r\nPASS pw\r\n"],
+          [send(b"+OK Send PASS\r\n" + CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS
+                + b"-ERR Send USER first\r\n")])
+
+
+def test_user_twice_keeps_the_second_name() -> None:
+    check([b"USER alice\r\nuser bob\r\npass pw\r\n"],
+          [send(b"+OK Send PASS\r\n+OK Send PASS\r\n"), login("bob", b"pw")])
+
+
+def test_empty_pass_is_refused() -> None:
+    check([b"USER alice\r\nPASS\r\nPASS \r\n"],
+          [send(b"+OK Send PASS\r\n-ERR PASS needs a password\r\n-ERR Send USER first\r\n")])
+
+
+def test_wrong_password_then_retry() -> None:
+    session = check([b"USER alice\r\nPASS bad\r\n", LoginFails(AuthenticationFailed()),
+                     b"USER alice\r\nPASS good\r\n", LoginOk()],
+                    [send(b"+OK Send PASS\r\n"), login("alice", b"bad"),
+                     send(b"-ERR [AUTH] Authentication failed\r\n+OK Send PASS\r\n"),
+                     login("alice", b"good"), send(b"+OK Logged in\r\n"), Splice(b"")])
+    assert session.failed_logins == 1
+
+
+def test_commands_pipelined_behind_a_failing_pass_are_answered_after_the_failure() -> None:
+    check([b"USER alice\r\nPASS bad\r\nCAPA\r\nQUIT\r\n", LoginFails(UserNotFound())],
+          [send(b"+OK Send PASS\r\n"), login("alice", b"bad"),
+           send(b"-ERR [AUTH] Authentication failed\r\n" + CAPA_HEAD
+                + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
+           Close("quit")])
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (BackendUnavailable(),
+     b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n"),
+    (DirectoryUnavailable(),
+     b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n"),
+    (BackendRefused("IN-USE", "Mailbox is locked"), b"-ERR [AUTH] Mailbox is locked\r\n"),
+    (ProxyError(), b"-ERR Internal error\r\n"),
+])
+def test_login_failure_replies(error: ProxyError, line: bytes) -> None:
+    check([b"USER alice\r\nPASS pw\r\n", LoginFails(error)],
+          [send(b"+OK Send PASS\r\n"), login("alice", b"pw"), send(line)])
+
+
+def test_too_many_failed_logins_close() -> None:
+    limits = Limits(max_failed_logins=2)
+    fail = LoginFails(AuthenticationFailed())
+    check([b"USER a\r\nPASS b\r\n", fail, b"USER a\r\nPASS c\r\nQUIT\r\n", fail],
+          [send(b"+OK Send PASS\r\n"), login("a", b"b"),
+           send(b"-ERR [AUTH] Authentication failed\r\n+OK Send PASS\r\n"), login("a", b"c"),
+           send(b"-ERR [AUTH] Authentication failed\r\n"), Close("too many failed logins")],
+          limits=limits)
+
+
+def test_too_much_pipelined_during_login_closes() -> None:
+    session = Pop3Session(**PLAINTEXT_OK)
+    session.receive_data(b"USER a\r\nPASS b\r\n")
+    assert session.state is State.LOGGING_IN
+    assert session.receive_data(b"x" * MAX_PIPELINED_DURING_LOGIN) == []
+    assert session.receive_data(b"x") == [
+        SendToClient(b"-ERR Too much data pipelined during login\r\n"),
+        Close("Too much data pipelined during login")]
+
+
+# -- AUTH PLAIN (RFC 5034) -------------------------------------------------------------------------
+
+
+def test_auth_plain_with_initial_response() -> None:
+    token = plain(b"", "carol".encode(), "pässwörd".encode())
+    check([b"AUTH PLAIN " + token + b"\r\nSTAT\r\n", LoginOk()],
+          [login("carol", "pässwörd".encode(), "PLAIN"), send(b"+OK Logged in\r\n"),
+           Splice(b"STAT\r\n")])
+
+
+def test_auth_plain_without_initial_response() -> None:
+    token = plain(b"bob", b"bob", b"pw")
+    check([b"auth plain\r\n", token + b"\r\n"],
+          [send(b"+ \r\n"), Login(Credentials("bob", Secret(b"pw"), "bob", "PLAIN"))])
+
+
+def test_auth_plain_empty_initial_response_is_malformed() -> None:
+    check([b"AUTH PLAIN =\r\n"], [send(b"-ERR AUTH: Malformed SASL PLAIN response\r\n")])
+
+
+def test_auth_cancelled_with_star() -> None:
+    session = check([b"AUTH PLAIN\r\n*\r\nQUIT\r\n"],
+                    [send(b"+ \r\n-ERR AUTH cancelled\r\n+OK Bye\r\n"), Close("quit")])
+    assert session.bad_commands == 1
+
+
+def test_auth_bad_base64_and_foreign_authzid() -> None:
+    session = check([b"AUTH PLAIN !!!\r\nAUTH PLAIN " + plain(b"admin", b"bob", b"pw") + b"\r\n"],
+                    [send(b"-ERR AUTH: Invalid base64 in SASL response\r\n"
+                          b"-ERR [AUTH] Authentication failed\r\n")])
+    assert session.failed_logins == 1
+
+
+def test_bare_auth_lists_mechanisms() -> None:
+    check([b"AUTH\r\n"], [send(b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")])
+
+
+def test_user_given_then_auth_forgets_the_user() -> None:
+    check([b"USER alice\r\nAUTH PLAIN\r\n*\r\nPASS pw\r\n"],
+          [send(b"+OK Send PASS\r\n+ \r\n-ERR AUTH cancelled\r\n-ERR Send USER first\r\n")])
+
+
+def test_login_succeeded_after_auth_splices_nothing_when_nothing_pipelined() -> None:
+    session = Pop3Session(**IMPLICIT)
+    assert session.receive_data(b"AUTH PLAIN " + plain(b"", b"a", b"b") + b"\r\n") == [
+        login("a", b"b", "PLAIN")]
+    assert session.login_succeeded(b"ignored") == [SendToClient(b"+OK Logged in\r\n"),
+                                                   Splice(b"")]
+
+
+# -- framing helpers -----------------------------------------------------------------------------
+
+
+def test_reply_strips_control_characters_and_renders_codes() -> None:
+    assert reply(True, "fine") == b"+OK fine\r\n"
+    assert reply(False, "bad\r\n+OK forged", "IN-USE") == b"-ERR [IN-USE] bad  +OK forged\r\n"
+
+
+def test_line_reader_take_buffer_and_discard() -> None:
+    reader = LineReader(8)
+    reader.feed(b"one\r\ntwo")
+    assert reader.next_line() == b"one"
+    assert reader.next_line() is None
+    assert reader.take_buffer() == b"two"
+    reader.feed(b"1234567890")
+    assert reader.next_line() is LINE_TOO_LONG
+    reader.discard()
+    reader.feed(b"ok\n")
+    assert reader.next_line() == b"ok"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=30))
+def test_line_reader_chunking_does_not_matter(chunks: list[bytes]) -> None:
+    def lines(feeds: list[bytes]) -> list[object]:
+        reader = LineReader(12)
+        out: list[object] = []
+        for feed in feeds:
+            reader.feed(feed)
+            while (line := reader.next_line()) is not None:
+                out.append(line)
+            assert reader.buffered <= 13
+        return out
+
+    data = b"".join(chunks)
+    assert lines(chunks) == lines([data[i : i + 1] for i in range(len(data))])
+
+
+# -- properties ------------------------------------------------------------------------------------
+
+_WORDS = st.sampled_from([b"USER alice\r\n", b"PASS pw\r\n", b"CAPA\r\n", b"STLS\r\n",
+                          b"AUTH PLAIN\r\n", b"AUTH PLAIN " + plain(b"", b"a", b"b") + b"\r\n",
+                          b"*\r\n", b"QUIT\r\n", b"STAT\r\n", b"\r\n", b"\n", b"AUTH\r\n"])
+_INPUTS = st.one_of(_WORDS, st.binary(max_size=64), st.just(LoginOk()),
+                    st.builds(LoginFails, st.sampled_from([AuthenticationFailed(),
+                                                           BackendUnavailable()])),
+                    st.just(TimesOut()))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_INPUTS, max_size=25), st.sampled_from([IMPLICIT, STARTTLS, PLAINTEXT_OK]))
+def test_session_never_raises_and_stays_bounded(steps: list[Any], options: dict[str, bool]
+                                                ) -> None:
+    limits = Limits(max_line=32, max_bad_commands=1000, max_failed_logins=1000)
+    session = Pop3Session(**options, limits=limits)
+    session.start()
+    for step in steps:
+        # Login results only make sense while a login is running; the adapter guarantees it.
+        if isinstance(step, (LoginOk, LoginFails)):
+            if session.state is not State.LOGGING_IN:
+                continue
+            actions = (session.login_succeeded(None) if isinstance(step, LoginOk)
+                       else session.login_failed(step.error))
+        elif isinstance(step, TimesOut):
+            actions = session.timed_out()
+        else:
+            actions = session.receive_data(step)
+        for action in actions:
+            assert isinstance(action, (SendToClient, StartClientTLS, Login, Splice, Close))
+            if isinstance(action, SendToClient):
+                assert action.data.endswith(b"\r\n")
+        if session.state in (State.AUTHORIZATION, State.USER_GIVEN, State.AUTH_RESPONSE):
+            assert session._lines.buffered <= limits.max_line + 1
