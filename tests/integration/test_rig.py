@@ -398,3 +398,20 @@ def test_slapd_restart_keeps_data(slapd_factory: Callable[..., Slapd]) -> None:
     connection = ldap3.Connection(ldap3.Server(server.uri), auto_bind=True)
     assert connection.search(server.base, "(mail=yves@example.org)")
     connection.unbind()
+
+
+def test_shared_files_leave_a_private_parent(tmp_path: Path, mail_users: list[MailUser]) -> None:
+    """Under pytest's 0700 tmp dirs, what uid-switched processes need is relocated."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    store = Dovecot(private / "store", mail_users[:1], name="moved")
+    try:
+        assert store.mail_root.is_relative_to(rig.dovecot.SHARED_ROOT)
+        assert (private / "store" / "shared").resolve() == store.mail_root.parent
+        store.start()
+        client = imaplib.IMAP4(store.host, store.imap_port)
+        client.login("alice", "alice-secret")
+        client.logout()
+    finally:
+        store.close()
+    assert not store.mail_root.exists()

@@ -8,14 +8,20 @@ falls back to polling every ``mailbox_idle_check_interval`` (30 s), so IDLE
 notifications arrive late. For many concurrent IDLE sessions, spread them over
 many users (see :func:`make_users`) or raise the sysctl.
 
-Every uid-switched process (auth as ``dovecot``, mail processes as the user's
-uid) must be able to reach files below ``workdir``, so :class:`Dovecot` adds the
-search (``o+x``) bit to ``workdir``'s ancestors where it is missing (pytest makes
-``/tmp/pytest-of-root`` 0700).
+Layout: config, log and stderr stay in ``workdir``. What uid-switched processes
+(auth as ``dovecot``, mail processes as each user's uid) must reach -- the maildirs,
+the passwd-file, base_dir with its sockets -- goes to ``workdir/shared`` when
+every ancestor of ``workdir`` is searchable by others. Otherwise (pytest's
+``/tmp/pytest-of-root`` is 0700, and pytest resets it on every run, so chmodding
+it would break a concurrently running session) it goes to a private directory
+under ``/tmp/imapproxy-rig/``, linked as ``workdir/shared`` and removed by
+close() or at interpreter exit; leftovers of dead processes are swept on the next
+start-up. ``mail_root`` always names the real location.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import pwd
@@ -26,6 +32,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -42,8 +49,10 @@ START_TIMEOUT = 10.0
 #: Seconds stop() waits for the master to exit after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 10.0
 #: Unix socket paths are limited to 108 bytes; Dovecot's longest name below
-#: base_dir is about 25 bytes, so longer base_dirs move to a short temp dir.
+#: base_dir is about 25 bytes, so a longer base_dir moves below SHARED_ROOT.
 MAX_BASE_DIR = 70
+#: Home of relocated shared directories (see the module docstring).
+SHARED_ROOT = Path(tempfile.gettempdir()) / "imapproxy-rig"
 #: Dovecot refuses mail uids below first_valid_uid; we use 1000.
 FIRST_VALID_UID = 1000
 
@@ -67,12 +76,49 @@ def make_users(count: int, prefix: str = "user", first_uid: int = 3000) -> list[
     return [MailUser(f"{prefix}{i}", f"{prefix}{i}-pw", first_uid + i) for i in range(count)]
 
 
-def make_traversable(path: Path) -> None:
-    """Add the search bit for others to ``path`` and each ancestor that lacks it."""
-    for directory in [path, *path.parents]:
-        mode = directory.stat().st_mode
-        if not mode & 0o001:
-            directory.chmod((mode & 0o7777) | 0o001)
+def _searchable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_shared_root() -> None:
+    """Remove relocated directories whose creating process is gone."""
+    for directory in SHARED_ROOT.glob("*"):
+        try:
+            pid = int((directory / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _relocated_shared_dir(name: str) -> Path:
+    SHARED_ROOT.mkdir(mode=0o711, exist_ok=True)
+    SHARED_ROOT.chmod(0o711)
+    _sweep_shared_root()
+    directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=SHARED_ROOT))
+    directory.chmod(0o711)
+    (directory / "owner.pid").write_text(str(os.getpid()))
+    return directory
+
+
+#: Instances to close at interpreter exit (bench scripts may forget close()).
+_LIVE: weakref.WeakSet[Dovecot] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for dovecot in list(_LIVE):
+        dovecot.close()
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -146,19 +192,13 @@ class Dovecot:
         self.imaps_port: int | None = free_port(self.host) if cert else None
         self.pop3s_port: int | None = free_port(self.host) if cert else None
         self.config_path = self.workdir / "dovecot.conf"
-        self.passwd_path = self.workdir / "passwd"
         self.log_path = self.workdir / "dovecot.log"
         self.stderr_path = self.workdir / "dovecot.stderr"
-        self.mail_root = self.workdir / "mail"
-        self.state_dir = self.workdir / "state"
-        base_dir = self.workdir / "run"
-        self._own_base_dir = len(str(base_dir)) > MAX_BASE_DIR
-        if self._own_base_dir:
-            base_dir = Path(tempfile.mkdtemp(prefix=f"dovecot-{name}-"))
-        self.base_dir = base_dir
         self._process: subprocess.Popen[bytes] | None = None
         self._sequence = itertools.count()
+        self._relocated: Path | None = None
         self._prepare()
+        _LIVE.add(self)
 
     # -- setup ---------------------------------------------------------------
 
@@ -170,8 +210,25 @@ class Dovecot:
                 raise RuntimeError(
                     f"system user {account!r} missing: run scripts/install-deps"
                 ) from None
+        if os.geteuid() != 0:
+            raise RuntimeError("the Dovecot rig must run as root (it switches to per-user uids)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        make_traversable(self.workdir)
+        link = self.workdir / "shared"
+        if link.is_symlink():
+            link.unlink()
+        if _searchable_by_others(self.workdir.parent) and len(str(link / "run")) <= MAX_BASE_DIR:
+            self.workdir.chmod(0o711)
+            link.mkdir(exist_ok=True)
+            shared = link
+        else:
+            shared = self._relocated = _relocated_shared_dir(self.name)
+            link.symlink_to(shared)
+        shared.chmod(0o711)
+        #: Parent of every user's home directory.
+        self.mail_root = shared / "mail"
+        self.passwd_path = shared / "passwd"
+        self.base_dir = shared / "run"
+        self.state_dir = shared / "state"
         for directory in (self.mail_root, self.state_dir, self.base_dir):
             directory.mkdir(exist_ok=True)
             directory.chmod(0o755)
@@ -364,10 +421,12 @@ service stats {{
                 process.wait()
 
     def close(self) -> None:
-        """Stop and remove the private short base_dir, if one was made."""
+        """Stop, and delete the relocated shared directory if there is one (mail included)."""
         self.stop()
-        if self._own_base_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
+        _LIVE.discard(self)
+        if self._relocated is not None:
+            shutil.rmtree(self._relocated, ignore_errors=True)
+            self._relocated = None
 
     def __enter__(self) -> Dovecot:
         self.start()
