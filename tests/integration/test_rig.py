@@ -259,12 +259,11 @@ def test_populate_bulk_adds(dovecot_factory: Callable[..., Dovecot]) -> None:
     assert store.message_count("bulk") == 500
     client = imaplib.IMAP4(store.host, store.imap_port)
     client.login("bulk", "bulk-pw")
-    typ, data = client.select("INBOX")
-    assert data == [b"500"]
-    typ, data = client.search(None, "UNSEEN")
-    assert len(data[0].split()) == 500
-    typ, data = client.fetch(b"500", "(BODY.PEEK[TEXT])")
-    assert data[0] is not None and b"message" in data[0][1]
+    assert client.select("INBOX")[1] == [b"500"]
+    unseen = client.search(None, "UNSEEN")[1][0]
+    assert unseen is not None and len(unseen.split()) == 500
+    fetched = client.fetch("500", "(BODY.PEEK[TEXT])")[1][0]
+    assert isinstance(fetched, tuple) and b"message" in fetched[1]
     client.logout()
     assert (store.maildir("bulk") / "cur").stat().st_uid == 2100
 
