@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from base64 import b64encode
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 from hypothesis import given, settings
@@ -28,6 +28,7 @@ from imapproxy.errors import (
 )
 from imapproxy.events import Close, Login, SendToClient, Splice, StartClientTLS
 from imapproxy.pop3 import (
+    DEFAULT_LIMITS,
     LINE_TOO_LONG,
     MAX_PIPELINED_DURING_LOGIN,
     LineReader,
@@ -56,10 +57,16 @@ class TimesOut:
 
 Step = bytes | LoginOk | LoginFails | TimesOut
 
-IMPLICIT = {"tls_active": True, "starttls_available": False, "plaintext_auth": False}
-STARTTLS = {"tls_active": False, "starttls_available": True, "plaintext_auth": False}
-PLAINTEXT_OK = {"tls_active": False, "starttls_available": True, "plaintext_auth": True}
-NO_TLS_AT_ALL = {"tls_active": False, "starttls_available": False, "plaintext_auth": False}
+class Options(TypedDict):
+    tls_active: bool
+    starttls_available: bool
+    plaintext_auth: bool
+
+
+IMPLICIT: Options = {"tls_active": True, "starttls_available": False, "plaintext_auth": False}
+STARTTLS: Options = {"tls_active": False, "starttls_available": True, "plaintext_auth": False}
+PLAINTEXT_OK: Options = {"tls_active": False, "starttls_available": True, "plaintext_auth": True}
+NO_TLS_AT_ALL: Options = {"tls_active": False, "starttls_available": False, "plaintext_auth": False}
 
 GREETING = SendToClient(b"+OK POP3 proxy ready\r\n")
 TAIL_CAPS = b"RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION imapproxy\r\n.\r\n"
@@ -93,10 +100,9 @@ def run(session: Pop3Session, steps: list[Step], *, split: bool) -> list[Any]:
     return merged(actions)
 
 
-def check(steps: list[Step], expected: list[Any], limits: Limits = Limits(),
-          **options: bool) -> Pop3Session:
+def check(steps: list[Step], expected: list[Any], limits: Limits = DEFAULT_LIMITS,
+          options: Options = PLAINTEXT_OK) -> Pop3Session:
     """Run the transcript whole and byte by byte; both must give ``expected``."""
-    options = options or PLAINTEXT_OK
     whole = Pop3Session(**options, limits=limits)
     assert run(whole, steps, split=False) == merged([GREETING, *expected])
     split = Pop3Session(**options, limits=limits)
@@ -133,15 +139,16 @@ def test_capa_when_login_is_allowed_on_starttls_listener() -> None:
 
 
 def test_capa_before_tls_without_plaintext_hides_user_and_sasl() -> None:
-    check([b"capa\r\n"], [send(CAPA_HEAD + b"STLS\r\n" + TAIL_CAPS)], **STARTTLS)
+    check([b"capa\r\n"], [send(CAPA_HEAD + b"STLS\r\n" + TAIL_CAPS)], options=STARTTLS)
 
 
 def test_capa_on_implicit_tls_listener() -> None:
-    check([b"CAPA\r\n"], [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)], **IMPLICIT)
+    check([b"CAPA\r\n"], [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)],
+          options=IMPLICIT)
 
 
 def test_capa_with_neither_tls_nor_plaintext() -> None:
-    check([b"CAPA\r\n"], [send(CAPA_HEAD + TAIL_CAPS)], **NO_TLS_AT_ALL)
+    check([b"CAPA\r\n"], [send(CAPA_HEAD + TAIL_CAPS)], options=NO_TLS_AT_ALL)
 
 
 @pytest.mark.parametrize(("line", "text"), [
@@ -231,8 +238,8 @@ def test_stls_discards_pipelined_plaintext() -> None:
 def test_stls_twice_or_on_tls_listener_is_refused() -> None:
     check([b"STLS\r\n", b"STLS\r\n"],
           [send(b"+OK Begin TLS negotiation now\r\n"), StartClientTLS(),
-           send(b"-ERR STLS not available\r\n")], **STARTTLS)
-    check([b"STLS\r\n"], [send(b"-ERR STLS not available\r\n")], **IMPLICIT)
+           send(b"-ERR STLS not available\r\n")], options=STARTTLS)
+    check([b"STLS\r\n"], [send(b"-ERR STLS not available\r\n")], options=IMPLICIT)
 
 
 def test_plaintext_login_refused_before_tls_then_allowed_after() -> None:
@@ -241,11 +248,11 @@ def test_plaintext_login_refused_before_tls_then_allowed_after() -> None:
            b"USER alice\r\nPASS pw\r\n"],
           [send(b"-ERR [AUTH] TLS required: use STLS first\r\n" * 4
                 + b"+OK Begin TLS negotiation now\r\n"), StartClientTLS(),
-           send(b"+OK Send PASS\r\n"), login("alice", b"pw")], **STARTTLS)
+           send(b"+OK Send PASS\r\n"), login("alice", b"pw")], options=STARTTLS)
 
 
 def test_plaintext_login_refused_without_any_tls() -> None:
-    check([b"USER alice\r\n"], [send(b"-ERR [AUTH] TLS required\r\n")], **NO_TLS_AT_ALL)
+    check([b"USER alice\r\n"], [send(b"-ERR [AUTH] TLS required\r\n")], options=NO_TLS_AT_ALL)
 
 
 # -- USER/PASS -------------------------------------------------------------------------------------
@@ -331,7 +338,7 @@ def test_too_much_pipelined_during_login_closes() -> None:
 
 
 def test_auth_plain_with_initial_response() -> None:
-    token = plain(b"", "carol".encode(), "pässwörd".encode())
+    token = plain(b"", b"carol", "pässwörd".encode())
     check([b"AUTH PLAIN " + token + b"\r\nSTAT\r\n", LoginOk()],
           [login("carol", "pässwörd".encode(), "PLAIN"), send(b"+OK Logged in\r\n"),
            Splice(b"STAT\r\n")])
@@ -428,7 +435,7 @@ _INPUTS = st.one_of(_WORDS, st.binary(max_size=64), st.just(LoginOk()),
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_INPUTS, max_size=25), st.sampled_from([IMPLICIT, STARTTLS, PLAINTEXT_OK]))
-def test_session_never_raises_and_stays_bounded(steps: list[Any], options: dict[str, bool]
+def test_session_never_raises_and_stays_bounded(steps: list[Any], options: Options
                                                 ) -> None:
     limits = Limits(max_line=32, max_bad_commands=1000, max_failed_logins=1000)
     session = Pop3Session(**options, limits=limits)
@@ -450,3 +457,10 @@ def test_session_never_raises_and_stays_bounded(steps: list[Any], options: dict[
                 assert action.data.endswith(b"\r\n")
         if session.state in (State.AUTHORIZATION, State.USER_GIVEN, State.AUTH_RESPONSE):
             assert session._lines.buffered <= limits.max_line + 1
+
+
+def test_transitions_outside_the_table_are_bugs() -> None:
+    session = Pop3Session(**PLAINTEXT_OK)
+    with pytest.raises(AssertionError, match="illegal transition"):
+        session.login_succeeded(None)  # no login is running
+    assert repr(LINE_TOO_LONG) == "LINE_TOO_LONG"

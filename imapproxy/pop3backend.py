@@ -1,0 +1,230 @@
+"""The proxy's login dialogue with a POP3 backend: sans-IO.
+
+greeting -> [STLS -> TLS] -> CAPA -> AUTH PLAIN (if offered) or USER/PASS -> logged in.
+Same interface as backend.ImapBackendLogin. A backend "-ERR" becomes an auth failure,
+unless its response code (RFC 2449 section 8, RFC 3206) says something else worth telling.
+"""
+
+from __future__ import annotations
+
+import re
+from base64 import b64encode
+from enum import Enum, auto
+
+from .credentials import Credentials
+from .errors import (
+    AuthenticationFailed,
+    BackendProtocolError,
+    BackendRefused,
+    BackendUnavailable,
+    ProxyError,
+)
+from .events import (
+    BackendAction,
+    BackendLoggedIn,
+    BackendLoginFailed,
+    SendToBackend,
+    StartBackendTLS,
+)
+from .pop3 import RFC_COMMAND_LINE, LineReader, LineTooLong
+
+#: Backend lines before login are short; 8 KiB leaves room for a long greeting or CAPA line.
+MAX_BACKEND_LINE = 8192
+#: A CAPA list has about a dozen entries (RFC 2449 section 6); more means something is wrong.
+MAX_CAPA_LINES = 256
+
+#: Response codes passed on to the client, as (IMAP code, POP3 code): what the user is
+#: told is true and useful. [SYS/TEMP] becomes BackendUnavailable instead (so the next
+#: server is tried), and [AUTH] or anything else our own [AUTH] failure.
+PASS_THROUGH_CODES: dict[str, tuple[str, str]] = {
+    "IN-USE": ("IN-USE", "IN-USE"),  # RFC 2449 section 8.1.1: maildrop locked
+    "LOGIN-DELAY": ("UNAVAILABLE", "LOGIN-DELAY"),  # RFC 2449 section 8.1.2
+    "SYS/PERM": ("UNAVAILABLE", "SYS/PERM"),  # RFC 3206 section 4
+}
+
+_CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
+
+
+class Step(Enum):
+    GREETING = auto()
+    #: sent STLS, waiting for +OK (RFC 2595 section 4)
+    STLS = auto()
+    #: told the adapter to start TLS; nothing may arrive until tls_started()
+    TLS_HANDSHAKE = auto()
+    #: sent CAPA, waiting for +OK or -ERR (RFC 2449 section 5)
+    CAPA = auto()
+    #: reading the capability lines up to "."
+    CAPA_LIST = auto()
+    #: sent AUTH PLAIN without initial response, waiting for "+ " (RFC 5034 section 4)
+    AUTH_CONTINUATION = auto()
+    AUTH = auto()
+    USER = auto()
+    PASS = auto()
+    DONE = auto()
+
+
+# Rule: every step change goes through Pop3BackendLogin._enter, checked against this table.
+TRANSITIONS: dict[Step, frozenset[Step]] = {
+    Step.GREETING: frozenset({Step.STLS, Step.CAPA, Step.DONE}),
+    Step.STLS: frozenset({Step.TLS_HANDSHAKE, Step.DONE}),
+    Step.TLS_HANDSHAKE: frozenset({Step.CAPA, Step.DONE}),
+    Step.CAPA: frozenset({Step.CAPA_LIST, Step.USER, Step.DONE}),
+    Step.CAPA_LIST: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.DONE}),
+    Step.AUTH_CONTINUATION: frozenset({Step.AUTH, Step.DONE}),
+    Step.AUTH: frozenset({Step.DONE}),
+    Step.USER: frozenset({Step.PASS, Step.DONE}),
+    Step.PASS: frozenset({Step.DONE}),
+    Step.DONE: frozenset(),
+}
+
+
+def parse_status(line: bytes) -> tuple[bool | None, str | None, bytes]:
+    """Split "+OK text" / "-ERR [CODE] text" into (ok, code, text); ok None if neither."""
+    status, _, text = line.partition(b" ")
+    status = status.upper()
+    if status == b"+OK":
+        return True, None, text
+    if status != b"-ERR":
+        return None, None, text
+    match = _CODE.match(text)
+    if match is None:
+        return False, None, text
+    return False, match.group(1).decode("ascii", "replace").upper(), match.group(2)
+
+
+def refusal(code: str | None, text: bytes) -> ProxyError:
+    """The error for a backend's -ERR to our login."""
+    if code is not None and code.startswith("SYS/TEMP"):
+        return BackendUnavailable()
+    if code is not None and code in PASS_THROUGH_CODES:
+        imap_code, pop3_code = PASS_THROUGH_CODES[code]
+        message = text.decode("utf-8", "replace").strip() or "Login refused"
+        error = BackendRefused(imap_code, message)
+        error.pop3_code = pop3_code  # BackendRefused's own pop3_code is always AUTH
+        return error
+    return AuthenticationFailed()
+
+
+class Pop3BackendLogin:
+    """Logs in at one POP3 backend on behalf of a client."""
+
+    def __init__(self, credentials: Credentials, login: str, *, starttls: bool,
+                 client_id: tuple[tuple[str, str | None], ...] = ()) -> None:
+        # client_id (IMAP ID, RFC 2971) has no POP3 counterpart; accepted and unused.
+        self.step = Step.GREETING
+        self._credentials = credentials
+        self._login = login.encode("utf-8")
+        self._starttls = starttls
+        self._lines = LineReader(MAX_BACKEND_LINE)
+        self._capabilities: list[bytes] = []
+        self._pending_response: bytes | None = None
+
+    def receive_data(self, data: bytes) -> list[BackendAction]:
+        self._lines.feed(data)
+        actions: list[BackendAction] = []
+        while self.step is not Step.DONE:
+            line = self._lines.next_line()
+            if line is None:
+                break
+            if isinstance(line, LineTooLong):
+                return actions + self._fail(BackendProtocolError())
+            actions += self._line(line)
+        return actions
+
+    def tls_started(self) -> list[BackendAction]:
+        # RFC 2595 section 4: capabilities seen before TLS no longer count; ask now.
+        self._enter(Step.CAPA)
+        return [SendToBackend(b"CAPA\r\n")]
+
+    def _enter(self, new: Step) -> None:
+        if new not in TRANSITIONS[self.step]:
+            raise AssertionError(f"illegal transition {self.step} -> {new}")
+        self.step = new
+
+    def _fail(self, error: ProxyError) -> list[BackendAction]:
+        self._enter(Step.DONE)
+        return [BackendLoginFailed(error)]
+
+    def _line(self, line: bytes) -> list[BackendAction]:
+        step = self.step
+        if step is Step.CAPA_LIST:
+            return self._capability_line(line)
+        if step is Step.AUTH_CONTINUATION and line[:1] == b"+" and line[:3] != b"+OK":
+            assert self._pending_response is not None
+            response, self._pending_response = self._pending_response, None
+            self._enter(Step.AUTH)
+            return [SendToBackend(response + b"\r\n")]
+        ok, code, text = parse_status(line)
+        if ok is None or step is Step.TLS_HANDSHAKE:
+            return self._fail(BackendProtocolError())
+        if step is Step.GREETING:
+            if not ok:
+                return self._fail(BackendUnavailable())  # e.g. "-ERR [SYS/TEMP] too busy"
+            if self._starttls:
+                self._enter(Step.STLS)
+                return [SendToBackend(b"STLS\r\n")]
+            self._enter(Step.CAPA)
+            return [SendToBackend(b"CAPA\r\n")]
+        if step is Step.STLS:
+            if not ok:
+                return self._fail(BackendUnavailable())
+            if self._lines.buffered:
+                # Plaintext sent behind the +OK would be read as if it came over TLS.
+                return self._fail(BackendProtocolError())
+            self._enter(Step.TLS_HANDSHAKE)
+            return [StartBackendTLS()]
+        if step is Step.CAPA:
+            if not ok:
+                return self._send_user()  # no CAPA (plain RFC 1939): USER/PASS it is
+            self._enter(Step.CAPA_LIST)
+            return []
+        if step is Step.USER:
+            if not ok:
+                return self._fail(refusal(code, text))
+            self._enter(Step.PASS)
+            return [SendToBackend(b"PASS " + self._credentials.password.reveal() + b"\r\n")]
+        # AUTH, AUTH_CONTINUATION (an -ERR instead of "+ ") or PASS: the login's answer.
+        if not ok:
+            return self._fail(refusal(code, text))
+        if step is Step.AUTH_CONTINUATION:
+            return self._fail(BackendProtocolError())
+        self._enter(Step.DONE)
+        return [BackendLoggedIn(None, self._lines.take_buffer())]
+
+    def _capability_line(self, line: bytes) -> list[BackendAction]:
+        if line == b".":
+            return self._send_login()
+        if len(self._capabilities) >= MAX_CAPA_LINES:
+            return self._fail(BackendProtocolError())
+        # RFC 1939 section 3: lines of a multi-line reply starting with "." are dot-stuffed.
+        self._capabilities.append(line[1:] if line.startswith(b".") else line)
+        return []
+
+    def _sasl_mechanisms(self) -> list[bytes]:
+        for capability in self._capabilities:
+            name, _, arguments = capability.partition(b" ")
+            if name.upper() == b"SASL":
+                return arguments.upper().split()
+        return []
+
+    def _send_login(self) -> list[BackendAction]:
+        password = self._credentials.password.reveal()
+        if b"PLAIN" not in self._sasl_mechanisms() or b"\0" in self._login + password:
+            return self._send_user()
+        # RFC 4616 section 2: authzid NUL authcid NUL passwd; we act as the user ourselves.
+        token = b64encode(b"\0" + self._login + b"\0" + password)
+        command = b"AUTH PLAIN " + token + b"\r\n"
+        if len(command) <= RFC_COMMAND_LINE:
+            self._enter(Step.AUTH)
+            return [SendToBackend(command)]
+        # RFC 5034 section 4: no initial response if it would make the command too long.
+        self._pending_response = token
+        self._enter(Step.AUTH_CONTINUATION)
+        return [SendToBackend(b"AUTH PLAIN\r\n")]
+
+    def _send_user(self) -> list[BackendAction]:
+        password = self._credentials.password.reveal()
+        if any(ch in self._login + password for ch in (b"\r", b"\n", b"\0")):
+            return self._fail(AuthenticationFailed())  # cannot be sent on a POP3 line
+        self._enter(Step.USER)
+        return [SendToBackend(b"USER " + self._login + b"\r\n")]
