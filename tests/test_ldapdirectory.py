@@ -453,7 +453,6 @@ def test_a_crashing_search_is_logged_not_raised(logged: list[LogEvent]) -> None:
     _, directory = make(FakeSearch(RuntimeError("boom")))
     assert result_of(directory.lookup("alice", "imap")).check(DirectoryUnavailable)
     assert any(e.get("log_failure") is not None for e in logged)
-    _, directory = make(FakeSearch(RuntimeError("boom")))
 
 
 def test_undecodable_name_is_not_searched() -> None:
