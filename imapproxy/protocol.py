@@ -9,6 +9,7 @@ dialogue. Nothing here parses the protocol; that lives in imap.py and backend.py
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ from .pop3backend import Pop3BackendLogin
 from .relay import BYE_SHUTDOWN, Relay
 from .sessions import SessionRegistry
 from .tls import backend_client_options
+from .usernames import rewrite
 
 log = Logger(namespace="imapproxy")
 _session_ids = itertools.count(1)
@@ -358,8 +360,9 @@ class FrontendProtocol(Protocol):
         credentials = action.credentials
         client = self.transport.getPeer()
         try:
-            route = await defer.maybeDeferred(factory.directory.lookup, credentials.username,
-                                              factory.listener.protocol)
+            names = rewrite(credentials.username, factory.config.username)
+            route = await defer.maybeDeferred(factory.directory.lookup, names.lookup,
+                                              factory.listener.protocol, names.backend)
             backend = await factory.connector.login(route, factory.listener.protocol,
                                                     credentials, action.client_id)
         except ProxyError as e:
@@ -379,7 +382,8 @@ class FrontendProtocol(Protocol):
         self.mechanism = credentials.mechanism
         self.backend = backend
         log.info("login id={session_id} client={client} user={user} backend={backend} "
-                 "mechanism={mechanism} tls={tls}", session_id=self.session_id,
+                 "mechanism={mechanism} tls={tls} pid={pid}", session_id=self.session_id,
+                 pid=os.getpid(),
                  client=client.host, user=self.user, backend=str(backend.server),
                  mechanism=self.mechanism, tls=getattr(self.session, "tls_active", False))
         assert backend.result is not None

@@ -16,6 +16,7 @@ from .directory import StaticDirectory
 from .protocol import BackendConnector, ProxyFactory
 from .sessions import SessionRegistry
 from .tls import backend_trust_root, server_options
+from .workers import BACKLOG, ReusePortService, WorkerPool
 
 
 class Options(usage.Options):
@@ -27,15 +28,20 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "/etc/imapproxy/imapproxy.toml", "Path to the TOML config file."],
     ]
+    optFlags = [
+        ["worker", None, "Internal: run as a worker process spawned by the main one."],
+    ]
 
 
 def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> Any:
     """A server endpoint for one [[listen]] table; implicit TLS wraps it (RFC 8314)."""
     if listener.tls == "implicit":
-        return SSL4ServerEndpoint(reactor, listener.port, tls_options, interface=listener.host)
+        return SSL4ServerEndpoint(reactor, listener.port, tls_options, backlog=BACKLOG,
+                                  interface=listener.host)
     if isIPv6Address(listener.host):
-        return TCP6ServerEndpoint(reactor, listener.port, interface=listener.host)
-    return TCP4ServerEndpoint(reactor, listener.port, interface=listener.host)
+        return TCP6ServerEndpoint(reactor, listener.port, backlog=BACKLOG,
+                                  interface=listener.host)
+    return TCP4ServerEndpoint(reactor, listener.port, backlog=BACKLOG, interface=listener.host)
 
 
 def build_directory(config: Config, reactor: Any) -> tuple[Any, list[service.IService]]:
@@ -49,8 +55,12 @@ def build_directory(config: Config, reactor: Any) -> tuple[Any, list[service.ISe
     return StaticDirectory.from_file(config.directory.map), []
 
 
-def build_service(config: Config, reactor: Any) -> service.MultiService:
-    """The whole proxy as a MultiService: one listening service per [[listen]] table."""
+def build_service(config: Config, reactor: Any, worker: bool = False) -> service.MultiService:
+    """The whole proxy as a MultiService: one listening service per [[listen]] table.
+
+    With ``workers = N`` every process listens with SO_REUSEPORT, and the main one
+    (``worker`` False) also supervises the other N-1.
+    """
     top = service.MultiService()
     directory, extra = build_directory(config, reactor)
     for child in extra:
@@ -66,8 +76,13 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     for listener in config.listeners:
         factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls)
         factories.append(factory)
-        endpoint = listening_endpoint(reactor, listener, tls)
-        internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+        if config.workers > 1:
+            ReusePortService(reactor, listener, factory, tls).setServiceParent(top)
+        else:
+            endpoint = listening_endpoint(reactor, listener, tls)
+            internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    if config.workers > 1 and not worker:
+        WorkerPool(reactor, str(config.path), config.workers).setServiceParent(top)
     sweeper = internet.TimerService(config.timeouts.sweep_interval, registry.sweep)
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
@@ -104,7 +119,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService: 
         reactor = global_reactor
     try:
         config = configmodule.load(options["config"])
-        return build_service(config, reactor)
+        return build_service(config, reactor, worker=bool(options["worker"]))
     except ConfigError as e:
         sys.stderr.write(f"imapproxy: config error: {e}\n")
         raise SystemExit(1) from None

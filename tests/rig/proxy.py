@@ -20,7 +20,8 @@ def _twistd() -> list[str]:
     found = shutil.which("twistd")
     if found:
         return [found]
-    return [sys.executable, "-m", "twisted"]
+    return [sys.executable, "-c",
+            "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 
 
 class ProxyProcess:
@@ -75,6 +76,11 @@ class ProxyProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the proxy to exit on its own; its exit code."""
+        assert self.process is not None
+        return self.process.wait(timeout)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.process is None:
             return None
@@ -105,14 +111,17 @@ class ProxyProcess:
 
 def imap_config(port: int, map_file: str = "users.map", tls: str = "none",
                 plaintext_auth: bool = True, cert: tuple[str, str] | None = None,
-                extra: str = "") -> str:
-    """A minimal config text with one IMAP listener and a static map."""
+                extra: str = "", top: str = "", protocol: str = "imap") -> str:
+    """A minimal config text with one listener and a static map.
+
+    ``top`` holds top-level keys (before any table), ``extra`` more tables at the end.
+    """
     tls_table = "[tls]\n"
     if cert is not None:
         tls_table += f'certificate = "{cert[0]}"\nkey = "{cert[1]}"\n'
     tls_table += f"plaintext_auth = {'true' if plaintext_auth else 'false'}\n"
     return (
-        f'[[listen]]\nprotocol = "imap"\naddress = "127.0.0.1:{port}"\ntls = "{tls}"\n\n'
+        f'{top}\n[[listen]]\nprotocol = "{protocol}"\naddress = "127.0.0.1:{port}"\ntls = "{tls}"\n\n'
         f"{tls_table}\n"
         f'[directory]\ntype = "static"\nmap = "{map_file}"\n\n{extra}'
     )

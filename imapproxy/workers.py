@@ -1,0 +1,133 @@
+"""Several processes serving the same listeners: ``workers = N``.
+
+Each process opens its own listening socket with SO_REUSEPORT, and the kernel
+spreads new connections over them. The process twistd started is worker 0; it
+spawns workers 1..N-1 (the same command with ``--worker``), restarts them if they
+die, and passes SIGTERM on, so each drains its own sessions.
+
+Every session costs two file descriptors (client and backend), so a process holds
+at most about half its RLIMIT_NOFILE in sessions; raise LimitNOFILE (systemd) or
+add workers accordingly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.abstract import isIPv6Address
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from .config import Listener
+
+log = Logger(namespace="imapproxy")
+
+#: listen(2) backlog: a reconnect storm of phones must not meet SYN drops.
+BACKLOG = 1024
+#: twistd from this very interpreter (the `twistd` script may belong to another one)
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+#: seconds before a worker that died is started again
+RESTART_DELAY = 1.0
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if isIPv6Address(host) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+class ReusePortService(service.Service):
+    """Listens on a [[listen]] address with SO_REUSEPORT, beside the other workers."""
+
+    def __init__(self, reactor: Any, listener: Listener, factory: Any, tls: Any) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.factory = factory if listener.tls != "implicit" else TLSMemoryBIOFactory(
+            tls, False, factory)
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        sock = reuseport_socket(self.listener.host, self.listener.port)
+        try:
+            self.port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+        finally:
+            sock.close()  # adoptStreamPort took its own copy of the descriptor
+        super().privilegedStartService()
+
+    def stopService(self) -> Any:  # noqa: N802
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        self.ended.callback(None)
+        self.pool.worker_ended(self)
+
+
+class WorkerPool(service.Service):
+    """Spawns and supervises workers 1..N-1 (this process is worker 0)."""
+
+    def __init__(self, reactor: Any, config_path: str, count: int) -> None:
+        self.reactor = reactor
+        self.config_path = config_path
+        self.count = count
+        self.workers: dict[int, tuple[_WorkerProcess, Any]] = {}
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "imapproxy",
+                "--config", self.config_path, "--worker"]
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        for index in range(1, self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        worker = _WorkerProcess(self, index)
+        # Workers log to the same stdout/stderr as this process.
+        transport = self.reactor.spawnProcess(worker, sys.executable, self.command(),
+                                              env=dict(os.environ),
+                                              childFDs={0: "w", 1: 1, 2: 2})
+        self.workers[index] = (worker, transport)
+        log.info("worker {index} started (pid {pid})", index=index, pid=transport.pid)
+
+    def worker_ended(self, worker: _WorkerProcess) -> None:
+        self.workers.pop(worker.index, None)
+        if self.running:
+            log.warn("worker {index} ended; restarting", index=worker.index)
+            self.reactor.callLater(RESTART_DELAY, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.running and index not in self.workers:
+            self._spawn(index)
+
+    def stopService(self) -> Any:  # noqa: N802
+        super().stopService()
+        ended = []
+        for worker, transport in list(self.workers.values()):
+            ended.append(worker.ended)
+            try:
+                transport.signalProcess(signal.SIGTERM)  # each worker drains its sessions
+            except OSError:
+                pass
+        return defer.DeferredList(ended)

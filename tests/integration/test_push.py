@@ -1,0 +1,94 @@
+"""Push sessions through the real proxy: BYE when the backend dies, SIGTERM drain, workers."""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import signal
+import time
+
+from rig.imapraw import RawImap
+from rig.ports import free_port
+from rig.proxy import imap_config
+
+HOST = "127.0.0.1"
+
+
+def _user(mail_users, name):
+    return next(u for u in mail_users if u.name == name)
+
+
+def _idle(port: int, user) -> RawImap:
+    raw = RawImap(HOST, port)
+    assert raw.command(b"l", b"LOGIN " + user.name.encode() + b" " + user.password.encode()
+                       )[-1].startswith(b"l OK")
+    assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    raw.send(b"i IDLE\r\n")
+    assert raw.readline().startswith(b"+")
+    return raw
+
+
+def test_backend_killed_mid_idle_gives_bye(dovecot_factory, start_proxy, mail_users):
+    store = dovecot_factory(name="doomed", tls=False)
+    port = free_port()
+    proxy = start_proxy(imap_config(port), [port],
+                        {"users.map": f"*  127.0.0.1:{store.imap_port}\n"})
+    raw = _idle(proxy.port, _user(mail_users, "erin"))
+    store.stop()
+    line = raw.readline()
+    assert line.startswith(b"* BYE"), line
+    assert raw.at_eof()
+
+
+def test_sigterm_drains_idle_sessions_and_finishes_an_append(store1, start_proxy, mail_users):
+    port = free_port()
+    proxy = start_proxy(imap_config(port), [port],
+                        {"users.map": f"*  127.0.0.1:{store1.imap_port}\n"})
+    alice = _user(mail_users, "alice")
+    idlers = [_idle(proxy.port, alice) for _ in range(3)]
+    appender = RawImap(HOST, proxy.port)
+    appender.command(b"l", b"LOGIN alice " + alice.password.encode())
+    marker = f"drain-{time.time_ns()}".encode()
+    message = b"From: a@example.org\r\nSubject: " + marker + b"\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    appender.send(b"a APPEND INBOX {%d}\r\n" % len(message))
+    assert appender.readline().startswith(b"+")
+    appender.send(message[:50_000])
+    time.sleep(0.2)  # let the first half reach the backend before the signal
+    proxy.signal(signal.SIGTERM)
+    for raw in idlers:
+        line = raw.readline()
+        assert line == b"* BYE [UNAVAILABLE] Shutting down\r\n", line
+        assert raw.at_eof()
+    appender.send(message[50_000:] + b"\r\n")
+    lines = appender.until_tagged(b"a")
+    assert lines[-1].startswith(b"a OK"), lines
+    assert appender.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
+    assert appender.at_eof()
+    started = time.monotonic()
+    # twistd re-raises the signal that stopped it once shutdown is complete.
+    assert proxy.wait(30) in (0, -signal.SIGTERM)
+    assert "Server Shut Down." in proxy.log()
+    assert time.monotonic() - started < 10, "drain ended well before its 30 s deadline"
+    direct = imaplib.IMAP4(HOST, store1.imap_port)
+    direct.login(alice.name, alice.password)
+    direct.select("INBOX", readonly=True)
+    typ, found = direct.search(None, "HEADER", "Subject", marker.decode())
+    assert typ == "OK" and found[0].split(), "the APPENDed message is on the backend"
+    direct.logout()
+
+
+def test_workers_share_the_load(store1, start_proxy, mail_users):
+    port = free_port()
+    proxy = start_proxy(imap_config(port, top="workers = 2\n"), [port],
+                        {"users.map": f"*  127.0.0.1:{store1.imap_port}\n"})
+    alice = _user(mail_users, "alice")
+    time.sleep(1.0)  # the second worker starts after the first listens
+    clients = []
+    for _ in range(24):
+        client = imaplib.IMAP4(HOST, proxy.port)
+        client.login(alice.name, alice.password)
+        clients.append(client)
+    for client in clients:
+        client.logout()
+    pids = set(re.findall(r"login id=\S+ .* pid=(\d+)", proxy.log()))
+    assert len(pids) >= 2, proxy.log()
