@@ -34,11 +34,13 @@ MAX_BACKEND_LINE = 8192
 MAX_CAPA_LINES = 256
 
 #: Response codes passed on to the client, as (IMAP code, POP3 code): what the user is
-#: told is true and useful. [SYS/TEMP] becomes BackendUnavailable instead (so the next
-#: server is tried), and [AUTH] or anything else our own [AUTH] failure.
+#: told is true and useful. [AUTH] or anything else becomes our own [AUTH] failure.
+#: Like IMAP's NO [UNAVAILABLE] (backend.py), a [SYS/TEMP] refusal of one login does not
+#: count as the server being down (no failover, no circuit breaker).
 PASS_THROUGH_CODES: dict[str, tuple[str, str]] = {
     "IN-USE": ("IN-USE", "IN-USE"),  # RFC 2449 section 8.1.1: maildrop locked
     "LOGIN-DELAY": ("UNAVAILABLE", "LOGIN-DELAY"),  # RFC 2449 section 8.1.2
+    "SYS/TEMP": ("UNAVAILABLE", "SYS/TEMP"),  # RFC 3206 section 4
     "SYS/PERM": ("UNAVAILABLE", "SYS/PERM"),  # RFC 3206 section 4
 }
 
@@ -94,14 +96,14 @@ def parse_status(line: bytes) -> tuple[bool | None, str | None, bytes]:
 
 def refusal(code: str | None, text: bytes) -> ProxyError:
     """The error for a backend's -ERR to our login."""
-    if code is not None and code.startswith("SYS/TEMP"):
-        return BackendUnavailable()
-    if code is not None and code in PASS_THROUGH_CODES:
-        imap_code, pop3_code = PASS_THROUGH_CODES[code]
-        message = text.decode("utf-8", "replace").strip() or "Login refused"
-        error = BackendRefused(imap_code, message)
-        error.pop3_code = pop3_code  # BackendRefused's own pop3_code is always AUTH
-        return error
+    if code is not None:
+        # RFC 2449 section 8: codes are hierarchical ("SYS/TEMP/..."); match by prefix.
+        for known, (imap_code, pop3_code) in PASS_THROUGH_CODES.items():
+            if code == known or code.startswith(known + "/"):
+                message = text.decode("utf-8", "replace").strip() or "Login refused"
+                error = BackendRefused(imap_code, message)
+                error.pop3_code = pop3_code  # BackendRefused's own pop3_code is always AUTH
+                return error
     return AuthenticationFailed()
 
 

@@ -155,11 +155,19 @@ def test_password_with_nul_cannot_be_sent() -> None:
 # -- refusals ------------------------------------------------------------------------------------
 
 
+def _refused(imap_code: str, pop3_code: str, text: str) -> BackendRefused:
+    error = BackendRefused(imap_code, text)
+    error.pop3_code = pop3_code
+    return error
+
+
 @pytest.mark.parametrize(("line", "error"), [
     (b"-ERR [AUTH] Authentication failed.\r\n", AuthenticationFailed()),
     (b"-ERR Authentication failed.\r\n", AuthenticationFailed()),
-    (b"-ERR [SYS/TEMP] Temporary failure\r\n", BackendUnavailable()),
-    (b"-ERR [SYS/TEMP/DISK] Disk full\r\n", BackendUnavailable()),
+    (b"-ERR [SYS/TEMP] Temporary failure\r\n",
+     _refused("UNAVAILABLE", "SYS/TEMP", "Temporary failure")),
+    (b"-ERR [SYS/TEMP/DISK] Disk full\r\n", _refused("UNAVAILABLE", "SYS/TEMP", "Disk full")),
+    (b"-ERR [AUTH/EXPIRED] Too old\r\n", AuthenticationFailed()),
     (b"-ERR [FOO] what\r\n", AuthenticationFailed()),
 ])
 def test_login_refusals(line: bytes, error: ProxyError) -> None:
@@ -167,12 +175,6 @@ def test_login_refusals(line: bytes, error: ProxyError) -> None:
            (CAPA_PLAIN, [SendToBackend(b"AUTH PLAIN " + plain_token(b"alice", b"secret")
                                        + b"\r\n")]),
            (line, [failed(error)])])
-
-
-def _refused(imap_code: str, pop3_code: str, text: str) -> BackendRefused:
-    error = BackendRefused(imap_code, text)
-    error.pop3_code = pop3_code
-    return error
 
 
 @pytest.mark.parametrize(("line", "error"), [
@@ -197,7 +199,8 @@ def test_user_refused() -> None:
 def test_auth_continuation_refused_instead() -> None:
     check([(GREETING, [SendToBackend(b"CAPA\r\n")]),
            (CAPA_PLAIN, [SendToBackend(b"AUTH PLAIN\r\n")]),
-           (b"-ERR [SYS/TEMP] Busy\r\n", [failed(BackendUnavailable())])], password=b"p" * 300)
+           (b"-ERR [SYS/TEMP] Busy\r\n", [failed(_refused("UNAVAILABLE", "SYS/TEMP", "Busy"))])],
+          password=b"p" * 300)
 
 
 def test_credentials_that_cannot_go_on_a_line() -> None:
