@@ -144,12 +144,14 @@ _NEEDS_LOGIN = frozenset(b"STAT LIST RETR DELE NOOP RSET TOP UIDL LAST".split())
 
 Handler = Callable[[bytes | None], list[Action]]
 
+DEFAULT_LIMITS = Limits()
+
 
 class Pop3Session:
     """One client's pre-login POP3 session."""
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.state = State.AUTHORIZATION
         self.tls_active = tls_active
         self.starttls_available = starttls_available and not tls_active
