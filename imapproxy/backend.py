@@ -43,18 +43,18 @@ class Step(Enum):
     DONE = auto()
 
 
-def parse_status(text: bytes) -> tuple[str | None, bytes]:
-    """Split "[CODE args] text" into ("CODE args", text)."""
+def parse_status(text: bytes) -> tuple[bytes | None, bytes]:
+    """Split "[CODE args] text" into (b"CODE args", text)."""
     match = _CODE.match(text)
     if match is None:
         return None, text
-    return match.group(1).decode("ascii", "replace"), match.group(2)
+    return match.group(1), match.group(2)
 
 
-def capability_list(code: str | None) -> bytes | None:
-    if code is None or not code.upper().startswith("CAPABILITY "):
+def capability_list(code: bytes | None) -> bytes | None:
+    if code is None or not code.upper().startswith(b"CAPABILITY "):
         return None
-    return code[len("CAPABILITY "):].encode("ascii")
+    return code[len(b"CAPABILITY "):]
 
 
 class ImapBackendLogin:
@@ -70,6 +70,7 @@ class ImapBackendLogin:
         self._buffer = bytearray()
         self._capabilities: bytes | None = None
         self._literal_plus = False
+        self._literal_minus = False
         self._pending_password: bytes | None = None
 
     def receive_data(self, data: bytes) -> list[BackendAction]:
@@ -77,7 +78,7 @@ class ImapBackendLogin:
         actions: list[BackendAction] = []
         while self.step is not Step.DONE:
             end = self._buffer.find(b"\n")
-            if end < 0:
+            if end < 0 or end > MAX_BACKEND_LINE:
                 if len(self._buffer) > MAX_BACKEND_LINE:
                     return actions + self._fail(BackendProtocolError())
                 break
@@ -88,7 +89,7 @@ class ImapBackendLogin:
 
     def tls_started(self) -> list[BackendAction]:
         # RFC 3501 section 6.2.1: capabilities seen before TLS no longer count.
-        self._literal_plus = False
+        self._literal_plus = self._literal_minus = False
         return self._send_login()
 
     def _fail(self, error: Exception) -> list[BackendAction]:
@@ -127,6 +128,10 @@ class ImapBackendLogin:
         if self.step is Step.STARTTLS and tag == b"P1":
             if status != b"OK":
                 return self._fail(BackendUnavailable())
+            if self._buffer:
+                # RFC 3501 section 6.2.1: bytes after the OK arrived in plaintext and would
+                # be read as if they came over TLS: a man in the middle's injection.
+                return self._fail(BackendProtocolError())
             return [StartBackendTLS()]
         if tag == b"P2":  # our ID: whatever the answer, login goes on
             return []
@@ -141,7 +146,10 @@ class ImapBackendLogin:
             return
         self._capabilities = caps
         names = caps.upper().split()
-        self._literal_plus = b"LITERAL+" in names or b"IMAP4REV2" in names
+        self._literal_plus = b"LITERAL+" in names
+        # RFC 9051 includes only LITERAL- (RFC 7888 section 4): {n+} up to 4096 octets.
+        self._literal_minus = not self._literal_plus and (b"LITERAL-" in names
+                                                          or b"IMAP4REV2" in names)
 
     def _send_login(self) -> list[BackendAction]:
         out = bytearray()
@@ -157,7 +165,7 @@ class ImapBackendLogin:
         if encoded_password is not None:
             out += b"P3 LOGIN " + user + b" " + encoded_password + b"\r\n"
             self.step = Step.LOGIN
-        elif self._literal_plus:
+        elif self._non_sync_ok(len(password)):
             out += (b"P3 LOGIN " + user + b" {%d+}\r\n" % len(password)) + password + b"\r\n"
             self.step = Step.LOGIN
         else:
@@ -170,9 +178,12 @@ class ImapBackendLogin:
         encoded = quoted(value)
         if encoded is not None:
             return encoded
-        if self._literal_plus:
+        if self._non_sync_ok(len(value)):
             return b"{%d+}\r\n" % len(value) + value
         return None
+
+    def _non_sync_ok(self, size: int) -> bool:
+        return self._literal_plus or (self._literal_minus and size <= 4096)
 
     def _login_reply(self, status: bytes, text: bytes) -> list[BackendAction]:
         code, message = parse_status(text)
@@ -186,7 +197,7 @@ class ImapBackendLogin:
             self._capabilities = None
             return [SendToBackend(b"P4 CAPABILITY\r\n")]
         if status == b"NO" and code is not None:
-            name = code.split(" ", 1)[0].upper()
+            name = code.split(b" ", 1)[0].upper().decode("ascii", "replace")
             if name in PASS_THROUGH_CODES:
                 text_out = message.decode("utf-8", "replace").strip() or "Login refused"
                 return self._fail(BackendRefused(name, text_out))

@@ -86,31 +86,47 @@ class ImapSession:
             return []
         self._wire.feed(data)
         if self.state is State.LOGGING_IN:
-            if self._wire.buffered > self._wire.max_command:
-                return self._fatal("Too much data pipelined during login")
-            return []
-        return self._process()
+            return self._check_pipelined()
+        return self._process() + self._check_pipelined()
+
+    def _check_pipelined(self) -> list[Action]:
+        """Bytes held back during login are bounded, however TCP split them."""
+        if self.state is State.LOGGING_IN and self._wire.buffered > self._wire.max_command:
+            return self._fatal("Too much data pipelined during login")
+        return []
 
     def login_succeeded(self, capabilities: bytes | None) -> list[Action]:
-        """The backend accepted the login: answer the client and hand over to the relay."""
+        """The backend accepted the login: answer the client and hand over to the relay.
+
+        Returns no actions when the session ended meanwhile (timeout, drain): the
+        adapter then closes the backend connection.
+        """
+        if self.state is not State.LOGGING_IN:
+            return []
         self._enter(State.RELAYING)
-        code = None if capabilities is None else "CAPABILITY " + capabilities.decode("ascii",
-                                                                                   "replace")
-        reply = response(self._pending_tag, b"OK", "Logged in", code)
+        code = b"" if capabilities is None else b"[CAPABILITY " + capabilities + b"] "
+        reply = self._pending_tag + b" OK " + code + b"Logged in\r\n"
         return [SendToClient(reply), Splice(self._wire.take_buffer())]
 
     def login_failed(self, error: ProxyError) -> list[Action]:
         """The lookup or the backend said no; the client may try again (within limits)."""
+        if self.state is not State.LOGGING_IN:
+            return []
         self._enter(State.NOT_AUTHENTICATED)
+        actions = self._login_refused(self._pending_tag, error)
+        if self.state is State.CLOSED:
+            return actions
+        return actions + self._process()
+
+    def _login_refused(self, tag: bytes, error: ProxyError) -> list[Action]:
         self.failed_logins += 1
         actions: list[Action] = [
-            SendToClient(response(self._pending_tag, b"NO", error.client_text(), error.imap_code))
+            SendToClient(response(tag, b"NO", error.client_text(), error.imap_code))
         ]
         if self.failed_logins >= self.limits.max_failed_logins:
             actions.append(SendToClient(b"* BYE Too many failed logins\r\n"))
             actions.append(self._close("too many failed logins"))
-            return actions
-        return actions + self._process()
+        return actions
 
     def timed_out(self) -> list[Action]:
         if self.state in (State.CLOSED, State.RELAYING):
@@ -162,6 +178,8 @@ class ImapSession:
                     return actions + self._fatal("Invalid SASL response")
                 actions.append(SendToClient(b"+ Ready for literal data\r\n"))
             elif isinstance(event, LiteralRejected):
+                if self.state is State.AUTHENTICATE:
+                    return actions + self._fatal("Invalid SASL response")
                 actions += self._bad(event.tag, "Literal too large")
             elif self.state is State.AUTHENTICATE:
                 actions += self._sasl_response(event)
@@ -215,8 +233,9 @@ class ImapSession:
 
     def _id(self, tag: bytes, args: ArgumentReader) -> list[Action]:
         args.space()
-        self.client_id = args.id_parameters()
+        client_id = args.id_parameters()
         args.expect_end()
+        self.client_id = client_id
         return [SendToClient(SERVER_ID + response(tag, b"OK", "ID completed"))]
 
     def _starttls(self, tag: bytes, args: ArgumentReader) -> list[Action]:
@@ -279,8 +298,7 @@ class ImapSession:
         except ClientProtocolError as e:
             return self._bad(tag, f"AUTHENTICATE: {e.public_text}")
         except ProxyError as e:
-            self.failed_logins += 1
-            return [SendToClient(response(tag, b"NO", e.client_text(), e.imap_code))]
+            return self._login_refused(tag, e)
         return self._begin_login(tag, credentials)
 
     def _begin_login(self, tag: bytes, credentials: Credentials) -> list[Action]:

@@ -117,7 +117,8 @@ class CommandAssembler:
                 continue
             end = self._buffer.find(b"\n", 0, self.max_line + 2)
             if end < 0:
-                if len(self._buffer) > self.max_line:
+                # max_line octets and a CR may wait for their LF in the next read.
+                if len(self._buffer) > self.max_line + 1:
                     raise ClientProtocolError("Line too long", fatal=True)
                 return None
             line = bytes(self._buffer[:end])
@@ -127,6 +128,8 @@ class CommandAssembler:
             if len(line) > self.max_line:
                 raise ClientProtocolError("Line too long", fatal=True)
             self._size += len(line)
+            if self._size > self.max_command:
+                raise ClientProtocolError("Command too long", fatal=True)
             match = _LITERAL_AT_END.search(line)
             if match is None:
                 self._segments.append(line)

@@ -375,7 +375,7 @@ class FrontendProtocol(Protocol):
             log.failure("unexpected error during login of {user}", user=credentials.username)
             self._login_failed(BackendUnavailable())
             return
-        if self.disconnected or self.session is None:
+        if self.disconnected or self.end_reason or self.session is None:
             backend.transport.loseConnection()
             return
         self.user = credentials.username
@@ -387,10 +387,15 @@ class FrontendProtocol(Protocol):
                  client=client.host, user=self.user, backend=str(backend.server),
                  mechanism=self.mechanism, tls=getattr(self.session, "tls_active", False))
         assert backend.result is not None
-        self._execute(self.session.login_succeeded(backend.result.capabilities))
+        actions = self.session.login_succeeded(backend.result.capabilities)
+        if not actions:  # the session ended while we were logging in (timeout, drain)
+            self.backend = None
+            backend.transport.loseConnection()
+            return
+        self._execute(actions)
 
     def _login_failed(self, error: ProxyError) -> None:
-        if self.disconnected or self.session is None:
+        if self.disconnected or self.end_reason or self.session is None:
             return
         self.transport.resumeProducing()
         self._execute(self.session.login_failed(error))
