@@ -128,6 +128,12 @@ class ImapSession:
             actions.append(self._close("too many failed logins"))
         return actions
 
+    def shutdown(self) -> list[Action]:
+        """The proxy is shutting down: tell the client to come back (RFC 5530 UNAVAILABLE)."""
+        if self.state in (State.CLOSED, State.RELAYING):
+            return []
+        return [SendToClient(b"* BYE [UNAVAILABLE] Shutting down\r\n"), self._close("shutdown")]
+
     def timed_out(self) -> list[Action]:
         if self.state in (State.CLOSED, State.RELAYING):
             return []

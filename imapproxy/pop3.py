@@ -207,6 +207,12 @@ class Pop3Session:
         self._enter(State.AUTHORIZATION)
         return self._refused(error) + self._process()
 
+    def shutdown(self) -> list[Action]:
+        """The proxy is shutting down: [SYS/TEMP] tells the client to retry (RFC 3206)."""
+        if self.state in (State.CLOSED, State.RELAYING):
+            return []
+        return [SendToClient(b"-ERR [SYS/TEMP] Shutting down\r\n"), self._close("shutdown")]
+
     def timed_out(self) -> list[Action]:
         if self.state in (State.CLOSED, State.RELAYING):
             return []

@@ -100,7 +100,10 @@ class Relay:
         """Close now: LOGOUT to the backend (so it cleans up), then close both sides."""
         if not self.detached:
             self.detached = True
-            self.backend.transport.write(DRAIN_TAG + b" LOGOUT\r\n")
+            # POP3 backends are just closed: RFC 1939 section 6 commits deletions only on
+            # QUIT, and a timeout or shutdown must not commit them.
+            if self.tracker is not None:
+                self.backend.transport.write(DRAIN_TAG + b" LOGOUT\r\n")
         self.client.close(reason)
 
     def drain(self) -> None:
