@@ -50,6 +50,7 @@ class ImapProxy:
     static_map: list[tuple[str, str]] | None = None  # (pattern, host:port)
     ldap: dict[str, object] | None = None
     extra_toml: str = ""
+    env_extra: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -96,8 +97,10 @@ class ImapProxy:
         # twistd finds plugins by scanning twisted/plugins directories on sys.path;
         # an editable install's import hook is not one, so put the checkout first.
         env = dict(os.environ)
+        env.update(self.env_extra)
+        first = [env["BENCH_SITEHOOKS"]] if env.get("BENCH_SITEHOOKS") else []
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            first + [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                         start_new_session=True, cwd=self.workdir, env=env)
         err.close()

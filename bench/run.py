@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import procmem  # noqa: E402
+from bench.profiling import HeapSnapshots, PySpy  # noqa: E402
 from bench.stack import BenchPath, Sizes, Stack, machine  # noqa: E402
 
 CLIENT = str(ROOT / "bench" / "client.py")
@@ -226,6 +227,28 @@ class Bench:
         self.args = args
         self.results = Results()
         self.work = stack.workdir
+        self.pyspy = PySpy(Path(args.profile)) if args.profile else None
+        self.heap = HeapSnapshots(stack.workdir / "heap") if args.tracemalloc else None
+        self.heap_diffs: dict[str, Any] = {}
+        if self.heap is not None and "imapproxy" in stack.proxies:
+            proxy = stack.proxies["imapproxy"]
+            proxy.env_extra.update(self.heap.env())
+            proxy.stop()
+            proxy.start()
+
+    def main_proxy_pid(self) -> int | None:
+        p = self.stack.proxies.get("imapproxy")
+        return p.pid if p is not None and p.running else None
+
+    def run_group(self, group: str) -> None:
+        pid = self.main_proxy_pid()
+        if self.pyspy is not None and pid is not None and group != "push":
+            self.pyspy.start(pid, group)
+        try:
+            getattr(self, group)()
+        finally:
+            if self.pyspy is not None:
+                self.pyspy.stop()
 
     def paths_for(self, group: str, rnd: int = 0) -> list[BenchPath]:
         ps = [p for p in self.stack.paths if group in p.groups and group not in p.unsupported]
@@ -269,10 +292,13 @@ class Bench:
                             raise RuntimeError(f"short FETCH: {r['bytes']} < {st.bulk_bytes}")
                         self.results.add(key, path.name, rnd, r["mb_per_s"], bytes=r["bytes"],
                                          seconds=r["seconds"], proxy_cpu_s=cpu,
-                                         cipher=r["cipher"])
+                                         cipher=r["cipher"], client_cpu_s=r["client_cpu_s"],
+                                         recv_calls=r["recv_calls"])
                         log(f"bulk {'TLS  ' if tls else 'plain'} r{rnd + 1} {path.name:17}"
                             f" {r['mb_per_s']:8.1f} MB/s"
-                            + (f"  proxy CPU {cpu:.2f}s" if cpu is not None else ""))
+                            + (f"  proxy CPU {cpu:.2f}s" if cpu is not None else "")
+                            + f"  client CPU {r['client_cpu_s']:.2f}s/{r['seconds']:.2f}s"
+                            f" ({r['bytes'] / r['recv_calls'] / 1024:.1f} KiB/read)")
 
                     self.guarded(path, key, one)
 
@@ -406,6 +432,11 @@ class Bench:
         self._wait_backends_idle()
         time.sleep(1.0)
         pids = path.pids(proto)
+        main_proxy = path.name == "imapproxy"
+        heap_before = (self.heap.snapshot(pids[0]) if self.heap is not None and main_proxy
+                       else None)
+        if self.pyspy is not None and main_proxy:
+            self.pyspy.start(pids[0], f"push_{t}")
         base = procmem.tree_memory(pids) if pids else None
         c0 = cpu_seconds(pids)
         clients = IdleClients(entries, tls, st.ca_path, self.work, processes, s.concurrency)
@@ -433,6 +464,14 @@ class Bench:
                 self.results.add(f"{key}_pss_kib", path.name, 0, pss, baseline=base, loaded=mem)
                 log(f"IDLE {t:5} {path.name:17} per session: RSS {rss:.1f} KiB, PSS {pss:.1f} "
                     f"KiB ({mem['processes']} processes)")
+            if heap_before is not None and self.heap is not None:
+                heap_after = self.heap.snapshot(pids[0])
+                if heap_after is not None:
+                    d = self.heap.diff(heap_before, heap_after, opened["ok"])
+                    self.heap_diffs[f"idle_{t}"] = d
+                    log(f"IDLE {t:5} tracemalloc: {d['total_bytes_per_session']:.0f} B/session;"
+                        f" top: {d['lineno'][0]['where']} "
+                        f"{d['lineno'][0]['bytes_per_session']:.0f} B/session")
             # Deliver to a spread of the idling users and time each EXISTS.
             targets = users[::max(1, len(users) // s.push_users)][:s.push_users]
             delivered: dict[str, float] = {}
@@ -460,6 +499,8 @@ class Bench:
             log(f"IDLE {t:5} {path.name:17} push latency median {statistics.median(lat):.0f} ms"
                 f", max {lat[-1]:.0f} ms over {len(targets)} deliveries")
         finally:
+            if self.pyspy is not None and main_proxy:
+                self.pyspy.stop()
             clients.close()
             self._wait_backends_idle()
 
@@ -584,6 +625,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra TOML appended to the proxy config (e.g. 'workers = 2')")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="run py-spy on the proxy during each group; collapsed stacks to DIR")
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="trace the proxy's heap and diff it around the IDLE sessions")
     args = ap.parse_args(argv)
     sizes = sizes_from(args)
     only = [g for g in args.only.split(",") if g]
@@ -607,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in GROUPS:
             if group in only:
                 log(f"--- {group} ---")
-                getattr(bench, group)()
+                bench.run_group(group)
         figs = summarise(bench.results, stack, sizes)
         out = {
             "date": started.isoformat(timespec="seconds"),
@@ -616,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions": stack.versions(),
             "settings": {**vars(sizes), "quick": args.quick, "groups": only,
                          "proxy_extra_toml": args.proxy_toml,
+                         "diagnostics": {"py_spy": bool(args.profile),
+                                         "tracemalloc": args.tracemalloc},
                          "perdition_argv": {m: p.argv() for m, p in stack.perditions.items()},
                          "bulk_messages": stack.bulk_messages, "bulk_bytes": stack.bulk_bytes},
             "paths": {p.name: {"kind": p.kind, "figures": [k for k in path_figures(p)
@@ -624,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
                                "notes": p.notes} for p in stack.paths},
             "notes": stack.notes,
             "errors": bench.results.errors,
+            "profiles": bench.pyspy.summaries if bench.pyspy else {},
+            "heap": bench.heap_diffs,
             "figures": figs,
         }
         for p in stack.paths:

@@ -235,7 +235,8 @@ class Stack:
             except RuntimeError as e:
                 if not any(x.protocol == "pop3" for x in mine):
                     if ldap is None:
-                        raise
+                        self._proxy_failed(name, e)
+                        continue
                     self._ldap_failed(str(e))
                     continue
                 # No POP3 in this proxy yet: go on with IMAP alone.
@@ -247,7 +248,8 @@ class Stack:
                     p.start()
                 except RuntimeError as e2:
                     if ldap is None:
-                        raise
+                        self._proxy_failed(name, e2)
+                        continue
                     self._ldap_failed(str(e2))
                     continue
             if ldap is not None:
@@ -258,10 +260,15 @@ class Stack:
                     self._ldap_failed(problem)
                     continue
             self.proxies[name] = p
-        if not self.proxy_ldap:
+        if not self.proxy_ldap and "imapproxy-static" in self.proxies:
             # Promote the static-map proxy to the main path.
             self.proxies["imapproxy"] = self.proxies.pop("imapproxy-static")
             self.proxies["imapproxy"].name = "imapproxy"
+
+    def _proxy_failed(self, name: str, e: BaseException) -> None:
+        """The proxy does not start at all: measure the other paths, say so loudly."""
+        self.notes.append(f"{name}: FAILED TO START, not measured: {_first_line(e)}")
+        self.log(f"{name} failed to start:\n{e}")
 
     def _ldap_failed(self, why: str) -> None:
         self.proxy_ldap = False
