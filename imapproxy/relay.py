@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
+
 from .tracker import SessionTracker
+
+log = Logger(namespace="imapproxy")
 
 #: RFC 5530 UNAVAILABLE: the client should come back later (here: reconnect now).
 BYE_BACKEND_GONE = b"* BYE [UNAVAILABLE] Backend closed the connection\r\n"
@@ -26,7 +30,7 @@ class Relay:
     """One relayed session: the two transports, the tracker and the clock readings."""
 
     __slots__ = ("client", "backend", "tracker", "clock", "last_client", "last_server",
-                 "draining", "detached", "client_paused")
+                 "draining", "detached", "client_paused", "opaque_noted")
 
     def __init__(self, client: Any, backend: Any, clock: Any, imap: bool) -> None:
         self.client = client  # the FrontendProtocol
@@ -38,6 +42,7 @@ class Relay:
         #: the client has been sent its last line; what the backend says now is dropped
         self.detached = False
         self.client_paused = False
+        self.opaque_noted = False
 
     # -- the pump ------------------------------------------------------------------------
 
@@ -56,6 +61,11 @@ class Relay:
         tracker = self.tracker
         if tracker is not None:
             tracker.from_server(data)
+            if tracker.opaque and not self.opaque_noted:
+                self.opaque_noted = True
+                log.info("session id={session_id} compressed (RFC 4978): no longer followed; "
+                         "IDLE timeouts, keepalives and graceful drain do not apply to it",
+                         session_id=self.client.session_id)
         self.last_server = self.clock.seconds()
         client = self.client
         client.transport.write(data)
