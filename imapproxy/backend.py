@@ -200,8 +200,8 @@ class ImapBackendLogin:
             name = code.split(b" ", 1)[0].upper().decode("ascii", "replace")
             if name in PASS_THROUGH_CODES:
                 # The backend's words reach the client: no control characters (CR!).
-                text = "".join(c for c in message.decode("utf-8", "replace") if c >= " ")
-                text_out = text.strip() or "Login refused"
+                clean = "".join(c for c in message.decode("utf-8", "replace") if c >= " ")
+                text_out = clean.strip() or "Login refused"
                 return self._fail(BackendRefused(name, text_out))
         return self._fail(AuthenticationFailed())
 

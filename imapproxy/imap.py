@@ -114,7 +114,7 @@ class ImapSession:
             return []
         self._enter(State.NOT_AUTHENTICATED)
         actions = self._login_refused(self._pending_tag, error)
-        if self.state is State.CLOSED:
+        if isinstance(actions[-1], Close):  # too many failures: nothing more is read
             return actions
         return actions + self._process()
 
