@@ -37,11 +37,26 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class SniCertificate:
+    """One [[tls.sni]] table: the certificate shown to clients asking for ``domain``."""
+
+    #: a host name, or "*.example.org" for any one label below example.org
+    domain: str
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     certificate: Path | None = None
     key: Path | None = None
     plaintext_auth: bool = False
     min_version: str = "1.2"
+    #: OpenSSL cipher string for TLS 1.2; "" keeps Twisted's default (forward-secret
+    #: AEAD suites first, no RC4/3DES/MD5/anonymous). TLS 1.3 suites are OpenSSL's.
+    ciphers: str = ""
+    #: certificates chosen by SNI; a client naming no listed domain gets the default one
+    sni: tuple[SniCertificate, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,9 @@ class BackendConfig:
     down_cooldown: float = 30.0
     #: explicit and loud: only for labs; certificates are verified otherwise
     insecure_skip_verify: bool = False
+    #: a certificate (with its chain) and key the proxy shows to backends asking for one
+    client_certificate: Path | None = None
+    client_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,24 @@ class Limits:
     preauth_timeout: float = 60.0
     max_bad_commands: int = 10
     max_failed_logins: int = 5
+    #: concurrent client connections of this process; 0 = automatic: (RLIMIT_NOFILE - 64)
+    #: / 2, as each session holds two descriptors (client and backend)
+    max_connections: int = 0
+    #: per client address, IPv6 per /64: generous, as carriers put thousands of phones
+    #: behind one IPv4 address (CGNAT); 0 = off
+    max_connections_per_ip: int = 2000
+    #: IPv6 clients are counted per network of this prefix length (RFC 6177: a /64 or
+    #: more per subscriber)
+    ipv6_prefix: int = 64
+    #: logged-in sessions per user from one client address (Dovecot's
+    #: mail_max_userip_connections is 10 and counts per protocol); 0 = off
+    max_connections_per_user_ip: int = 20
+    #: seconds before answering the first failed login; doubles per distinct failure of
+    #: the client address or the username (2, 4, 8, ...); 0 = off
+    login_delay: float = 2.0
+    login_delay_max: float = 30.0
+    #: seconds a failed login is remembered for the delay
+    login_failure_memory: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -263,11 +299,35 @@ def _tls(table: _Table | None) -> TlsConfig:
     key = table.file("key")
     plaintext = table.get("plaintext_auth", bool, False)
     min_version = table.choice("min_version", ("1.2", "1.3"), "1.2")
+    ciphers = table.get("ciphers", str, "")
+    sni = tuple(_sni(_Table(table.path, f"{table.key('sni')}[{i}]", item))
+                for i, item in enumerate(table.get("sni", list, [])))
     table.finish()
     if (cert is None) != (key is None):
         missing = "key" if key is None else "certificate"
         raise table.error(missing, "certificate and key go together")
-    return TlsConfig(cert, key, plaintext, min_version)
+    if sni and cert is None:
+        raise table.error("certificate", "[[tls.sni]] needs a default certificate and key")
+    domains = [entry.domain for entry in sni]
+    for i, domain in enumerate(domains):
+        if domain in domains[:i]:
+            raise ConfigError(table.path, f"{table.key('sni')}[{i}].domain",
+                              f"{domain!r} is listed twice")
+    return TlsConfig(cert, key, plaintext, min_version, ciphers, sni)
+
+
+def _sni(table: _Table) -> SniCertificate:
+    domain = table.get("domain", str, "").strip().lower().rstrip(".")
+    labels = domain.split(".")
+    wildcard = labels[0] == "*"
+    if (not domain or "*" in ".".join(labels[1:] if wildcard else labels)
+            or (wildcard and len(labels) < 3) or not all(labels)):
+        raise table.error("domain", 'must be a host name, or "*.example.org"')
+    cert = table.file("certificate", required=True)
+    key = table.file("key", required=True)
+    table.finish()
+    assert cert is not None and key is not None
+    return SniCertificate(domain, cert, key)
 
 
 def _ldap(table: _Table) -> LdapConfig:
@@ -342,6 +402,9 @@ def _directory(table: _Table | None, path: Path) -> DirectoryConfig:
 def _backend(table: _Table | None) -> BackendConfig:
     if table is None:
         return BackendConfig()
+    if ("client_certificate" in table.data) != ("client_key" in table.data):
+        missing = "client_key" if "client_certificate" in table.data else "client_certificate"
+        raise table.error(missing, "client_certificate and client_key go together")
     config = BackendConfig(
         imap_port=table.integer("imap_port", 143, 1, 65535),
         pop3_port=table.integer("pop3_port", 110, 1, 65535),
@@ -351,6 +414,8 @@ def _backend(table: _Table | None) -> BackendConfig:
         login_timeout=table.number("login_timeout", 30.0, minimum=0.1),
         down_cooldown=table.number("down_cooldown", 30.0),
         insecure_skip_verify=table.get("insecure_skip_verify", bool, False),
+        client_certificate=table.file("client_certificate"),
+        client_key=table.file("client_key"),
     )
     table.finish()
     return config
@@ -365,6 +430,14 @@ def _limits(table: _Table | None) -> Limits:
         preauth_timeout=table.number("preauth_timeout", 60.0, minimum=1.0),
         max_bad_commands=table.integer("max_bad_commands", 10, minimum=1),
         max_failed_logins=table.integer("max_failed_logins", 5, minimum=1),
+        max_connections=table.integer("max_connections", 0, minimum=0),
+        max_connections_per_ip=table.integer("max_connections_per_ip", 2000, minimum=0),
+        ipv6_prefix=table.integer("ipv6_prefix", 64, minimum=1, maximum=128),
+        max_connections_per_user_ip=table.integer("max_connections_per_user_ip", 20,
+                                                  minimum=0),
+        login_delay=table.number("login_delay", 2.0),
+        login_delay_max=table.number("login_delay_max", 30.0),
+        login_failure_memory=table.number("login_failure_memory", 900.0),
     )
     table.finish()
     return config

@@ -79,3 +79,18 @@ class BackendRefused(ProxyError):
         super().__init__(code)
         self.imap_code = code
         self.public_text = text
+
+
+class TooManyConnections(ProxyError):
+    """A connection limit was reached (limits.py); the client may come back later."""
+
+    imap_code = "UNAVAILABLE"
+    pop3_code = "SYS/TEMP"
+
+    def __init__(self, text: str = "Too many connections, try again later") -> None:
+        super().__init__(text)
+        self.public_text = text
+
+
+class RoutingLoop(BackendUnavailable):
+    """The route leads back to one of the proxy's own listeners (loops.py)."""

@@ -31,7 +31,14 @@ from .backend import ImapBackendLogin
 from .config import Config, Listener, Timeouts
 from .credentials import Credentials
 from .directory import Directory, Route, Server
-from .errors import BackendProtocolError, BackendUnavailable, ProxyError
+from .errors import (
+    AuthenticationFailed,
+    BackendProtocolError,
+    BackendUnavailable,
+    ProxyError,
+    RoutingLoop,
+    TooManyConnections,
+)
 from .events import (
     BackendLoggedIn,
     BackendLoginFailed,
@@ -44,10 +51,14 @@ from .events import (
     StartClientTLS,
 )
 from .imap import ImapSession
-from .pop3 import Pop3Session
+from .imapwire import response
+from .limits import ConnectionLimiter, Refusal, Ticket, client_key
+from .loops import is_own_listener, names_own_listener
+from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
 from .relay import BYE_SHUTDOWN, Relay
 from .sessions import SessionRegistry
+from .throttle import LoginThrottle
 from .tls import backend_client_options
 from .usernames import rewrite
 
@@ -169,9 +180,13 @@ class BackendConnector:
 
     def __init__(self, reactor: Any, config: Config, health: Any = None,
                  endpoint_factory: EndpointFactory | None = None,
-                 trust_root: object = None) -> None:
+                 trust_root: object = None, client_certificate: Any = None) -> None:
         self.reactor = reactor
         self.config = config.backend
+        #: our own listening addresses: never a backend (loops.py)
+        self.listeners = config.listeners
+        #: shown to backends that ask for a client certificate (tls.py)
+        self.client_certificate = client_certificate
         self.timeouts = config.timeouts
         self.health = health
         self.endpoint_factory = endpoint_factory or default_endpoint_factory(
@@ -185,7 +200,14 @@ class BackendConnector:
 
     def _tls_creator(self, host: str) -> Callable[[], Any]:
         return lambda: backend_client_options(host, self.trust_root,
-                                              self.config.insecure_skip_verify)
+                                              self.config.insecure_skip_verify,
+                                              self.client_certificate)
+
+    def _loop(self, server: Server, port: int) -> RoutingLoop:
+        log.error("refusing backend {server} port {port}: it is one of this proxy's own "
+                  "listeners (routing loop); fix the map or directory entry",
+                  server=str(server), port=port)
+        return RoutingLoop()
 
     async def login(self, route: Route, protocol: str, credentials: Credentials,
                     client_id: tuple[tuple[str, str | None], ...] = ()) -> BackendProtocol:
@@ -210,6 +232,8 @@ class BackendConnector:
                         credentials: Credentials,
                         client_id: tuple[tuple[str, str | None], ...]) -> BackendProtocol:
         port = self._port(server, protocol)
+        if names_own_listener(self.listeners, server.host, port):
+            raise self._loop(server, port)
         endpoint = self.endpoint_factory(server.host, port)
         tls_creator = self._tls_creator(server.host)
         if self.config.tls == "implicit":
@@ -221,6 +245,11 @@ class BackendConnector:
             await endpoint.connect(_OneConnection(backend))
         except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError):
             raise BackendUnavailable() from None
+        peer, local = backend.transport.getPeer(), backend.transport.getHost()
+        if is_own_listener(self.listeners, getattr(peer, "host", ""), getattr(peer, "port", 0),
+                           getattr(local, "host", "")):
+            backend.transport.abortConnection()
+            raise self._loop(server, port)
         logged_in = backend.logged_in
         timer = self.reactor.callLater(self.config.login_timeout, logged_in.cancel)
         try:
@@ -250,6 +279,13 @@ def _make_pop3_session(listener: Listener, config: Config) -> Pop3Session:
 FRONTEND_SESSIONS: dict[str, Callable[[Listener, Config], Any]] = {"imap": _make_imap_session,
                                                                    "pop3": _make_pop3_session}
 
+#: protocol name -> the line refusing a connection in place of the greeting: RFC 3501
+#: section 7.1.5 allows BYE as the greeting; RFC 2449 section 8 codes for POP3.
+REFUSALS: dict[str, Callable[[ProxyError], bytes]] = {
+    "imap": lambda e: response(b"*", b"BYE", e.client_text(), e.imap_code),
+    "pop3": lambda e: reply(False, e.client_text(), e.pop3_code),
+}
+
 
 class FrontendProtocol(Protocol):
     """One client connection: the pre-login session, then the relay."""
@@ -268,6 +304,10 @@ class FrontendProtocol(Protocol):
         self.end_reason = ""
         self.disconnected = False
         self._timer: Any = None
+        #: this connection's place in the connection limits (limits.py)
+        self.ticket: Ticket | None = None
+        #: a failed login's answer, held back by the throttle (throttle.py)
+        self._answer: Any = None
 
     # -- connection events ----------------------------------------------------------------
 
@@ -280,6 +320,18 @@ class FrontendProtocol(Protocol):
             self.transport.write(BYE_SHUTDOWN)
             self.close("shutdown")
             return
+        admitted = factory.limiter.admit(getattr(self.transport.getPeer(), "host", ""))
+        if isinstance(admitted, Refusal):
+            # Answer and close; the listener goes on accepting (unlike Perdition's -L).
+            self.transport.write(REFUSALS[factory.listener.protocol](
+                TooManyConnections(admitted.value.capitalize() + ", try again later")))
+            self.close(admitted.value)
+            return
+        self.ticket = admitted
+        log.debug("connection id={session_id} client={client} admitted ({count} from there, "
+                  "{total} in all)", session_id=self.session_id, client=admitted.client,
+                  count=factory.limiter.connections_from(admitted.client),
+                  total=factory.limiter.total)
         self.session = FRONTEND_SESSIONS[factory.listener.protocol](factory.listener,
                                                                      factory.config)
         self._timer = factory.reactor.callLater(factory.config.limits.preauth_timeout,
@@ -299,6 +351,10 @@ class FrontendProtocol(Protocol):
         self.factory.registry.remove(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._answer is not None and self._answer.active():
+            self._answer.cancel()
+        if self.ticket is not None:
+            self.ticket.release()
         if self.backend is not None:
             self.backend.transport.loseConnection()
         if not self.end_reason:
@@ -359,6 +415,7 @@ class FrontendProtocol(Protocol):
         factory = self.factory
         credentials = action.credentials
         client = self.transport.getPeer()
+        started = factory.reactor.seconds()
         try:
             names = rewrite(credentials.username, factory.config.username)
             route = await defer.maybeDeferred(factory.directory.lookup, names.lookup,
@@ -369,7 +426,7 @@ class FrontendProtocol(Protocol):
             log.info("login failed id={session_id} client={client} user={user} reason={reason}",
                      session_id=self.session_id, client=client.host, user=credentials.username,
                      reason=type(e).__name__)
-            self._login_failed(e)
+            self._login_failed(e, self._throttle(credentials, started, e))
             return
         except Exception:
             log.failure("unexpected error during login of {user}", user=credentials.username)
@@ -377,6 +434,15 @@ class FrontendProtocol(Protocol):
             return
         if self.disconnected or self.end_reason or self.session is None:
             backend.transport.loseConnection()
+            return
+        factory.throttle.succeeded(self._client_key(), credentials.username)
+        refusal = self.ticket.login(names.lookup) if self.ticket is not None else None
+        if refusal is not None:
+            log.info("login refused id={session_id} client={client} user={user} "
+                     "reason={reason}", session_id=self.session_id, client=client.host,
+                     user=credentials.username, reason=refusal.value)
+            backend.transport.loseConnection()
+            self._login_failed(TooManyConnections(refusal.value.capitalize()))
             return
         self.user = credentials.username
         self.mechanism = credentials.mechanism
@@ -394,9 +460,36 @@ class FrontendProtocol(Protocol):
             return
         self._execute(actions)
 
-    def _login_failed(self, error: ProxyError) -> None:
+    def _client_key(self) -> str:
+        if self.ticket is not None:
+            return self.ticket.client
+        host = getattr(self.transport.getPeer(), "host", "")
+        return client_key(host, self.factory.config.limits.ipv6_prefix)
+
+    def _throttle(self, credentials: Credentials, started: float, error: ProxyError) -> float:
+        """Seconds still to wait before answering this failed login (throttle.py)."""
+        if not isinstance(error, AuthenticationFailed):
+            return 0.0  # not a guess: backend down, directory down, limits
+        factory = self.factory
+        delay = factory.throttle.failed(self._client_key(), credentials.username,
+                                        credentials.password.reveal())
+        # Counted from the start of the login, so an unknown user (answered at once by
+        # the directory) waits exactly as long as a wrong password (asked of a backend).
+        remaining = max(0.0, started + delay - factory.reactor.seconds())
+        if delay:
+            log.info("login failure throttled id={session_id} client={client} user={user} "
+                     "delay={delay:.3f}s", session_id=self.session_id,
+                     client=self._client_key(), user=credentials.username, delay=delay)
+        return remaining
+
+    def _login_failed(self, error: ProxyError, delay: float = 0.0) -> None:
         if self.disconnected or self.end_reason or self.session is None:
             return
+        if delay > 0:
+            # Never block: the answer is scheduled; client input stays paused meanwhile.
+            self._answer = self.factory.reactor.callLater(delay, self._login_failed, error)
+            return
+        self._answer = None
         self.transport.resumeProducing()
         self._execute(self.session.login_failed(error))
 
@@ -433,7 +526,8 @@ class ProxyFactory(ServerFactory):
 
     def __init__(self, reactor: Any, config: Config, listener: Listener, directory: Directory,
                  connector: BackendConnector, registry: SessionRegistry,
-                 server_tls: Any = None) -> None:
+                 server_tls: Any = None, *, limiter: ConnectionLimiter | None = None,
+                 throttle: LoginThrottle | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.listener = listener
@@ -441,6 +535,12 @@ class ProxyFactory(ServerFactory):
         self.connector = connector
         self.registry = registry
         self.server_tls = server_tls
+        # Shared by all listeners when build_service passes them; a factory on its own
+        # (tests) gets its own from the config.
+        self.limiter = limiter if limiter is not None else ConnectionLimiter.from_limits(
+            config.limits)
+        self.throttle = throttle if throttle is not None else LoginThrottle.from_limits(
+            config.limits, reactor.seconds)
 
     def buildProtocol(self, addr: Any) -> FrontendProtocol:  # noqa: N802
         return FrontendProtocol(self)

@@ -8,15 +8,21 @@ from typing import Any
 from twisted.application import internet, service
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.abstract import isIPv6Address
+from twisted.logger import Logger
 from twisted.python import usage
 
 from . import config as configmodule
 from .config import Config, ConfigError, Listener
 from .directory import StaticDirectory
+from .limits import ConnectionLimiter
 from .protocol import BackendConnector, ProxyFactory
+from .servertls import ServerTLS
 from .sessions import SessionRegistry
-from .tls import backend_trust_root, server_options
+from .throttle import LoginThrottle
+from .tls import backend_client_certificate, backend_trust_root
 from .workers import BACKLOG, ReusePortService, WorkerPool
+
+log = Logger(namespace="imapproxy")
 
 
 class Options(usage.Options):
@@ -67,14 +73,25 @@ def build_service(config: Config, reactor: Any, worker: bool = False) -> service
         child.setServiceParent(top)
     health = _health(config, reactor)
     trust_root = backend_trust_root(config.backend) if config.backend.tls != "none" else None
-    connector = BackendConnector(reactor, config, health=health, trust_root=trust_root)
-    tls = server_options(config.tls, config.path) if config.tls.certificate else None
+    if config.backend.insecure_skip_verify and config.backend.tls != "none":
+        log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
+                     "and host names are NOT verified; anyone on the path to a backend can "
+                     "read every password. Never use this outside a lab.")
+    connector = BackendConnector(reactor, config, health=health, trust_root=trust_root,
+                                 client_certificate=backend_client_certificate(config.backend,
+                                                                               config.path))
+    # Reload certificates with top.server_tls.reload(new_config.tls) (e.g. on SIGHUP).
+    tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
+    # Shared by every listener of this process: limits and failures count per process.
+    limiter = ConnectionLimiter.from_limits(config.limits)
+    throttle = LoginThrottle.from_limits(config.limits, reactor.seconds)
     registry = SessionRegistry(reactor, config.timeouts)
     # Started first, so stopped last: by then the listeners no longer accept.
     DrainService(registry).setServiceParent(top)
     factories = []
     for listener in config.listeners:
-        factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls)
+        factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls,
+                               limiter=limiter, throttle=throttle)
         factories.append(factory)
         if config.workers > 1:
             ReusePortService(reactor, listener, factory, tls).setServiceParent(top)
@@ -89,6 +106,9 @@ def build_service(config: Config, reactor: Any, worker: bool = False) -> service
     top.factories = factories  # type: ignore[attr-defined]
     top.directory = directory  # type: ignore[attr-defined]
     top.registry = registry  # type: ignore[attr-defined]
+    top.server_tls = tls  # type: ignore[attr-defined]
+    top.limiter = limiter  # type: ignore[attr-defined]
+    top.throttle = throttle  # type: ignore[attr-defined]
     return top
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 from zope.interface import implementer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
@@ -35,12 +36,22 @@ def server_options(config: TlsConfig, config_path: Path | str) -> ssl.Certificat
     except (OSError, crypto.Error, ValueError) as e:
         raise ConfigError(config_path, "tls.certificate", f"cannot load certificate/key: {e}") \
             from None
-    options = ssl.CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
-        raiseMinimumTo=_MIN_VERSIONS[config.min_version],
-    )
+    extra: dict[str, object] = {}
+    if config.ciphers:
+        # Otherwise Twisted's default: forward-secret AEAD suites first, and none of
+        # RC4, 3DES, MD5, DSS or anonymous key exchange.
+        extra["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+            config.ciphers)
+    try:
+        options = ssl.CertificateOptions(
+            privateKey=key,
+            certificate=chain[0],
+            extraCertChain=chain[1:],
+            raiseMinimumTo=_MIN_VERSIONS[config.min_version],
+            **extra,  # type: ignore[arg-type]
+        )
+    except ValueError as e:  # no usable cipher in the string
+        raise ConfigError(config_path, "tls.ciphers", str(e)) from None
     try:
         # A key that does not belong to the certificate fails here, at start-up.
         context = options.getContext()  # cached by CertificateOptions and shared
@@ -62,20 +73,48 @@ def backend_trust_root(config: BackendConfig) -> object:
     return ssl.trustRootFromCertificates(certificates)
 
 
-def backend_client_options(hostname: str, trust_root: object,
-                           insecure: bool = False) -> IOpenSSLClientConnectionCreator:
+def backend_client_certificate(config: BackendConfig,
+                               config_path: Path | str) -> ssl.PrivateCertificate | None:
+    """[backend] client_certificate and client_key, loaded and checked at start-up."""
+    if config.client_certificate is None or config.client_key is None:
+        return None
+    try:
+        chain = _read_pem_certificates(config.client_certificate)
+        if not chain:
+            raise ConfigError(config_path, "backend.client_certificate",
+                              "no PEM certificate in file")
+        key = ssl.KeyPair.load(config.client_key.read_bytes(), crypto.FILETYPE_PEM)
+        # Raises VerifyError when the key does not belong to the certificate.
+        certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+            ssl.Certificate(chain[0]), key)
+    except (OSError, crypto.Error, ValueError, VerifyError) as e:
+        raise ConfigError(config_path, "backend.client_key",
+                          f"cannot load client certificate/key: {e}") from None
+    return certificate
+
+
+def backend_client_options(hostname: str, trust_root: object, insecure: bool = False,
+                           client_certificate: ssl.PrivateCertificate | None = None,
+                           ) -> IOpenSSLClientConnectionCreator:
     """Client TLS towards a backend, verifying its certificate and host name."""
     if insecure:
-        return _InsecureCreator(hostname)  # type: ignore[return-value]
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root)  # type: ignore[arg-type]
+        return _InsecureCreator(hostname, client_certificate)  # type: ignore[return-value]
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root,  # type: ignore[arg-type]
+                                   clientCertificate=client_certificate)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _InsecureCreator:
     """No verification at all: only behind [backend] insecure_skip_verify = true."""
 
-    def __init__(self, hostname: str) -> None:
-        self._options = ssl.CertificateOptions(verify=False)
+    def __init__(self, hostname: str,
+                 client_certificate: ssl.PrivateCertificate | None = None) -> None:
+        if client_certificate is not None:
+            self._options = ssl.CertificateOptions(
+                privateKey=client_certificate.privateKey.original,
+                certificate=client_certificate.original, verify=False)
+        else:
+            self._options = ssl.CertificateOptions(verify=False)
         self._hostname = hostname
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802

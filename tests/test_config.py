@@ -441,3 +441,96 @@ def test_nul_in_a_path(confdir: Path) -> None:
 def test_parse_address_wants_ascii_digits(port: str) -> None:
     with pytest.raises(ValueError, match="port must be"):
         parse_address("127.0.0.1:" + port)
+
+
+# -- issue 7: connection limits, brute-force delay, SNI, backend client certificate ----------
+
+
+def test_security_defaults(confdir: Path) -> None:
+    config = load_text(confdir, MINIMAL)
+    limits = config.limits
+    assert (limits.max_connections, limits.max_connections_per_ip, limits.ipv6_prefix,
+            limits.max_connections_per_user_ip) == (0, 2000, 64, 20)
+    assert (limits.login_delay, limits.login_delay_max, limits.login_failure_memory) == (
+        2.0, 30.0, 900.0)
+    assert config.tls.sni == () and config.tls.ciphers == ""
+    assert config.backend.client_certificate is None and config.backend.client_key is None
+
+
+def test_security_keys(confdir: Path) -> None:
+    config = load_text(confdir, MINIMAL + """
+[limits]
+max_connections = 5000
+max_connections_per_ip = 300
+ipv6_prefix = 56
+max_connections_per_user_ip = 0
+login_delay = 0.5
+login_delay_max = 8
+login_failure_memory = 60
+
+[tls]
+certificate = "tls/cert.pem"
+key = "tls/key.pem"
+ciphers = "ECDHE+AESGCM"
+
+[[tls.sni]]
+domain = "IMAP.Example.org."
+certificate = "tls/cert.pem"
+key = "tls/key.pem"
+
+[[tls.sni]]
+domain = "*.example.net"
+certificate = "tls/cert.pem"
+key = "tls/key.pem"
+
+[backend]
+client_certificate = "tls/cert.pem"
+client_key = "tls/key.pem"
+""")
+    assert config.limits == Limits(max_connections=5000, max_connections_per_ip=300,
+                                   ipv6_prefix=56, max_connections_per_user_ip=0,
+                                   login_delay=0.5, login_delay_max=8,
+                                   login_failure_memory=60)
+    assert [(s.domain, s.certificate.name) for s in config.tls.sni] == [
+        ("imap.example.org", "cert.pem"), ("*.example.net", "cert.pem")]
+    assert config.backend.client_certificate == confdir / "tls" / "cert.pem"
+    assert config.backend.client_key == confdir / "tls" / "key.pem"
+
+
+TLS_OK = '[tls]\ncertificate = "tls/cert.pem"\nkey = "tls/key.pem"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ("[limits]\nmax_connections_per_ip = -1\n", "limits.max_connections_per_ip", ">= 0"),
+        ("[limits]\nipv6_prefix = 129\n", "limits.ipv6_prefix", "between 1 and 128"),
+        ("[limits]\nlogin_delay = -2\n", "limits.login_delay", "at least 0"),
+        ('[backend]\nclient_certificate = "tls/cert.pem"\n', "backend.client_key",
+         "go together"),
+        ('[backend]\nclient_key = "tls/key.pem"\n', "backend.client_certificate",
+         "go together"),
+        ('[tls]\n[[tls.sni]]\ndomain = "a.example"\ncertificate = "tls/cert.pem"\n'
+         'key = "tls/key.pem"\n', "tls.certificate", "default certificate"),
+        (TLS_OK + '[[tls.sni]]\ncertificate = "tls/cert.pem"\nkey = "tls/key.pem"\n',
+         "tls.sni[0].domain", "host name"),
+        (TLS_OK + '[[tls.sni]]\ndomain = "*.org"\ncertificate = "tls/cert.pem"\n'
+         'key = "tls/key.pem"\n', "tls.sni[0].domain", "host name"),
+        (TLS_OK + '[[tls.sni]]\ndomain = "a.*.org"\ncertificate = "tls/cert.pem"\n'
+         'key = "tls/key.pem"\n', "tls.sni[0].domain", "host name"),
+        (TLS_OK + '[[tls.sni]]\ndomain = "a..org"\ncertificate = "tls/cert.pem"\n'
+         'key = "tls/key.pem"\n', "tls.sni[0].domain", "host name"),
+        (TLS_OK + '[[tls.sni]]\ndomain = "a.example"\ncertificate = "tls/cert.pem"\n',
+         "tls.sni[0].key", "required"),
+        (TLS_OK + '[[tls.sni]]\ndomain = "a.example"\ncertificate = "tls/cert.pem"\n'
+         'key = "tls/key.pem"\nport = 1\n', "tls.sni[0].port", "unknown key"),
+        (TLS_OK + '[[tls.sni]]\ndomain = "a.example"\ncertificate = "tls/cert.pem"\n'
+         'key = "tls/key.pem"\n[[tls.sni]]\ndomain = "A.example"\n'
+         'certificate = "tls/cert.pem"\nkey = "tls/key.pem"\n', "tls.sni[1].domain",
+         "listed twice"),
+    ],
+)
+def test_security_key_errors(confdir: Path, text: str, key: str, message: str) -> None:
+    error = config_error(confdir, MINIMAL + text)
+    assert error.key == key
+    assert message in error.message

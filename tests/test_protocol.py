@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import DOVECOT_GREETING, Harness
+from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
 
 from imapproxy.config import Limits, Timeouts
 
@@ -37,6 +37,8 @@ def test_backend_refuses_then_client_retries() -> None:
     client.dataReceived(b"a1 LOGIN alice wrong\r\n")
     backend = h.backends[-1]
     backend.dataReceived(DOVECOT_GREETING + b"P3 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+    assert transport.value() == b""  # the brute-force delay: 2 s for a first failure
+    h.reactor.advance(2)
     assert transport.value() == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
     assert closed(backend.transport)
     transport.clear()
@@ -172,3 +174,182 @@ def test_preauth_sessions_get_bye_on_drain_and_new_ones_are_refused() -> None:
     assert transport.value() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
     late, late_transport = h.connect_client()
     assert late_transport.value() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
+
+
+# -- connection limits, the brute-force delay, loop protection (issue 7) ---------------------
+
+REFUSED_NO = b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+
+
+def fail_login(h: Harness, client: object, tag: bytes, password: bytes,
+               user: bytes = b"alice") -> None:
+    """A LOGIN the fake backend refuses."""
+    client.dataReceived(tag + b" LOGIN " + user + b" " + password + b"\r\n")  # type: ignore[attr-defined]
+    if h.backends and not closed(h.backends[-1].transport) and h.backends[-1].dialogue:
+        h.backends[-1].dataReceived(
+            DOVECOT_GREETING + b"P3 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+
+
+def test_connections_over_the_per_ip_limit_get_bye_and_the_listener_goes_on() -> None:
+    h = Harness(limits=Limits(max_connections_per_ip=2))
+    first, first_transport = h.connect_client("192.0.2.7")
+    h.connect_client("192.0.2.7")
+    extra, extra_transport = h.connect_client("192.0.2.7")
+    assert extra_transport.value() == (b"* BYE [UNAVAILABLE] Too many connections from this "
+                                       b"address, try again later\r\n")
+    assert closed(extra_transport) and extra.session is None
+    extra.connectionLost()
+    _other, other_transport = h.connect_client("192.0.2.8")
+    assert other_transport.value().startswith(b"* OK [CAPABILITY ")
+    first.connectionLost()
+    _again, again_transport = h.connect_client("192.0.2.7")
+    assert again_transport.value().startswith(b"* OK [CAPABILITY ")
+    assert h.factory.limiter.connections_from("192.0.2.7") == 2
+
+
+def test_pop3_connections_over_the_total_get_err_sys_temp() -> None:
+    h = Harness(protocol="pop3", routes="* 10.0.0.1:110\n", limits=Limits(max_connections=1))
+    h.connect_client("192.0.2.7")
+    _extra, transport = h.connect_client("192.0.2.9")
+    assert transport.value() == b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+    assert closed(transport)
+
+
+def test_failed_logins_are_answered_later_and_later_without_blocking() -> None:
+    h = Harness(limits=Limits(max_failed_logins=10, preauth_timeout=600))
+    client, transport = h.connect_client()
+    bystander, bystander_transport = h.connect_client("192.0.2.50")
+    bystander_transport.clear()
+    transport.clear()
+    for i, expected in enumerate([2, 4, 8, 16, 30, 30]):
+        tag = b"a%d" % i
+        fail_login(h, client, tag, b"guess%d" % i)
+        h.reactor.advance(expected - 0.001)
+        assert transport.value() == b""
+        # Meanwhile the proxy serves everyone else at once.
+        bystander.dataReceived(b"n%d NOOP\r\n" % i)
+        assert bystander_transport.value().endswith(b"n%d OK NOOP completed\r\n" % i)
+        h.reactor.advance(0.001)
+        assert transport.value() == tag + b" NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+        transport.clear()
+
+
+def test_the_same_wrong_password_again_is_not_counted_again() -> None:
+    h = Harness(limits=Limits(max_failed_logins=10))
+    client, transport = h.connect_client()
+    for i, (password, expected) in enumerate([(b"old", 2), (b"old", 2), (b"old", 2),
+                                              (b"new", 4), (b"old", 4)]):
+        fail_login(h, client, b"t%d" % i, password)
+        h.reactor.advance(expected - 0.001)
+        assert transport.value().count(b" NO ") == i
+        h.reactor.advance(0.001)
+        assert transport.value().count(b" NO ") == i + 1
+
+
+def test_unknown_user_is_answered_like_a_wrong_password_at_the_same_time() -> None:
+    h = Harness(routes="alice 10.0.0.1:143\n")
+    known, known_transport = h.connect_client("192.0.2.1")
+    unknown, unknown_transport = h.connect_client("192.0.2.2")
+    known_transport.clear()
+    unknown_transport.clear()
+    fail_login(h, known, b"a1", b"wrong")
+    unknown.dataReceived(b"a1 LOGIN nobody wrong\r\n")  # the directory says no at once
+    h.reactor.advance(1.999)
+    assert known_transport.value() == unknown_transport.value() == b""
+    h.reactor.advance(0.001)
+    assert known_transport.value() == unknown_transport.value() == REFUSED_NO
+
+
+def test_the_delay_counts_from_the_start_of_the_login() -> None:
+    h = Harness()
+    client, transport = h.connect_client()
+    transport.clear()
+    client.dataReceived(b"a1 LOGIN alice wrong\r\n")
+    h.reactor.advance(1.5)  # a slow backend
+    h.backends[-1].dataReceived(DOVECOT_GREETING + b"P3 NO Authentication failed.\r\n")
+    h.reactor.advance(0.499)
+    assert transport.value() == b""
+    h.reactor.advance(0.001)
+    assert transport.value() == REFUSED_NO
+
+
+def test_success_is_never_delayed_and_clears_the_count() -> None:
+    h = Harness(limits=Limits(max_failed_logins=10, preauth_timeout=600))
+    client, transport = h.connect_client()
+    for i in range(3):
+        fail_login(h, client, b"f%d" % i, b"guess%d" % i)
+        h.reactor.advance(30)
+    transport.clear()
+    client.dataReceived(b"a9 LOGIN alice secret\r\n")
+    backend = h.backends[-1]
+    backend.dataReceived(DOVECOT_GREETING)
+    backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    assert transport.value() == b"a9 OK [CAPABILITY IMAP4rev1] Logged in\r\n"  # no clock moved
+    assert h.factory.throttle.failures("192.0.2.7", "alice") == (0, 0)
+
+
+def test_backend_down_is_not_a_guess_and_not_delayed() -> None:
+    h = Harness()
+    client, transport = h.connect_client()
+    transport.clear()
+    client.dataReceived(b"a1 LOGIN alice secret\r\n")
+    h.backends[-1].transport.loseConnection()  # gone before its greeting
+    assert transport.value() == (b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try "
+                                 b"again later\r\n")
+
+
+def test_client_gone_during_the_delay_cancels_the_answer() -> None:
+    h = Harness()
+    client, transport = h.connect_client()
+    fail_login(h, client, b"a1", b"wrong")
+    assert h.reactor.getDelayedCalls()
+    client.connectionLost()
+    assert all(not call.active() or call.func != client._login_failed
+               for call in h.reactor.getDelayedCalls())
+    h.reactor.advance(5)  # nothing is written to the gone client, nothing raises
+
+
+def test_commands_pipelined_behind_a_failed_login_wait_for_its_answer() -> None:
+    h = Harness()
+    client, transport = h.connect_client()
+    transport.clear()
+    client.dataReceived(b"a1 LOGIN alice wrong\r\na2 NOOP\r\n")
+    h.backends[-1].dataReceived(DOVECOT_GREETING + b"P3 NO Authentication failed.\r\n")
+    assert transport.value() == b""
+    h.reactor.advance(2)
+    assert transport.value() == REFUSED_NO + b"a2 OK NOOP completed\r\n"
+
+
+def test_sessions_over_the_per_user_ip_limit_are_refused_after_login() -> None:
+    h = Harness(limits=Limits(max_connections_per_user_ip=1))
+    h.logged_in_client()
+    client, transport = h.connect_client()
+    transport.clear()
+    client.dataReceived(b"a1 LOGIN alice secret\r\n")
+    backend = h.backends[-1]
+    backend.dataReceived(DOVECOT_GREETING)
+    backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    assert transport.value() == (b"a1 NO [UNAVAILABLE] Too many connections for this user "
+                                 b"from this address\r\n")
+    assert closed(backend.transport) and client.relay is None
+    _bob, bob_transport, _backend = h.logged_in_client(b"bob")  # others are not affected
+
+
+def test_a_route_to_our_own_listener_is_refused_without_dialling() -> None:
+    h = Harness(routes="* 127.0.0.1:1143\n")  # the Harness listener itself
+    client, transport = h.connect_client()
+    transport.clear()
+    client.dataReceived(b"a1 LOGIN alice secret\r\n")
+    assert h.backends == []
+    assert transport.value().startswith(b"a1 NO [UNAVAILABLE] ")
+
+
+def test_a_name_that_leads_back_to_our_own_listener_is_refused_once_connected() -> None:
+    h = Harness(routes="* proxy.example.org:1143\n")
+    h.factory.connector.endpoint_factory = lambda host, port: FakeEndpoint(
+        h.reactor, "127.0.0.1", port, h.backends)  # the name resolves to ourselves
+    client, transport = h.connect_client()
+    transport.clear()
+    client.dataReceived(b"a1 LOGIN alice secret\r\n")
+    assert len(h.backends) == 1 and closed(h.backends[0].transport)
+    assert transport.value().startswith(b"a1 NO [UNAVAILABLE] ")

@@ -14,7 +14,7 @@ import imapclient
 import pytest
 from rig.imapraw import RawImap
 from rig.ports import free_port
-from rig.proxy import ProxyProcess, imap_config, store_map
+from rig.proxy import RIG_LIMITS, ProxyProcess, imap_config, store_map
 
 HOST = "127.0.0.1"
 
@@ -53,7 +53,8 @@ map = "users.map"
 
 [backend]
 connect_timeout = 3
-"""
+
+{RIG_LIMITS}"""
     # plaintext_auth is global; the plain listener is still usable for tests that don't
     # need it because STARTTLS works there too. Tests of plaintext LOGIN use `plain_proxy`.
     routes = store_map(store1, store2, mail_users, f"ghost  127.0.0.1:{down_port}")

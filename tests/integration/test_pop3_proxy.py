@@ -18,7 +18,7 @@ import pytest
 from rig.certs import TestCA
 from rig.dovecot import Dovecot, MailUser
 from rig.ports import free_port
-from rig.proxy import ProxyProcess
+from rig.proxy import RIG_LIMITS, ProxyProcess
 
 HOST = "127.0.0.1"
 WRONG_PASSWORD = "not-the-password-xyzzy"
@@ -62,7 +62,7 @@ def tls_proxy(tmp_path_factory: pytest.TempPathFactory, store1: Dovecot, store2:
         + "plaintext_auth = false\n\n"
         + '[directory]\ntype = "static"\nmap = "users.map"\n\n'
         + f'[backend]\ntls = "starttls"\nca_file = "{test_ca.ca_path}"\n'
-        + "connect_timeout = 3\n"
+        + "connect_timeout = 3\n\n" + RIG_LIMITS
     )
     routes = pop3_map(store1, store2, mail_users, free_port())
     process = ProxyProcess(tmp_path_factory.mktemp("pop3tls"), config,
@@ -79,7 +79,7 @@ def plain_proxy(tmp_path_factory: pytest.TempPathFactory, store1: Dovecot, store
     port = free_port()
     config = (listen(port, "none") + "[tls]\nplaintext_auth = true\n\n"
               + '[directory]\ntype = "static"\nmap = "users.map"\n\n'
-              + "[backend]\nconnect_timeout = 3\n")
+              + "[backend]\nconnect_timeout = 3\n\n" + RIG_LIMITS)
     routes = pop3_map(store1, store2, mail_users, free_port())
     process = ProxyProcess(tmp_path_factory.mktemp("pop3plain"), config, [port],
                            {"users.map": routes})

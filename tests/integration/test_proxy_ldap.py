@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from rig.dovecot import Dovecot, MailUser
 from rig.ports import free_port
-from rig.proxy import ProxyProcess
+from rig.proxy import RIG_LIMITS, ProxyProcess
 from rig.slapd import Slapd
 
 HOST = "127.0.0.1"
@@ -44,7 +44,8 @@ timeout = 2
 
 [backend]
 connect_timeout = 3
-"""
+
+{RIG_LIMITS}"""
 
 
 def passwords(mail_users: list[MailUser]) -> dict[str, str]:

@@ -109,13 +109,26 @@ class ProxyProcess:
         self.stop()
 
 
+#: [limits] for test proxies: failed logins answered within 50 ms (the default delay
+#: starts at 2 s and doubles), and room for many sessions of one test user. Tests of the
+#: limits themselves write their own [limits] table.
+RIG_LIMITS = """[limits]
+login_delay = 0.01
+login_delay_max = 0.05
+max_connections_per_user_ip = 100
+"""
+
+
 def imap_config(port: int, map_file: str = "users.map", tls: str = "none",
                 plaintext_auth: bool = True, cert: tuple[str, str] | None = None,
                 extra: str = "", top: str = "", protocol: str = "imap") -> str:
     """A minimal config text with one listener and a static map.
 
-    ``top`` holds top-level keys (before any table), ``extra`` more tables at the end.
+    ``top`` holds top-level keys (before any table), ``extra`` more tables at the end;
+    RIG_LIMITS is added unless ``extra`` has a [limits] table.
     """
+    if "[limits]" not in extra:
+        extra = extra + "\n" + RIG_LIMITS
     tls_table = "[tls]\n"
     if cert is not None:
         tls_table += f'certificate = "{cert[0]}"\nkey = "{cert[1]}"\n'

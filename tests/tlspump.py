@@ -1,0 +1,61 @@
+"""In-memory TLS handshakes between pyOpenSSL (the proxy's side) and Python's ssl module."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL
+
+
+def pump(openssl: SSL.Connection, python: ssl.SSLObject, incoming: ssl.MemoryBIO,
+         outgoing: ssl.MemoryBIO) -> None:
+    """Run both handshakes to the end (or raise the side's error)."""
+    for _ in range(50):
+        python_done = openssl_done = False
+        try:
+            python.do_handshake()
+            python_done = True
+        except ssl.SSLWantReadError:
+            pass
+        data = outgoing.read()
+        if data:
+            openssl.bio_write(data)
+        try:
+            openssl.do_handshake()
+            openssl_done = True
+        except SSL.WantReadError:
+            pass
+        while True:
+            try:
+                chunk = openssl.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            incoming.write(chunk)
+        if python_done and openssl_done:
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def client_handshake(server: SSL.Connection, sni: str | None,
+                     maximum: ssl.TLSVersion | None = None,
+                     ) -> tuple[x509.Certificate, ssl.SSLObject]:
+    """Handshake a Python client against ``server``; the certificate it was shown."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if maximum is not None:
+        context.maximum_version = maximum
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    server.set_accept_state()
+    pump(server, client, incoming, outgoing)
+    der = client.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der), client
+
+
+def dns_names(certificate: x509.Certificate) -> list[str]:
+    san: Any = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return list(san.value.get_values_for_type(x509.DNSName))
