@@ -15,6 +15,7 @@ within their named limits however the bytes come.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 from collections.abc import Callable
@@ -95,10 +96,8 @@ def fuzz_imapwire(pieces: list[bytes], option: int) -> None:
             while (event := assembler.next_event()) is not None:
                 if isinstance(event, imapwire.CommandReceived):
                     assert len(event.segments) % 2 == 1
-                    try:
+                    with contextlib.suppress(ClientProtocolError):
                         readers[option % len(readers)](imapwire.ArgumentReader(event.segments))
-                    except ClientProtocolError:
-                        pass
             assert assembler.buffered <= max(LIMITS.max_line + 1, assembler.max_command)
     except ClientProtocolError as e:
         assert e.fatal

@@ -10,6 +10,7 @@ loaded machine cannot make them fail.
 from __future__ import annotations
 
 import base64
+import contextlib
 import imaplib
 import os
 import poplib
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from rig.dovecot import Dovecot, MailUser
@@ -48,7 +50,7 @@ class Proxy:
 
     def rss_kib(self) -> int:
         assert self.process.process is not None
-        status = open(f"/proc/{self.process.process.pid}/status").read()
+        status = Path(f"/proc/{self.process.process.pid}/status").read_text()
         match = re.search(r"VmRSS:\s+(\d+) kB", status)
         assert match is not None
         return int(match.group(1))
@@ -149,10 +151,8 @@ def read_line(sock: socket.socket, buffer: bytearray) -> bytes:
 
 def send_all(sock: socket.socket, data: bytes) -> None:
     """Send, tolerating the proxy closing the connection half way (it may)."""
-    try:
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
 
 
 class SourceIMAP4(imaplib.IMAP4):
@@ -186,10 +186,8 @@ def assert_serves(proxy: Proxy, user: str = "alice", source: str = HOST) -> None
         assert typ == "OK", data
         assert client.noop()[0] == "OK"
     finally:
-        try:
+        with contextlib.suppress(imaplib.IMAP4.abort, OSError):
             client.logout()
-        except (imaplib.IMAP4.abort, OSError):
-            pass
     pop = SourcePOP3(proxy.pop3, source)
     try:
         pop.user(user)
@@ -364,10 +362,8 @@ def test_slowloris(proxy: Proxy) -> None:
             if stop.wait(0.5):
                 return
             for sock in sockets:
-                try:
+                with contextlib.suppress(OSError):
                     sock.send(bytes([byte]))
-                except OSError:
-                    pass
 
     dripper = threading.Thread(target=drip, daemon=True)
     dripper.start()

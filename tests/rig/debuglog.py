@@ -16,7 +16,8 @@ from zope.interface import provider
 
 
 def observer() -> Any:
-    out = open(os.environ["IMAPPROXY_EVENT_LOG"], "a", buffering=1, encoding="utf-8",
+    # Open for the life of the process, like twistd's own log file.
+    out = open(os.environ["IMAPPROXY_EVENT_LOG"], "a", buffering=1, encoding="utf-8",  # noqa: SIM115
                errors="backslashreplace")
 
     @provider(ILogObserver)
