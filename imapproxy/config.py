@@ -6,6 +6,7 @@ No Twisted import here: the config is plain data passed down to whoever needs it
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,12 @@ T = TypeVar("T")
 
 PROTOCOLS = ("imap", "pop3")
 TLS_MODES = ("none", "starttls", "implicit")
+#: "id": IMAP ID x-originating-ip... (Dovecot login_trusted_networks) and POP3 XCLIENT;
+#: "proxy-v2": a PROXY protocol v2 header before anything else; "none": nothing
+FORWARD_CLIENT = ("id", "proxy-v2", "none")
+LOG_FORMATS = ("text", "json")
+SYSLOG_FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "local3",
+                     "local4", "local5", "local6", "local7")
 LDAP_SCOPES = ("base", "one", "sub")
 
 
@@ -34,6 +41,8 @@ class Listener:
     host: str
     port: int
     tls: str
+    #: expect a PROXY protocol v1/v2 header first (from [proxy_protocol] trusted peers only)
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,8 @@ class BackendConfig:
     #: a certificate (with its chain) and key the proxy shows to backends asking for one
     client_certificate: Path | None = None
     client_key: Path | None = None
+    #: how the backend learns the client's address: see FORWARD_CLIENT
+    forward_client: str = "id"
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,48 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: GET /metrics in the Prometheus text format on this address."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """[admin]: the local-only admin API, on loopback "host:port" or a UNIX socket path."""
+
+    address: str
+    host: str = ""
+    port: int = 0
+    #: set for a UNIX socket ("/run/imapproxy/admin.sock"); host and port are unused then
+    socket: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProxyProtocolConfig:
+    """[proxy_protocol]: who may put a PROXY header in front of a connection."""
+
+    #: CIDR networks of the load balancers; headers from anywhere else: connection closed
+    trusted: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    #: seconds a trusted peer has to send its header
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """[log]: where twisted.logger events go besides twistd's own log."""
+
+    #: "text": twistd's lines; "json": one JSON object per line instead
+    format: str = "text"
+    #: also send every event to syslog
+    syslog: bool = False
+    #: a UNIX datagram socket path, or "host:port" for UDP
+    syslog_address: str = "/dev/log"
+    syslog_facility: str = "mail"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listeners: tuple[Listener, ...]
@@ -180,6 +233,10 @@ class Config:
     timeouts: Timeouts = Timeouts()
     username: UsernameConfig = UsernameConfig()
     workers: int = 1
+    metrics: MetricsConfig | None = None
+    admin: AdminConfig | None = None
+    proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
+    log: LogConfig = LogConfig()
 
 
 class _Table:
@@ -288,8 +345,9 @@ def _listener(table: _Table) -> Listener:
     except ValueError as e:
         raise table.error("address", str(e)) from None
     tls = table.choice("tls", TLS_MODES, "starttls")
+    proxy_protocol = table.get("proxy_protocol", bool, False)
     table.finish()
-    return Listener(protocol, host, port, tls)
+    return Listener(protocol, host, port, tls, proxy_protocol)
 
 
 def _tls(table: _Table | None) -> TlsConfig:
@@ -414,6 +472,7 @@ def _backend(table: _Table | None) -> BackendConfig:
         login_timeout=table.number("login_timeout", 30.0, minimum=0.1),
         down_cooldown=table.number("down_cooldown", 30.0),
         insecure_skip_verify=table.get("insecure_skip_verify", bool, False),
+        forward_client=table.choice("forward_client", FORWARD_CLIENT, "id"),
         client_certificate=table.file("client_certificate"),
         client_key=table.file("client_key"),
     )
@@ -477,6 +536,80 @@ def _username(table: _Table | None) -> UsernameConfig:
     return config
 
 
+def _address(table: _Table, name: str) -> tuple[str, int]:
+    text = table.get(name, str, "")
+    if not text:
+        raise table.error(name, "is required")
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise table.error(name, str(e)) from None
+
+
+def _metrics(table: _Table | None) -> MetricsConfig | None:
+    if table is None:
+        return None
+    host, port = _address(table, "address")
+    table.finish()
+    return MetricsConfig(host, port)
+
+
+def _admin(table: _Table | None) -> AdminConfig | None:
+    if table is None:
+        return None
+    text = table.get("address", str, "")
+    if text.startswith("/"):
+        table.finish()
+        return AdminConfig(text, socket=Path(text))
+    host, port = _address(table, "address")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        # Anyone who reaches it can list users and end their sessions.
+        raise table.error("address", "must be a loopback address or a UNIX socket path")
+    table.finish()
+    return AdminConfig(text, host, port)
+
+
+def _proxy_protocol(table: _Table | None) -> ProxyProtocolConfig:
+    if table is None:
+        return ProxyProtocolConfig()
+    trusted = table.get("trusted", list, list(ProxyProtocolConfig.trusted))
+    for item in trusted:
+        if not isinstance(item, str):
+            raise table.error("trusted", "must be a list of CIDR networks as strings")
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as e:
+            raise table.error("trusted", f"{item!r}: {e}") from None
+    config = ProxyProtocolConfig(
+        trusted=tuple(trusted),
+        timeout=table.number("timeout", 10.0, minimum=0.1),
+    )
+    table.finish()
+    return config
+
+
+def _log(table: _Table | None) -> LogConfig:
+    if table is None:
+        return LogConfig()
+    config = LogConfig(
+        format=table.choice("format", LOG_FORMATS, "text"),
+        syslog=table.get("syslog", bool, False),
+        syslog_address=table.get("syslog_address", str, "/dev/log"),
+        syslog_facility=table.choice("syslog_facility", SYSLOG_FACILITIES, "mail"),
+    )
+    if not config.syslog_address.startswith("/"):
+        try:
+            parse_address(config.syslog_address)
+        except ValueError as e:
+            raise table.error("syslog_address", f"a socket path or host:port: {e}") from None
+    table.finish()
+    return config
+
+
 def _sections(path: Path, data: dict[str, Any]) -> Config:
     root = _Table(path, "", data)
     listen = root.get("listen", list, [])
@@ -498,6 +631,10 @@ def _sections(path: Path, data: dict[str, Any]) -> Config:
         timeouts=_timeouts(root.table("timeouts")),
         username=_username(root.table("username")),
         workers=root.integer("workers", 1, minimum=1, maximum=256),
+        metrics=_metrics(root.table("metrics")),
+        admin=_admin(root.table("admin")),
+        proxy_protocol=_proxy_protocol(root.table("proxy_protocol")),
+        log=_log(root.table("log")),
     )
     root.finish()
     return config

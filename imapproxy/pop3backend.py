@@ -1,6 +1,8 @@
 """The proxy's login dialogue with a POP3 backend: sans-IO.
 
-greeting -> [STLS -> TLS] -> CAPA -> AUTH PLAIN (if offered) or USER/PASS -> logged in.
+greeting -> [STLS -> TLS] -> CAPA -> [XCLIENT] -> AUTH PLAIN (if offered) or USER/PASS
+-> logged in. XCLIENT tells the backend the client's address when it offers the command
+(Dovecot does to its login_trusted_networks: "[XCLIENT]" in the greeting).
 Same interface as backend.ImapBackendLogin. A backend "-ERR" becomes an auth failure,
 unless its response code (RFC 2449 section 8, RFC 3206) says something else worth telling.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import re
 from base64 import b64encode
+from collections.abc import Callable
 from enum import Enum, auto
 
 from .credentials import Credentials
@@ -60,6 +63,8 @@ class Step(Enum):
     #: sent AUTH PLAIN without initial response, waiting for "+ " (RFC 5034 section 4)
     AUTH_CONTINUATION = auto()
     AUTH = auto()
+    #: sent XCLIENT with the client's address, waiting for its answer (any answer will do)
+    XCLIENT = auto()
     USER = auto()
     PASS = auto()
     DONE = auto()
@@ -70,14 +75,32 @@ TRANSITIONS: dict[Step, frozenset[Step]] = {
     Step.GREETING: frozenset({Step.STLS, Step.CAPA, Step.DONE}),
     Step.STLS: frozenset({Step.TLS_HANDSHAKE, Step.DONE}),
     Step.TLS_HANDSHAKE: frozenset({Step.CAPA, Step.DONE}),
-    Step.CAPA: frozenset({Step.CAPA_LIST, Step.USER, Step.DONE}),
-    Step.CAPA_LIST: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.DONE}),
+    Step.CAPA: frozenset({Step.CAPA_LIST, Step.USER, Step.XCLIENT, Step.DONE}),
+    Step.CAPA_LIST: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.XCLIENT,
+                               Step.DONE}),
+    Step.XCLIENT: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.DONE}),
     Step.AUTH_CONTINUATION: frozenset({Step.AUTH, Step.DONE}),
     Step.AUTH: frozenset({Step.DONE}),
     Step.USER: frozenset({Step.PASS, Step.DONE}),
     Step.PASS: frozenset({Step.DONE}),
     Step.DONE: frozenset(),
 }
+
+
+#: forwarding.origin_params ID keys -> Dovecot's XCLIENT attributes (pop3-login)
+XCLIENT_ATTRIBUTES = {"x-originating-ip": b"ADDR", "x-originating-port": b"PORT",
+                      "x-session-id": b"SESSION"}
+
+
+def xclient_command(client_id: tuple[tuple[str, str | None], ...]) -> bytes:
+    """``XCLIENT ADDR=.. PORT=.. SESSION=..`` from the client's facts; b"" if none."""
+    attributes = []
+    for key, value in client_id:
+        name = XCLIENT_ATTRIBUTES.get(key.lower())
+        if name is not None and value and value.isascii() and value.isprintable() \
+                and " " not in value:
+            attributes.append(name + b"=" + value.encode("ascii"))
+    return b"XCLIENT " + b" ".join(attributes) + b"\r\n" if attributes else b""
 
 
 def parse_status(line: bytes) -> tuple[bool | None, str | None, bytes]:
@@ -112,8 +135,12 @@ class Pop3BackendLogin:
 
     def __init__(self, credentials: Credentials, login: str, *, starttls: bool,
                  client_id: tuple[tuple[str, str | None], ...] = ()) -> None:
-        # client_id (IMAP ID, RFC 2971) has no POP3 counterpart; accepted and unused.
+        # client_id: POP3 has no ID (RFC 2971); the client's address in it (see
+        # forwarding.py) goes out as XCLIENT if the backend offers it.
         self.step = Step.GREETING
+        self._xclient = xclient_command(client_id)
+        self._xclient_offered = False
+        self._after_xclient: Callable[[], list[BackendAction]] | None = None
         self._credentials = credentials
         self._login = login.encode("utf-8")
         self._starttls = starttls
@@ -162,6 +189,7 @@ class Pop3BackendLogin:
         if step is Step.GREETING:
             if not ok:
                 return self._fail(BackendUnavailable())  # e.g. "-ERR [SYS/TEMP] too busy"
+            self._xclient_offered = b"[XCLIENT]" in text.upper()
             if self._starttls:
                 self._enter(Step.STLS)
                 return [SendToBackend(b"STLS\r\n")]
@@ -177,9 +205,15 @@ class Pop3BackendLogin:
             return [StartBackendTLS()]
         if step is Step.CAPA:
             if not ok:
-                return self._send_user()  # no CAPA (plain RFC 1939): USER/PASS it is
+                # no CAPA (plain RFC 1939): USER/PASS it is
+                return self._maybe_xclient(self._send_user)
             self._enter(Step.CAPA_LIST)
             return []
+        if step is Step.XCLIENT:
+            # "-ERR You're not trusted" or the like: the login goes on all the same.
+            assert self._after_xclient is not None
+            after, self._after_xclient = self._after_xclient, None
+            return after()
         if step is Step.USER:
             if not ok:
                 return self._fail(refusal(code, text))
@@ -195,12 +229,21 @@ class Pop3BackendLogin:
 
     def _capability_line(self, line: bytes) -> list[BackendAction]:
         if line == b".":
-            return self._send_login()
+            return self._maybe_xclient(self._send_login)
         if len(self._capabilities) >= MAX_CAPA_LINES:
             return self._fail(BackendProtocolError())
         # RFC 1939 section 3: lines of a multi-line reply starting with "." are dot-stuffed.
         self._capabilities.append(line[1:] if line.startswith(b".") else line)
         return []
+
+    def _maybe_xclient(self, then: Callable[[], list[BackendAction]]) -> list[BackendAction]:
+        offered = self._xclient_offered or any(
+            c.split(b" ", 1)[0].upper() == b"XCLIENT" for c in self._capabilities)
+        if not (offered and self._xclient):
+            return then()
+        self._after_xclient = then
+        self._enter(Step.XCLIENT)
+        return [SendToBackend(self._xclient)]
 
     def _sasl_mechanisms(self) -> list[bytes]:
         for capability in self._capabilities:

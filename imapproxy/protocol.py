@@ -27,6 +27,7 @@ from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import forwarding
 from .backend import ImapBackendLogin
 from .config import Config, Listener, Timeouts
 from .credentials import Credentials
@@ -50,10 +51,12 @@ from .events import (
     StartBackendTLS,
     StartClientTLS,
 )
+from .haproxy import HeaderFirstEndpoint
 from .imap import ImapSession
 from .imapwire import response
 from .limits import ConnectionLimiter, Refusal, Ticket, client_key
 from .loops import is_own_listener, names_own_listener
+from .metrics import NULL_METRICS
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
 from .relay import BYE_SHUTDOWN, Relay
@@ -178,6 +181,9 @@ class _OneConnection(Factory):
 class BackendConnector:
     """Connects to the first reachable server of a route and logs in there."""
 
+    #: told of failures per backend (operations.py sets the real one)
+    metrics: Any = NULL_METRICS
+
     def __init__(self, reactor: Any, config: Config, health: Any = None,
                  endpoint_factory: EndpointFactory | None = None,
                  trust_root: object = None, client_certificate: Any = None) -> None:
@@ -210,16 +216,20 @@ class BackendConnector:
         return RoutingLoop()
 
     async def login(self, route: Route, protocol: str, credentials: Credentials,
-                    client_id: tuple[tuple[str, str | None], ...] = ()) -> BackendProtocol:
+                    client_id: tuple[tuple[str, str | None], ...] = (),
+                    proxy_header: bytes = b"") -> BackendProtocol:
         servers = list(route.servers)
         if self.health is not None:
             servers = self.health.order(servers)
         for server in servers:
             try:
-                backend = await self._login_at(server, route, protocol, credentials, client_id)
+                backend = await self._login_at(server, route, protocol, credentials, client_id,
+                                               proxy_header)
             except (BackendUnavailable, BackendProtocolError) as e:
                 if self.health is not None:
                     self.health.mark_failed(server)
+                self.metrics.backend_failed(str(Server(server.host, self._port(server, protocol))),
+                                            type(e).__name__)
                 log.warn("backend {server} unavailable for {user}: {reason}",
                          server=str(server), user=credentials.username, reason=type(e).__name__)
                 continue
@@ -230,11 +240,14 @@ class BackendConnector:
 
     async def _login_at(self, server: Server, route: Route, protocol: str,
                         credentials: Credentials,
-                        client_id: tuple[tuple[str, str | None], ...]) -> BackendProtocol:
+                        client_id: tuple[tuple[str, str | None], ...],
+                        proxy_header: bytes = b"") -> BackendProtocol:
         port = self._port(server, protocol)
         if names_own_listener(self.listeners, server.host, port):
             raise self._loop(server, port)
         endpoint = self.endpoint_factory(server.host, port)
+        if proxy_header:  # forward_client = "proxy-v2": before anything else, TLS included
+            endpoint = HeaderFirstEndpoint(endpoint, proxy_header)
         tls_creator = self._tls_creator(server.host)
         if self.config.tls == "implicit":
             endpoint = wrapClientTLS(tls_creator(), endpoint)
@@ -369,6 +382,7 @@ class FrontendProtocol(Protocol):
             bytes_in=self.bytes_from_client, bytes_out=self.bytes_to_client,
             reason=self.end_reason,
         )
+        self.factory.metrics.session_ended(self, reason)
         self.relay = None
         self.session = None
 
@@ -420,12 +434,18 @@ class FrontendProtocol(Protocol):
             names = rewrite(credentials.username, factory.config.username)
             route = await defer.maybeDeferred(factory.directory.lookup, names.lookup,
                                               factory.listener.protocol, names.backend)
+            forward = forwarding.for_login(
+                factory.config.backend.forward_client, action.client_id,
+                forwarding.ip_endpoint(client), forwarding.ip_endpoint(self.transport.getHost()),
+                f"{os.getpid()}-{self.session_id}")
             backend = await factory.connector.login(route, factory.listener.protocol,
-                                                    credentials, action.client_id)
+                                                    credentials, forward.client_id,
+                                                    proxy_header=forward.proxy_header)
         except ProxyError as e:
             log.info("login failed id={session_id} client={client} user={user} reason={reason}",
                      session_id=self.session_id, client=client.host, user=credentials.username,
                      reason=type(e).__name__)
+            factory.metrics.login(factory.listener.protocol, "failed", type(e).__name__)
             self._login_failed(e, self._throttle(credentials, started, e))
             return
         except Exception:
@@ -452,6 +472,7 @@ class FrontendProtocol(Protocol):
                  pid=os.getpid(),
                  client=client.host, user=self.user, backend=str(backend.server),
                  mechanism=self.mechanism, tls=getattr(self.session, "tls_active", False))
+        factory.metrics.login(factory.listener.protocol, "ok")
         assert backend.result is not None
         actions = self.session.login_succeeded(backend.result.capabilities)
         if not actions:  # the session ended while we were logging in (timeout, drain)
@@ -523,6 +544,8 @@ class ProxyFactory(ServerFactory):
 
     protocol = FrontendProtocol  # type: ignore[assignment]
     noisy = False
+    #: logins, session ends (operations.py sets the real one when [metrics] is on)
+    metrics: Any = NULL_METRICS
 
     def __init__(self, reactor: Any, config: Config, listener: Listener, directory: Directory,
                  connector: BackendConnector, registry: SessionRegistry,

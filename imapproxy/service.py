@@ -12,8 +12,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from . import config as configmodule
+from . import operations
 from .config import Config, ConfigError, Listener
 from .directory import StaticDirectory
+from .logs import LoggingRoot
+from .logs import configure as configure_logs
 from .limits import ConnectionLimiter
 from .protocol import BackendConnector, ProxyFactory
 from .servertls import ServerTLS
@@ -33,6 +36,8 @@ class Options(usage.Options):
                 "directory, logs in at the user's backend and relays the session.")
     optParameters = [
         ["config", "c", "/etc/imapproxy/imapproxy.toml", "Path to the TOML config file."],
+        ["worker-index", None, 0, "Internal: this worker's number (metrics/admin port offset).",
+         int],
     ]
     optFlags = [
         ["worker", None, "Internal: run as a worker process spawned by the main one."],
@@ -61,13 +66,15 @@ def build_directory(config: Config, reactor: Any) -> tuple[Any, list[service.ISe
     return StaticDirectory.from_file(config.directory.map), []
 
 
-def build_service(config: Config, reactor: Any, worker: bool = False) -> service.MultiService:
+def build_service(config: Config, reactor: Any, worker: bool = False,
+                  worker_index: int = 0) -> service.MultiService:
     """The whole proxy as a MultiService: one listening service per [[listen]] table.
 
     With ``workers = N`` every process listens with SO_REUSEPORT, and the main one
     (``worker`` False) also supervises the other N-1.
     """
-    top = service.MultiService()
+    top = LoggingRoot()
+    configure_logs(top, config.log, config.path)
     directory, extra = build_directory(config, reactor)
     for child in extra:
         child.setServiceParent(top)
@@ -77,9 +84,14 @@ def build_service(config: Config, reactor: Any, worker: bool = False) -> service
         log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
                      "and host names are NOT verified; anyone on the path to a backend can "
                      "read every password. Never use this outside a lab.")
-    connector = BackendConnector(reactor, config, health=health, trust_root=trust_root,
-                                 client_certificate=backend_client_certificate(config.backend,
-                                                                               config.path))
+
+    def build_connector(new: Config) -> BackendConnector:
+        trust_root = backend_trust_root(new.backend) if new.backend.tls != "none" else None
+        return BackendConnector(reactor, new, health=health, trust_root=trust_root,
+                                client_certificate=backend_client_certificate(new.backend,
+                                                                              new.path))
+
+    connector = build_connector(config)
     # Reload certificates with top.server_tls.reload(new_config.tls) (e.g. on SIGHUP).
     tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
     # Shared by every listener of this process: limits and failures count per process.
@@ -89,20 +101,33 @@ def build_service(config: Config, reactor: Any, worker: bool = False) -> service
     # Started first, so stopped last: by then the listeners no longer accept.
     DrainService(registry).setServiceParent(top)
     factories = []
+    header_factories = []
     for listener in config.listeners:
         factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls,
                                limiter=limiter, throttle=throttle)
         factories.append(factory)
+        served: Any = factory
+        if listener.proxy_protocol:
+            # PROXY header first, then TLS (implicit) and the proxy: a plain TCP port.
+            listener, served = operations.proxy_listener(reactor, config, listener, factory, tls)
+            header_factories.append(served)
         if config.workers > 1:
-            ReusePortService(reactor, listener, factory, tls).setServiceParent(top)
+            ReusePortService(reactor, listener, served, tls).setServiceParent(top)
         else:
             endpoint = listening_endpoint(reactor, listener, tls)
-            internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+            internet.StreamServerEndpointService(endpoint, served).setServiceParent(top)
+    pool = None
     if config.workers > 1 and not worker:
-        WorkerPool(reactor, str(config.path), config.workers).setServiceParent(top)
+        pool = WorkerPool(reactor, str(config.path), config.workers)
+        pool.setServiceParent(top)
     sweeper = internet.TimerService(config.timeouts.sweep_interval, registry.sweep)
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
+    top.operations = operations.attach(  # type: ignore[attr-defined]
+        top, config, reactor, registry=registry, factories=factories, connector=connector,
+        directory=directory, directory_services=extra, server_tls=tls,
+        header_factories=header_factories, build_directory=build_directory,
+        build_connector=build_connector, worker_index=worker_index, workers=pool)
     top.factories = factories  # type: ignore[attr-defined]
     top.directory = directory  # type: ignore[attr-defined]
     top.registry = registry  # type: ignore[attr-defined]
@@ -139,7 +164,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService: 
         reactor = global_reactor
     try:
         config = configmodule.load(options["config"])
-        return build_service(config, reactor, worker=bool(options["worker"]))
+        return build_service(config, reactor, worker=bool(options["worker"]),
+                             worker_index=options["worker-index"])
     except ConfigError as e:
         sys.stderr.write(f"imapproxy: config error: {e}\n")
         raise SystemExit(1) from None

@@ -105,7 +105,8 @@ class WorkerPool(service.Service):
     def _spawn(self, index: int) -> None:
         worker = _WorkerProcess(self, index)
         # Workers log to the same stdout/stderr as this process.
-        transport = self.reactor.spawnProcess(worker, sys.executable, self.command(),
+        command = [*self.command(), "--worker-index", str(index)]
+        transport = self.reactor.spawnProcess(worker, sys.executable, command,
                                               env=dict(os.environ),
                                               childFDs={0: "w", 1: 1, 2: 2})
         self.workers[index] = (worker, transport)

@@ -534,3 +534,82 @@ def test_security_key_errors(confdir: Path, text: str, key: str, message: str) -
     error = config_error(confdir, MINIMAL + text)
     assert error.key == key
     assert message in error.message
+
+
+# -- operations: [metrics], [admin], [proxy_protocol], [log], forward_client ----------------------
+
+OPERATIONS = """
+[metrics]
+address = "127.0.0.1:9143"
+
+[admin]
+address = "127.0.0.1:9144"
+
+[proxy_protocol]
+trusted = ["127.0.0.1/32", "::1/128", "10.1.0.0/16"]
+timeout = 5
+
+[backend]
+forward_client = "proxy-v2"
+
+[log]
+format = "json"
+syslog = true
+syslog_address = "127.0.0.1:514"
+syslog_facility = "local0"
+"""
+
+
+def test_operations_keys(confdir: Path) -> None:
+    text = MINIMAL.replace('tls = "none"\n', 'tls = "none"\nproxy_protocol = true\n', 1)
+    config = load(write(confdir, text + OPERATIONS))
+    assert config.listeners[0].proxy_protocol is True
+    assert config.metrics is not None and (config.metrics.host, config.metrics.port) == (
+        "127.0.0.1", 9143)
+    assert config.admin is not None and config.admin.port == 9144 and config.admin.socket is None
+    assert config.proxy_protocol.trusted[-1] == "10.1.0.0/16"
+    assert config.proxy_protocol.timeout == 5
+    assert config.backend.forward_client == "proxy-v2"
+    assert (config.log.format, config.log.syslog, config.log.syslog_facility) == (
+        "json", True, "local0")
+
+
+def test_operations_defaults(confdir: Path) -> None:
+    config = load(write(confdir, MINIMAL))
+    assert config.metrics is None and config.admin is None
+    assert config.listeners[0].proxy_protocol is False
+    assert config.proxy_protocol.trusted == ("127.0.0.1/32", "::1/128")
+    assert config.backend.forward_client == "id"
+    assert config.log.format == "text" and not config.log.syslog
+
+
+def test_admin_on_a_unix_socket(confdir: Path) -> None:
+    config = load(write(confdir, MINIMAL + '[admin]\naddress = "/run/imapproxy/admin.sock"\n'))
+    assert config.admin is not None and str(config.admin.socket) == "/run/imapproxy/admin.sock"
+
+
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        ('[metrics]\naddress = "9143"\n', "metrics.address", "host:port"),
+        ("[metrics]\n", "metrics.address", "required"),
+        ('[admin]\naddress = "0.0.0.0:9144"\n', "admin.address", "loopback"),
+        ('[admin]\naddress = "192.0.2.1:9144"\n', "admin.address", "loopback"),
+        ('[proxy_protocol]\ntrusted = ["10.0.0.0/33"]\n', "proxy_protocol.trusted", "10.0.0.0/33"),
+        ("[proxy_protocol]\ntrusted = [1]\n", "proxy_protocol.trusted", "CIDR"),
+        ('[backend]\nforward_client = "xclient"\n', "backend.forward_client", "one of"),
+        ('[log]\nformat = "xml"\n', "log.format", "one of"),
+        ('[log]\nsyslog_facility = "kern"\n', "log.syslog_facility", "one of"),
+        ('[log]\nsyslog_address = "loghost"\n', "log.syslog_address", "host:port"),
+        ("[metrics]\naddress = \"127.0.0.1:1\"\npath = \"/m\"\n", "metrics.path", "unknown key"),
+    ],
+)
+def test_operations_errors(confdir: Path, text: str, key: str, message: str) -> None:
+    error = config_error(confdir, MINIMAL + text)
+    assert error.key == key
+    assert message in error.message
+
+
+def test_listener_proxy_protocol_must_be_a_boolean(confdir: Path) -> None:
+    text = MINIMAL.replace('tls = "none"\n', 'tls = "none"\nproxy_protocol = "yes"\n', 1)
+    assert config_error(confdir, text).key == "listen[0].proxy_protocol"

@@ -304,3 +304,66 @@ def test_transitions_outside_the_table_are_bugs() -> None:
     login.receive_data(b"-ERR go away\r\n")
     with pytest.raises(AssertionError, match="illegal transition"):
         login.tls_started()  # the dialogue is over
+
+
+# -- XCLIENT: the client's address, where the backend offers it ----------------------------------
+
+ORIGIN = (("x-originating-ip", "192.0.2.7"), ("x-originating-port", "40000"),
+          ("x-connected-ip", "10.0.0.1"), ("x-session-id", "12-3"))
+XCLIENT = b"XCLIENT ADDR=192.0.2.7 PORT=40000 SESSION=12-3\r\n"
+
+
+def forwarding_dialogue(client_id: tuple[tuple[str, str | None], ...] = ORIGIN,
+                        starttls: bool = False) -> Pop3BackendLogin:
+    return Pop3BackendLogin(Credentials("alice", Secret(b"secret")), "alice",
+                            starttls=starttls, client_id=client_id)
+
+
+def test_xclient_when_the_greeting_offers_it_then_login() -> None:
+    # Dovecot's pop3-login greets its login_trusted_networks with "[XCLIENT]".
+    for split in (False, True):
+        play(forwarding_dialogue, [
+            (b"+OK [XCLIENT] store1 ready.\r\n", [SendToBackend(b"CAPA\r\n")]),
+            (CAPA_PLAIN, [SendToBackend(XCLIENT)]),
+            (b"+OK Updated\r\n", [SendToBackend(b"AUTH PLAIN " + plain_token(b"alice", b"secret")
+                                                + b"\r\n")]),
+            (b"+OK Logged in.\r\n", [BackendLoggedIn(None, b"")]),
+        ], split=split)
+
+
+def test_xclient_from_capa_and_refused_xclient_does_not_stop_the_login() -> None:
+    play(forwarding_dialogue, [
+        (GREETING, [SendToBackend(b"CAPA\r\n")]),
+        (b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n", [SendToBackend(XCLIENT)]),
+        (b"-ERR You are not from trusted IP\r\n", [SendToBackend(b"USER alice\r\n")]),
+    ], split=False)
+
+
+def test_xclient_before_user_when_capa_is_unknown() -> None:
+    play(forwarding_dialogue, [
+        (b"+OK [XCLIENT] ready\r\n", [SendToBackend(b"CAPA\r\n")]),
+        (b"-ERR what\r\n", [SendToBackend(XCLIENT)]),
+        (b"+OK\r\n", [SendToBackend(b"USER alice\r\n")]),
+    ], split=False)
+
+
+def test_no_xclient_unless_offered_or_without_an_address() -> None:
+    play(forwarding_dialogue, [(GREETING, [SendToBackend(b"CAPA\r\n")]),
+                               (CAPA_USER_ONLY, [SendToBackend(b"USER alice\r\n")])], split=False)
+    play(lambda: forwarding_dialogue(()), [
+        (b"+OK [XCLIENT] ready\r\n", [SendToBackend(b"CAPA\r\n")]),
+        (CAPA_USER_ONLY, [SendToBackend(b"USER alice\r\n")])], split=False)
+    odd = (("x-originating-ip", "1.2.3.4 EVIL=1"), ("x-originating-port", None))
+    play(lambda: forwarding_dialogue(odd), [
+        (b"+OK [XCLIENT] ready\r\n", [SendToBackend(b"CAPA\r\n")]),
+        (CAPA_USER_ONLY, [SendToBackend(b"USER alice\r\n")])], split=False)
+
+
+def test_xclient_after_stls() -> None:
+    play(lambda: forwarding_dialogue(starttls=True), [
+        (b"+OK [XCLIENT] ready\r\n", [SendToBackend(b"STLS\r\n")]),
+        (b"+OK Begin TLS\r\n", [StartBackendTLS()]),
+        ("TLS", [SendToBackend(b"CAPA\r\n")]),
+        (CAPA_USER_ONLY, [SendToBackend(XCLIENT)]),
+        (b"+OK Updated\r\n", [SendToBackend(b"USER alice\r\n")]),
+    ], split=False)

@@ -10,8 +10,11 @@ class RawImap:
     """Send exact bytes; read lines until a tagged reply."""
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None,
-                 timeout: float = 10.0) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+                 timeout: float = 10.0, source: str | None = None) -> None:
+        # ``source``: connect from this local address (e.g. 127.0.0.2, to tell a client
+        # from the proxies and load balancers that all run on 127.0.0.1).
+        sock = socket.create_connection((host, port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         self.sock: socket.socket = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self._buffer = b""
         self.greeting = self.readline()

@@ -1,0 +1,309 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""Prometheus metrics (prometheus_client), served by twisted.web on ``[metrics] address``.
+
+The relay's hot path counts nothing: sessions by state and bytes relayed are read
+from the SessionRegistry when Prometheus scrapes (a session's byte counters exist
+anyway, for the session-end log line). Everything else is counted where it
+happens, once per login or connection: logins by result and reason, directory
+lookups (latency, cache hits), backend connects (latency, failures per backend),
+TLS handshake failures, refused PROXY headers, reloads.
+
+Each process has its own registry (not prometheus_client's global one): with
+``workers = N`` worker ``i`` serves its own numbers on the port plus ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from OpenSSL import SSL
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet import defer
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from .errors import DirectoryUnavailable, UserNotFound
+
+#: session states, as the sessions gauge labels them
+PRE_AUTH, ACTIVE, IDLE = "pre-auth", "active", "idle"
+#: seconds: a lookup from cache takes microseconds, LDAP milliseconds, a dead server seconds
+LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                  5.0, 10.0)
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0)
+
+
+def session_state(session: Any) -> str:
+    """pre-auth (until the relay starts, logging in included), IDLE, or active."""
+    relay = session.relay
+    if relay is None:
+        return PRE_AUTH
+    tracker = relay.tracker
+    return IDLE if tracker is not None and tracker.idling else ACTIVE
+
+
+def session_protocol(session: Any) -> str:
+    return str(session.factory.listener.protocol)
+
+
+class NullMetrics:
+    """Counts nothing: what the adapters use when metrics are off (and in tests)."""
+
+    def login(self, protocol: str, result: str, reason: str = "") -> None:
+        """A login attempt ended: result "ok" or "failed" with the error's name."""
+
+    def backend_failed(self, backend: str, reason: str) -> None:
+        """A backend could not be connected to or logged in at."""
+
+    def session_ended(self, session: Any, reason: Failure | None) -> None:
+        """A client connection closed (bytes, TLS handshake failures)."""
+
+    def proxy_header_refused(self, reason: str) -> None:
+        """A connection on a proxy_protocol listener was refused."""
+
+    def reloaded(self, ok: bool) -> None:
+        """A SIGHUP reload was applied (ok) or refused."""
+
+    def timed_directory(self, directory: Any, clock: Any) -> Any:
+        return directory
+
+    def timed_endpoints(self, factory: Callable[[str, int], Any],
+                        clock: Any) -> Callable[[str, int], Any]:
+        return factory
+
+
+NULL_METRICS = NullMetrics()
+
+
+class Metrics(NullMetrics):
+    """Every metric of one proxy process, in a CollectorRegistry of its own."""
+
+    def __init__(self, sessions: Callable[[], Any] | None = None) -> None:
+        #: returns the live sessions (the SessionRegistry's set) at scrape time
+        self._sessions = sessions or (lambda: ())
+        # The *_created series double the output and tell a scraper nothing it needs.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.logins = Counter("imapproxy_logins", "Login attempts by protocol, result and "
+                              "reason (the error for a failure)",
+                              ["protocol", "result", "reason"], registry=r)
+        self.lookup_seconds = Histogram("imapproxy_lookup_seconds",
+                                        "Directory lookup latency by result",
+                                        ["result"], buckets=LOOKUP_BUCKETS, registry=r)
+        self.lookup_cache = Counter("imapproxy_lookup_cache",
+                                    "Directory lookups answered from the cache (hit) or "
+                                    "by a search (miss); the static map has no cache",
+                                    ["result"], registry=r)
+        self.backend_connect_seconds = Histogram(
+            "imapproxy_backend_connect_seconds", "TCP connect latency per backend",
+            ["backend"], buckets=CONNECT_BUCKETS, registry=r)
+        self.backend_failures = Counter("imapproxy_backend_failures",
+                                        "Backend connects or logins that failed, per backend "
+                                        "and reason", ["backend", "reason"], registry=r)
+        self.tls_failures = Counter("imapproxy_tls_handshake_failures",
+                                    "Client connections lost to a TLS error before login",
+                                    ["protocol"], registry=r)
+        self.sessions_ended = Counter("imapproxy_sessions_ended",
+                                      "Client connections ended, by protocol",
+                                      ["protocol"], registry=r)
+        self.proxy_refused = Counter("imapproxy_proxy_protocol_refused",
+                                     "Connections refused on proxy_protocol listeners",
+                                     ["reason"], registry=r)
+        self.reloads = Counter("imapproxy_reloads", "SIGHUP reloads applied or refused",
+                               ["result"], registry=r)
+        #: bytes of ended sessions, (protocol, direction) -> bytes
+        self.ended_bytes: dict[tuple[str, str], int] = {}
+        r.register(_LiveCollector(self))
+
+    # -- counted where it happens ----------------------------------------------------------
+
+    def login(self, protocol: str, result: str, reason: str = "") -> None:
+        self.logins.labels(protocol, result, reason).inc()
+
+    def backend_failed(self, backend: str, reason: str) -> None:
+        self.backend_failures.labels(backend, reason).inc()
+
+    def session_ended(self, session: Any, reason: Failure | None) -> None:
+        protocol = session_protocol(session)
+        self.sessions_ended.labels(protocol).inc()
+        for direction, count in (("in", session.bytes_from_client),
+                                 ("out", session.bytes_to_client)):
+            key = (protocol, direction)
+            self.ended_bytes[key] = self.ended_bytes.get(key, 0) + count
+        if reason is not None and reason.check(SSL.Error) and session.relay is None \
+                and not session.user:
+            self.tls_failures.labels(protocol).inc()
+
+    def proxy_header_refused(self, reason: str) -> None:
+        self.proxy_refused.labels(reason).inc()
+
+    def reloaded(self, ok: bool) -> None:
+        self.reloads.labels("ok" if ok else "refused").inc()
+
+    def lookup_done(self, seconds: float, result: str) -> None:
+        self.lookup_seconds.labels(result).observe(seconds)
+
+    def backend_connected(self, backend: str, seconds: float) -> None:
+        self.backend_connect_seconds.labels(backend).observe(seconds)
+
+    # -- wrappers that time things without touching the adapters ---------------------------
+
+    def timed_directory(self, directory: Any, clock: Any) -> Any:
+        return TimedDirectory(directory, self, clock)
+
+    def timed_endpoints(self, factory: Callable[[str, int], Any],
+                        clock: Any) -> Callable[[str, int], Any]:
+        def timed(host: str, port: int) -> Any:
+            return TimedEndpoint(factory(host, port), self, clock, _backend_label(host, port))
+        return timed
+
+    def render(self) -> bytes:
+        """The Prometheus text format of everything, now."""
+        return generate_latest(self.registry)
+
+
+def _backend_label(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _LiveCollector:
+    """What is read from the live sessions at scrape time: sessions by state, bytes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # computed at collect time; no fixed description to check against
+
+    def collect(self) -> Iterator[Metric]:
+        counts: dict[tuple[str, str], int] = {}
+        totals = dict(self.metrics.ended_bytes)
+        for session in list(self.metrics._sessions()):
+            protocol = session_protocol(session)
+            state = session_state(session)
+            counts[(protocol, state)] = counts.get((protocol, state), 0) + 1
+            for direction, count in (("in", session.bytes_from_client),
+                                     ("out", session.bytes_to_client)):
+                totals[(protocol, direction)] = totals.get((protocol, direction), 0) + count
+        sessions = GaugeMetricFamily("imapproxy_sessions",
+                                     "Client sessions now, by protocol and state",
+                                     labels=["protocol", "state"])
+        protocols = {p for p, _ in counts} | {"imap", "pop3"}
+        for protocol in sorted(protocols):
+            # POP3 has no IDLE; its sessions are pre-auth or active.
+            for state in (PRE_AUTH, ACTIVE, IDLE) if protocol != "pop3" else (PRE_AUTH, ACTIVE):
+                sessions.add_metric([protocol, state], counts.get((protocol, state), 0))
+        yield sessions
+        relayed = CounterMetricFamily("imapproxy_client_bytes",
+                                      "Bytes from (in) and to (out) clients, ended and live "
+                                      "sessions", labels=["protocol", "direction"])
+        for (protocol, direction), count in sorted(totals.items()):
+            relayed.add_metric([protocol, direction], count)
+        yield relayed
+
+
+class TimedDirectory:
+    """A Directory that reports each lookup's latency and whether the cache answered."""
+
+    def __init__(self, directory: Any, metrics: Metrics, clock: Any) -> None:
+        self.directory = directory
+        self.metrics = metrics
+        self.clock = clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.directory, name)  # clear_cache, service, ...
+
+    def lookup(self, username: str, protocol: str, backend_login: str | None = None) -> Any:
+        started = self.clock.seconds()
+        try:
+            result = self.directory.lookup(username, protocol, backend_login)
+        except Exception as e:
+            self.metrics.lookup_done(self.clock.seconds() - started, _lookup_result(e))
+            raise
+        if not isinstance(result, defer.Deferred):
+            self.metrics.lookup_done(self.clock.seconds() - started, "ok")
+            return result
+        # A Deferred that has fired already was answered without a search: the cache.
+        self.metrics.lookup_cache.labels("hit" if result.called else "miss").inc()
+
+        def done(outcome: Any) -> Any:
+            value = outcome.value if isinstance(outcome, Failure) else None
+            self.metrics.lookup_done(self.clock.seconds() - started,
+                                     _lookup_result(value) if value is not None else "ok")
+            return outcome
+        return result.addBoth(done)
+
+
+def _lookup_result(error: BaseException) -> str:
+    if isinstance(error, UserNotFound):
+        return "not_found"
+    if isinstance(error, DirectoryUnavailable):
+        return "unavailable"
+    return "error"
+
+
+@implementer(IStreamClientEndpoint)
+class TimedEndpoint:
+    """A client endpoint that reports how long its TCP connect took."""
+
+    def __init__(self, wrapped: Any, metrics: Metrics, clock: Any, label: str) -> None:
+        self.wrapped = wrapped
+        self.metrics = metrics
+        self.clock = clock
+        self.label = label
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        started = self.clock.seconds()
+
+        def connected(protocol: Any) -> Any:
+            self.metrics.backend_connected(self.label, self.clock.seconds() - started)
+            return protocol
+        return self.wrapped.connect(factory).addCallback(connected)
+
+
+class MetricsResource(Resource):
+    """GET /metrics: the Prometheus text format, rendered in the reactor thread.
+
+    (prometheus_client.twisted's resource renders in a thread, where reading the
+    live sessions would race with the reactor.)
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        if request.path not in (b"/metrics", b"/metrics/"):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"not found; try /metrics\n"
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.metrics.render()
+
+
+class QuietSite(Site):
+    """A Site that writes no access log line per request (Prometheus scrapes often)."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def metrics_site(metrics: Metrics) -> Site:
+    return QuietSite(MetricsResource(metrics))

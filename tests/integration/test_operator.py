@@ -1,0 +1,354 @@
+"""Operations end to end: metrics and admin with real sessions, the client's address at
+Dovecot (IMAP ID), HAProxy with send-proxy-v2 in front of two proxies, SIGHUP reloads.
+
+Clients connect from 127.0.0.2, so their address is told apart from the proxies' and
+HAProxy's (127.0.0.1) in every log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rig.proxy
+from prometheus_client.parser import text_string_to_metric_families
+from rig.imapraw import RawImap
+from rig.ports import free_port
+from rig.proxy import store_map
+
+from imapproxy.proxyprotocol import encode_v2
+
+HOST = "127.0.0.1"
+CLIENT = "127.0.0.2"
+#: seconds to wait for something the proxy does on its own time
+SOON = 10.0
+
+
+def limits() -> str:
+    # The rig's quick-failure [limits] when it has them (tests/rig/proxy.py).
+    return str(getattr(rig.proxy, "RIG_LIMITS", ""))
+
+
+def config(listen: list[dict[str, Any]], map_file: str = "users.map", extra: str = "",
+           cert: Any = None) -> str:
+    text = ""
+    for item in listen:
+        text += "[[listen]]\n" + "".join(
+            f"{key} = {json.dumps(value)}\n" for key, value in item.items()) + "\n"
+    text += "[tls]\nplaintext_auth = true\n"
+    if cert is not None:
+        text += f'certificate = "{cert.chain_path}"\nkey = "{cert.key_path}"\n'
+    text += f'\n[directory]\ntype = "static"\nmap = "{map_file}"\n\n{extra}\n{limits()}'
+    return text
+
+
+def user(mail_users: list[Any], name: str) -> Any:
+    return next(u for u in mail_users if u.name == name)
+
+
+def login(port: int, account: Any, source: str = CLIENT) -> RawImap:
+    raw = RawImap(HOST, port, source=source)
+    password = account.password.encode()
+    # A LITERAL+ literal: any password as it is (the proxy offers LITERAL+).
+    reply = raw.command(b"l", b"LOGIN " + account.name.encode()
+                        + b" {%d+}\r\n" % len(password) + password)
+    assert reply[-1].startswith(b"l OK"), reply
+    assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    return raw
+
+
+def idle(raw: RawImap) -> None:
+    raw.send(b"i IDLE\r\n")
+    assert raw.readline().startswith(b"+")
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = SOON) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
+        assert response.headers["content-type"].startswith("text/plain")
+        text = response.read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def metric(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def admin(address: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "imapproxy.admincli", "--address", address,
+                             *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def json_log(proxy: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proxy.log().splitlines() if line.startswith("{")]
+
+
+def test_metrics_admin_and_client_address_at_dovecot(store1, store2, mail_users, start_proxy,
+                                                      server_cert, client_tls):
+    port, tls_port, metrics_port, admin_port = (free_port() for _ in range(4))
+    users_map = store_map(store1, store2, mail_users)
+    proxy = start_proxy(
+        config([{"protocol": "imap", "address": f"{HOST}:{port}", "tls": "none"},
+                {"protocol": "imap", "address": f"{HOST}:{tls_port}", "tls": "implicit"}],
+               cert=server_cert,
+               extra=f'[metrics]\naddress = "{HOST}:{metrics_port}"\n\n'
+                     f'[admin]\naddress = "{HOST}:{admin_port}"\n\n[log]\nformat = "json"\n'),
+        [port, tls_port, metrics_port, admin_port], {"users.map": users_map})
+    alice, bob, carol = (user(mail_users, n) for n in ("alice", "bob", "carol"))
+    idler = login(port, alice)
+    idle(idler)
+    busy = login(port, bob)
+    waiting = RawImap(HOST, port, source=CLIENT)  # connected, not logged in
+    wrong = RawImap(HOST, port, source=CLIENT)
+    assert wrong.command(b"w", b"LOGIN carol wrong-password")[-1].startswith(b"w NO")
+    wrong.close()
+    # A client that does not trust the certificate gives up in the handshake.
+    with pytest.raises(ssl.SSLError), socket.create_connection((HOST, tls_port),
+                                                               timeout=5) as sock:
+        ssl.create_default_context().wrap_socket(sock, server_hostname="localhost")
+    # One that does gets in.
+    tls_client = RawImap(HOST, tls_port, tls=client_tls, source=CLIENT)
+    assert tls_client.greeting.startswith(b"* OK")
+    tls_client.close()
+
+    # -- metrics, read from the live sessions ------------------------------------------------
+    def settled() -> Any:
+        found = scrape(metrics_port)
+        states = {state: metric(found, "imapproxy_sessions", protocol="imap", state=state)
+                  for state in ("pre-auth", "active", "idle")}
+        tls_failed = metric(found, "imapproxy_tls_handshake_failures_total", protocol="imap")
+        return found if states == {"pre-auth": 1, "active": 1, "idle": 1} and tls_failed else None
+
+    found = wait_for(settled, "sessions by state and the TLS failure in the metrics")
+    assert metric(found, "imapproxy_logins_total", protocol="imap", result="ok", reason="") == 2
+    assert metric(found, "imapproxy_logins_total", protocol="imap", result="failed",
+                  reason="AuthenticationFailed") == 1
+    assert metric(found, "imapproxy_lookup_seconds_count", result="ok") == 3
+    for store in (store1, store2):
+        assert metric(found, "imapproxy_backend_connect_seconds_count",
+                      backend=f"127.0.0.1:{store.imap_port}") >= 1
+    assert metric(found, "imapproxy_client_bytes_total", protocol="imap", direction="in") > 0
+
+    # -- Dovecot saw the client's address (IMAP ID x-originating-ip) -------------------------
+    log_line = wait_for(lambda: [line for line in store1.log_path.read_text().splitlines()
+                                 if "Login: user=<alice>" in line], "alice's login at store1")
+    assert "rip=127.0.0.2" in log_line[-1], log_line
+
+    # -- admin: list, kick by user, kick by backend ------------------------------------------
+    listed = [json.loads(line) for line in admin(f"{HOST}:{admin_port}", "sessions",
+                                                 "--json").splitlines()]
+    by_user = {s["user"]: s for s in listed}
+    assert by_user["alice"]["state"] == "idle"
+    assert by_user["alice"]["client"].startswith("127.0.0.2:")
+    assert by_user["alice"]["backend"] == f"127.0.0.1:{store1.imap_port}"
+    assert by_user["bob"]["state"] == "active"
+    assert by_user[""]["state"] == "pre-auth"
+    table = admin(f"{HOST}:{admin_port}", "sessions")
+    assert table.splitlines()[0].split()[:4] == ["PID", "ID", "PROTO", "USER"]
+    assert "alice" in table and "idle" in table
+
+    assert admin(f"{HOST}:{admin_port}", "kick", "--user", "alice") == \
+        "kicked 1 session (user alice)\n"
+    assert idler.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
+    assert idler.at_eof()
+    assert busy.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # bob was not touched
+    out = admin(f"{HOST}:{admin_port}", "kick", "--backend", f"127.0.0.1:{store2.imap_port}")
+    assert out == f"kicked 1 session (backend 127.0.0.1:{store2.imap_port})\n"
+    assert busy.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
+    assert busy.at_eof()
+    waiting.close()
+
+    # -- bytes stay counted after the sessions ended; JSON log lines --------------------------
+    after = wait_for(lambda: (lambda f: f if metric(f, "imapproxy_sessions", protocol="imap",
+                                                    state="idle") == 0 else None)(
+        scrape(metrics_port)), "the kicked sessions to end")
+    assert metric(after, "imapproxy_client_bytes_total", protocol="imap", direction="out") >= \
+        metric(found, "imapproxy_client_bytes_total", protocol="imap", direction="out")
+    events = json_log(proxy)
+    logins = [e for e in events if e["text"].startswith("login id=") and e.get("user") == "alice"]
+    assert logins and logins[0]["client"] == CLIENT
+    ends = wait_for(lambda: [e for e in json_log(proxy) if e["text"].startswith("session end")
+                             and e.get("user") == "alice"], "alice's session end line")
+    assert ends[0]["reason"] == "kicked" and ends[0]["bytes_out"] > 0
+
+
+# -- HAProxy in front ------------------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+HAPROXY_CONFIG = """
+global
+    maxconn 200
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend imap
+    bind 127.0.0.1:{port}
+    default_backend proxies
+backend proxies
+    balance roundrobin
+{servers}
+"""
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[Callable[[list[int]], int]]:
+    """Start HAProxy (send-proxy-v2 to each given port); returns its listening port."""
+    if not Path(HAPROXY).exists():
+        pytest.fail("haproxy is not installed: run scripts/install-deps")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(backends: list[int]) -> int:
+        port = free_port()
+        servers = "".join(f"    server p{i} 127.0.0.1:{p} send-proxy-v2\n"
+                          for i, p in enumerate(backends))
+        path = tmp_path / "haproxy.cfg"
+        path.write_text(HAPROXY_CONFIG.format(port=port, servers=servers))
+        with (tmp_path / "haproxy.log").open("ab") as log:
+            process = subprocess.Popen([HAPROXY, "-db", "-f", str(path)], stdout=log,
+                                       stderr=subprocess.STDOUT)
+        started.append(process)
+        wait_for(lambda: _accepts(port) or process.poll() is not None, "haproxy to listen")
+        assert process.poll() is None, (tmp_path / "haproxy.log").read_text()
+        return port
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_haproxy_with_send_proxy_v2_in_front_of_two_proxies(store1, store2, mail_users,
+                                                           start_proxy, haproxy):
+    users_map = store_map(store1, store2, mail_users)
+    ports = [free_port(), free_port()]
+    trusted = '[proxy_protocol]\ntrusted = ["127.0.0.1/32"]\n'
+    proxies = [start_proxy(config([{"protocol": "imap", "address": f"{HOST}:{p}",
+                                    "tls": "none", "proxy_protocol": True}], extra=trusted),
+                           [p], {"users.map": users_map}, name=f"pp{i}")
+               for i, p in enumerate(ports)]
+    front = haproxy(ports)
+    names = ["alice", "bob", "carol", "dave"]
+    clients = [login(front, user(mail_users, name)) for name in names]
+    for raw in clients:
+        assert raw.command(b"n", b"NOOP")[-1].startswith(b"n OK")
+        raw.command(b"o", b"LOGOUT")
+        raw.close()
+    # Round robin spread the four over both, and each logged the client, not HAProxy.
+    per_proxy = [[line for line in p.log().splitlines() if "] login id=" in line]
+                 for p in proxies]
+    assert [len(lines) > 0 for lines in per_proxy] == [True, True], per_proxy
+    assert sum(len(lines) for lines in per_proxy) == len(names)
+    assert all(" client=127.0.0.2 " in line for lines in per_proxy for line in lines), per_proxy
+    # Not HAProxy (nor trusted): closed without a word.
+    direct = socket.create_connection((HOST, ports[0]), source_address=(CLIENT, 0), timeout=5)
+    try:
+        assert direct.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        direct.close()
+    assert "PROXY header refused from 127.0.0.2" in proxies[0].log()
+
+    # An IPv6 client, as a load balancer would announce it, and its address at Dovecot.
+    raw_socket = socket.create_connection((HOST, ports[1]), timeout=5)
+    raw_socket.sendall(encode_v2(("2001:db8::7", 40000), ("2001:db8::1", 143)))
+    reader = raw_socket.makefile("rb")
+    assert reader.readline().startswith(b"* OK")
+    erin = user(mail_users, "erin")
+    raw_socket.sendall(b"e LOGIN erin " + erin.password.encode() + b"\r\n")
+    assert reader.readline().startswith(b"e OK")
+    raw_socket.close()
+    wait_for(lambda: "client=2001:db8::7 user=erin" in proxies[1].log(), "the IPv6 login line")
+    line = wait_for(lambda: [x for x in store1.log_path.read_text().splitlines()
+                             if "Login: user=<erin>" in x and "rip=2001:db8::7" in x],
+                    "erin's login at store1 with the IPv6 address")
+    assert line
+
+    # forward_client = "proxy-v2": a third proxy hands the client's address to the second
+    # one (a PROXY listener) in a v2 header.
+    chained_port = free_port()
+    chained = start_proxy(
+        config([{"protocol": "imap", "address": f"{HOST}:{chained_port}", "tls": "none"}],
+               extra='[backend]\nforward_client = "proxy-v2"\n'),
+        [chained_port], {"users.map": f"*  127.0.0.1:{ports[1]}\n"}, name="chained")
+    raw = login(chained_port, user(mail_users, "frank"))
+    raw.close()
+    wait_for(lambda: "client=127.0.0.2 user=frank" in proxies[1].log(),
+             "frank's login at the second proxy with the client's address")
+    assert "client=127.0.0.2 user=frank" in chained.log()
+
+
+# -- SIGHUP ---------------------------------------------------------------------------------
+
+
+def test_sighup_reloads_the_map_and_keeps_an_idle_session(store1, store2, mail_users,
+                                                          start_proxy):
+    port = free_port()
+    alice = user(mail_users, "alice")
+    proxy = start_proxy(config([{"protocol": "imap", "address": f"{HOST}:{port}",
+                                 "tls": "none"}]),
+                        [port], {"users.map": f"alice  127.0.0.1:{store1.imap_port}\n"})
+    idler = login(port, alice)
+    idle(idler)
+    map_path = proxy.workdir / "users.map"
+    map_path.write_text(f"alice  127.0.0.1:{store2.imap_port}\n")
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded " in proxy.log(), "the reload")
+    moved = login(port, alice)
+    moved.command(b"o", b"LOGOUT")
+    assert f"user=alice backend=127.0.0.1:{store2.imap_port}" in proxy.log()
+    # The session opened before the reload is still relayed, from store1.
+    store1.deliver("alice", b"From: a@example.org\r\nSubject: after reload\r\n\r\nhi\r\n")
+    line = wait_for(lambda: idler.readline(), "the IDLE push")
+    assert line.startswith(b"* ") and (b"EXISTS" in line or b"RECENT" in line), line
+
+    # A broken config is refused; the running one (store2 for alice) stays.
+    proxy.config_path.write_text(proxy.config_path.read_text() + "\n[[listen]\nbroken")
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in proxy.log(), "the refusal")
+    again = login(port, alice)
+    again.command(b"o", b"LOGOUT")
+    moved_logins = [line for line in proxy.log().splitlines() if "] login id=" in line
+                    and f"user=alice backend=127.0.0.1:{store2.imap_port}" in line]
+    assert len(moved_logins) == 2, proxy.log()
+    assert proxy.process is not None and proxy.process.poll() is None
+    idler.send(b"DONE\r\n")
+    assert idler.until_tagged(b"i")[-1].startswith(b"i OK")

@@ -1,0 +1,143 @@
+"""admincli: addresses per worker, the table, and the commands against a stub API."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imapproxy import admincli
+from imapproxy.admincli import AdminError, format_sessions, request, run, worker_addresses
+
+SESSION = {"id": 3, "pid": 100, "protocol": "imap", "user": "alice",
+           "client": "192.0.2.7:40000", "backend": "store1:143", "state": "idle",
+           "since": 1000.0, "bytes_in": 1, "bytes_out": 2}
+
+
+class _Api(BaseHTTPRequestHandler):
+    calls: list[tuple[str, str]] = []
+
+    def _answer(self) -> None:
+        self.calls.append((self.command, self.path))
+        if self.path.startswith("/sessions"):
+            body: Any = {"pid": 100, "sessions": [SESSION, {**SESSION, "id": 4, "user": "bob",
+                                                            "since": 900.0}]}
+        elif self.path.startswith("/kick"):
+            body = {"kicked": 2, "ids": [3, 4]}
+        elif self.path == "/drain":
+            body = {"draining": 5}
+        else:
+            self.send_response(404)
+            self.end_headers()
+            self.wfile.write(b'{"error": "not found"}')
+            return
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _answer  # noqa: N815
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def api() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Api.calls = []
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_worker_addresses() -> None:
+    assert worker_addresses("127.0.0.1:9144", 1) == ["127.0.0.1:9144"]
+    assert worker_addresses("127.0.0.1:9144", 3) == ["127.0.0.1:9144", "127.0.0.1:9145",
+                                                     "127.0.0.1:9146"]
+    assert worker_addresses("[::1]:9144", 2) == ["[::1]:9144", "[::1]:9145"]
+    assert worker_addresses("/run/a.sock", 2) == ["/run/a.sock", "/run/a.sock.1"]
+
+
+def test_table_is_oldest_first() -> None:
+    text = format_sessions([SESSION, {**SESSION, "user": "", "since": 900.0, "backend": ""}],
+                           now=1000.0 + 3725)
+    lines = text.splitlines()
+    assert lines[0].split() == ["PID", "ID", "PROTO", "USER", "CLIENT", "BACKEND", "STATE",
+                                "SINCE"]
+    assert " - " in lines[1] and "(1h03m)" in lines[1]
+    assert "alice" in lines[2] and "(1h02m)" in lines[2]
+
+
+def test_commands(api: str) -> None:
+    out = io.StringIO()
+    assert run(["--address", api, "sessions", "--user", "ALICE", "--json"], out) == 0
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == [3]
+    out = io.StringIO()
+    assert run(["--address", api, "sessions"], out, now=2000.0) == 0
+    assert "bob" in out.getvalue() and "alice" in out.getvalue()
+    out = io.StringIO()
+    run(["--address", api, "kick", "--user", "alice@example.org"], out)
+    assert out.getvalue() == "kicked 2 sessions (user alice@example.org)\n"
+    run(["--address", api, "kick", "--backend", "[::1]:143"], out)
+    out = io.StringIO()
+    run(["--address", api, "drain"], out)
+    assert out.getvalue() == "draining 5 sessions\n"
+    assert ("POST", "/kick?user=alice%40example.org") in _Api.calls
+    assert ("POST", "/kick?backend=%5B%3A%3A1%5D%3A143") in _Api.calls
+
+
+def test_errors(api: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(AdminError, match="not found"):
+        request(api, "GET", "/other")
+    assert admincli.main(["--address", "127.0.0.1:1", "sessions"]) == 1
+    assert "imapproxy-admin: 127.0.0.1:1:" in capsys.readouterr().err
+    (tmp_path / "users.map").write_text("* h\n")
+    config = tmp_path / "c.toml"
+    config.write_text('[[listen]]\naddress = "127.0.0.1:1"\ntls = "none"\n'
+                      '[directory]\nmap = "users.map"\n')
+    assert admincli.main(["--config", str(config), "sessions"]) == 1
+    assert "the admin API is off" in capsys.readouterr().err
+    config.write_text(config.read_text() + f'[admin]\naddress = "{api}"\nworkers = 2\n')
+    assert admincli.main(["--config", str(config), "drain"]) == 1  # no such key in [admin]
+    assert "config error" in capsys.readouterr().err
+
+
+def test_config_finds_every_worker(api: str, tmp_path: Path) -> None:
+    (tmp_path / "users.map").write_text("* h\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'workers = 1\n[[listen]]\naddress = "127.0.0.1:1"\ntls = "none"\n'
+                      f'[directory]\nmap = "users.map"\n[admin]\naddress = "{api}"\n')
+    out = io.StringIO()
+    assert run(["--config", str(config), "drain"], out) == 0
+    assert out.getvalue() == "draining 5 sessions\n"
+
+
+def test_unix_socket(tmp_path: Path) -> None:
+    import socketserver
+
+    class Server(socketserver.UnixStreamServer):
+        pass
+
+    class Handler(_Api):
+        def address_string(self) -> str:
+            return "unix"
+
+    path = str(tmp_path / "admin.sock")
+    server = Server(path, Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert request(path, "POST", "/drain") == {"draining": 5}
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,99 @@
+"""operations: what attach() adds to a built service tree, on a MemoryReactorClock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from imapproxy.config import load
+from imapproxy.haproxy import ProxyHeaderFactory
+from imapproxy.metrics import Metrics, TimedDirectory
+from imapproxy.operations import admin_endpoint
+from imapproxy.protocol import ProxyFactory
+from imapproxy.service import build_service
+
+CONFIG = """
+[[listen]]
+protocol = "imap"
+address = "127.0.0.1:1143"
+tls = "none"
+
+[[listen]]
+protocol = "pop3"
+address = "127.0.0.1:1110"
+tls = "none"
+proxy_protocol = true
+
+[tls]
+plaintext_auth = true
+
+[directory]
+map = "users.map"
+
+[metrics]
+address = "127.0.0.1:9143"
+
+[admin]
+address = "{admin}"
+
+[proxy_protocol]
+trusted = ["10.0.0.0/8"]
+timeout = 3
+"""
+
+
+def config_file(tmp_path: Path, admin: str = "127.0.0.1:9144") -> Path:
+    (tmp_path / "users.map").write_text("* 10.0.0.1\n")
+    path = tmp_path / "imapproxy.toml"
+    path.write_text(CONFIG.format(admin=admin))
+    return path
+
+
+def test_attach_wires_metrics_admin_and_proxy_listeners(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    top = build_service(load(config_file(tmp_path)), reactor, worker_index=2)
+    ops = top.operations
+    assert isinstance(ops.metrics, Metrics)
+    top.privilegedStartService()
+    top.startService()
+    try:
+        ports = {port: (factory, interface) for port, factory, _, interface in reactor.tcpServers}
+        assert set(ports) == {1143, 1110, 9145, 9146}  # metrics and admin: port + worker index
+        header = ports[1110][0]
+        assert isinstance(header, ProxyHeaderFactory) and header.timeout == 3
+        assert header.metrics is ops.metrics
+        assert isinstance(header.wrappedFactory, ProxyFactory)
+        assert header.trusted.allows("10.9.9.9") and not header.trusted.allows("127.0.0.1")
+        for factory in top.factories:
+            assert factory.metrics is ops.metrics
+            assert isinstance(factory.directory, TimedDirectory)
+        assert factory.connector.metrics is ops.metrics
+        assert ops.reloader.factories == top.factories
+    finally:
+        top.stopService()
+
+
+def test_implicit_tls_behind_a_proxy_header(tmp_path: Path) -> None:
+    from twisted.internet.ssl import CertificateOptions
+
+    from imapproxy.config import Listener
+    from imapproxy.operations import proxy_listener
+
+    config = load(config_file(tmp_path))
+    listener = Listener("imap", "127.0.0.1", 993, "implicit", True)
+    bound, stack = proxy_listener(MemoryReactorClock(), config, listener, object(),
+                                  CertificateOptions())
+    assert bound.tls == "none" and bound.port == 993  # TLS comes after the header
+    assert isinstance(stack.wrappedFactory, TLSMemoryBIOFactory)
+
+
+def test_admin_on_a_unix_socket(tmp_path: Path) -> None:
+    socket_path = tmp_path / "admin.sock"
+    socket_path.write_text("")  # a plain file is not removed: only stale sockets are
+    config = load(config_file(tmp_path, admin=str(socket_path)))
+    endpoint = admin_endpoint(MemoryReactorClock(), config, 0)
+    assert endpoint._address == str(socket_path)
+    assert admin_endpoint(MemoryReactorClock(), config, 3)._address == f"{socket_path}.3"
+    assert socket_path.exists()

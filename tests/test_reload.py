@@ -1,0 +1,193 @@
+"""reload: a new map routes new logins elsewhere while old sessions stay; a bad config is
+refused whole; LDAP settings and restart-only keys; SIGHUP runs it in the reactor."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from helpers import FakeEndpoint, Harness
+from twisted.application.service import MultiService, Service
+from twisted.logger import capturedLogs
+
+from imapproxy.config import Config, ConfigError, load
+from imapproxy.directory import StaticDirectory
+from imapproxy.metrics import Metrics
+from imapproxy.protocol import BackendConnector
+from imapproxy.reload import Builders, Reloader, ReloadService
+
+CONFIG = """
+[[listen]]
+protocol = "imap"
+address = "127.0.0.1:1143"
+tls = "none"
+{listen_extra}
+[tls]
+plaintext_auth = true
+
+[directory]
+{directory}
+
+[timeouts]
+idle = {idle}
+"""
+STATIC = 'type = "static"\nmap = "users.map"'
+LDAP = 'type = "ldap"\n[directory.ldap]\nbase = "dc=example,dc=org"\ntimeout = {timeout}'
+
+
+def write(folder: Path, directory: str = STATIC, idle: int = 1860, listen_extra: str = "",
+          routes: str = "* 10.0.0.1:143\n") -> Path:
+    (folder / "users.map").write_text(routes)
+    path = folder / "imapproxy.toml"
+    path.write_text(CONFIG.format(directory=directory, idle=idle, listen_extra=listen_extra))
+    return path
+
+
+class Rig:
+    """A Harness whose factory runs on a config file, with a Reloader over it."""
+
+    def __init__(self, folder: Path, current: Any = None, services: list[Any] | None = None,
+                 **config: Any) -> None:
+        self.path = write(folder, **config)
+        self.config = load(self.path)
+        self.h = Harness()
+        self.h.factory.config = self.config
+        self.root = MultiService()
+        self.metrics = Metrics()
+        self.built: list[Config] = []
+        self.reloader = Reloader(
+            self.config, self.root, [self.h.factory], self.h.registry,
+            Builders(self._directory, self._connector),
+            current if current is not None else self.h.factory.directory,
+            services or [], None, self.metrics)
+
+    def _directory(self, config: Config) -> tuple[Any, list[Any]]:
+        self.built.append(config)
+        if config.directory.type == "ldap":
+            return Ldap(), [Service()]
+        assert config.directory.map is not None
+        return StaticDirectory.from_file(config.directory.map), []
+
+    def _connector(self, config: Config) -> BackendConnector:
+        return BackendConnector(self.h.reactor, config, endpoint_factory=lambda host, port:
+                                FakeEndpoint(self.h.reactor, host, port, self.h.backends))
+
+
+class Ldap:
+    cleared = 0
+
+    def clear_cache(self) -> None:
+        self.cleared += 1
+
+
+def test_new_map_routes_new_logins_while_an_idle_session_stays(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    h = rig.h
+    idler, idler_transport, idle_backend = h.logged_in_client()
+    idler.dataReceived(b"i1 IDLE\r\n")
+    idle_backend.dataReceived(b"+ idling\r\n")
+    assert idle_backend.transport.getPeer().host == "10.0.0.1"
+    write(tmp_path, routes="* 10.0.0.2:143\n", idle=3600)
+    assert rig.reloader.reload()
+    assert h.registry.timeouts.idle == 3600
+    _, _, new_backend = h.logged_in_client()
+    assert new_backend.transport.getPeer().host == "10.0.0.2"
+    assert idler_transport.connected and not idler_transport.disconnecting
+    idle_backend.dataReceived(b"* 3 EXISTS\r\n")
+    assert idler_transport.value().endswith(b"* 3 EXISTS\r\n")  # still relaying
+
+
+def test_bad_config_is_refused_and_the_old_one_stays(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    (tmp_path / "users.map").write_text("this line is wrong\n")
+    with capturedLogs() as events:
+        assert not rig.reloader.reload()
+    assert any("reload refused" in e.get("log_format", "") and "line 1" in e["error"]
+               for e in events)
+    _, _, backend = rig.h.logged_in_client()
+    assert backend.transport.getPeer().host == "10.0.0.1"
+    (tmp_path / "imapproxy.toml").write_text("[[listen]]\nnot toml at all")
+    assert not rig.reloader.reload()
+    assert rig.reloader.config is rig.config
+    families = rig.metrics.render().decode()
+    assert 'imapproxy_reloads_total{result="refused"} 2.0' in families
+
+
+def test_unexpected_errors_refuse_too(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+
+    def broken(config: Config) -> Any:
+        raise RuntimeError("bug")
+
+    rig.reloader.builders.connector = broken
+    with capturedLogs() as events:
+        assert not rig.reloader.reload()
+    assert any(e.get("log_failure") is not None for e in events)
+
+
+def test_unchanged_ldap_settings_only_clear_the_cache(tmp_path: Path) -> None:
+    ldap, service = Ldap(), Service()
+    rig = Rig(tmp_path, current=ldap, services=[service],
+              directory=LDAP.format(timeout=5))
+    service.setServiceParent(rig.root)
+    assert rig.reloader.reload()
+    assert ldap.cleared == 1 and rig.built == []
+    write(tmp_path, directory=LDAP.format(timeout=7))
+    rig.root.startService()
+    assert rig.reloader.reload()
+    assert rig.built[-1].directory.ldap is not None
+    assert rig.built[-1].directory.ldap.timeout == 7
+    assert service.parent is None  # the old pool is stopped
+    (new_service,) = rig.reloader.directory_services
+    assert new_service.parent is rig.root and new_service.running
+
+
+def test_restart_only_changes_are_logged(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    write(tmp_path, listen_extra="proxy_protocol = true")
+    with capturedLogs() as events:
+        assert rig.reloader.reload()
+    assert any(e.get("name") == "[[listen]]" for e in events)
+
+
+def test_tls_reload_failure_refuses_everything(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+
+    class ServerTLS:
+        def reload(self, tls: Any) -> None:
+            raise ConfigError(tmp_path, "tls.certificate", "cannot load")
+
+    rig.reloader.server_tls = ServerTLS()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    text = (tmp_path / "imapproxy.toml").read_text().replace(
+        "[tls]\n", f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n')
+    (tmp_path / "imapproxy.toml").write_text(text)
+    (tmp_path / "users.map").write_text("* 10.0.0.9\n")
+    assert not rig.reloader.reload()
+    assert rig.h.factory.config is rig.config
+
+
+class _Reactor:
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802
+        self.calls.append(f)
+
+
+def test_sighup_runs_the_reload_in_the_reactor(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    reactor = _Reactor()
+    service = ReloadService(rig.reloader, reactor)
+    before = signal.getsignal(signal.SIGHUP)
+    service.startService()
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert reactor.calls == [rig.reloader.reload]
+    finally:
+        service.stopService()
+    assert signal.getsignal(signal.SIGHUP) == before
