@@ -15,9 +15,9 @@ from . import config as configmodule
 from . import operations
 from .config import Config, ConfigError, Listener
 from .directory import StaticDirectory
+from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
-from .limits import ConnectionLimiter
 from .protocol import BackendConnector, ProxyFactory
 from .servertls import ServerTLS
 from .sessions import SessionRegistry
@@ -79,7 +79,6 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     for child in extra:
         child.setServiceParent(top)
     health = _health(config, reactor)
-    trust_root = backend_trust_root(config.backend) if config.backend.tls != "none" else None
     if config.backend.insecure_skip_verify and config.backend.tls != "none":
         log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
                      "and host names are NOT verified; anyone on the path to a backend can "
