@@ -6,8 +6,8 @@ import sys
 from typing import Any
 
 from twisted.application import internet, service
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.abstract import isIPv6Address
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
