@@ -191,3 +191,22 @@ def test_sighup_runs_the_reload_in_the_reactor(tmp_path: Path) -> None:
     finally:
         service.stopService()
     assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_certificates_are_reloaded_with_the_new_tls_table(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    loaded: list[Any] = []
+
+    class ServerTLS:
+        def reload(self, tls: Any) -> None:
+            loaded.append(tls)
+
+    rig.reloader.server_tls = ServerTLS()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    text = (tmp_path / "imapproxy.toml").read_text().replace(
+        "[tls]\n", f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n')
+    (tmp_path / "imapproxy.toml").write_text(text)
+    assert rig.reloader.reload()
+    assert [tls.certificate for tls in loaded] == [cert]
