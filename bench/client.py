@@ -444,12 +444,13 @@ async def _idle_main(spec: dict[str, Any]) -> None:
                 seen[user] = time.monotonic()
 
     async def one(entry: list[Any]) -> None:
-        host, port, user, password = entry
+        host, port, user, password = entry[:4]
+        source = entry[4] if len(entry) > 4 else None
         async with sem:
             try:
                 reader, writer = await asyncio.open_connection(
                     host, port, ssl=ctx, server_hostname=host if ctx else None,
-                    limit=1 << 16)
+                    limit=1 << 16, local_addr=(source, 0) if source else None)
                 writers.append(writer)
                 await reader.readline()
                 writer.write(b"a " + _login_line(user, password) + b"\r\n")

@@ -12,7 +12,11 @@ def children(pid: int) -> list[int]:
     while i < len(out):
         p = out[i]
         i += 1
-        for task in Path(f"/proc/{p}/task").glob("*"):
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue  # the process is gone
+        for task in tasks:
             try:
                 out.extend(int(c) for c in (task / "children").read_text().split())
             except OSError:
