@@ -7,6 +7,7 @@ No Twisted import here: the config is plain data passed down to whoever needs it
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,8 @@ class _Table:
 
     def number(self, name: str, default: float, minimum: float = 0.0) -> float:
         value = float(self.get(name, (int, float), default))
+        if not math.isfinite(value):
+            raise self.error(name, "must be a finite number")
         if value < minimum:
             raise self.error(name, f"must be at least {minimum:g}")
         return value
@@ -294,6 +297,8 @@ class _Table:
             if required:
                 raise self.error(name, "is required")
             return None
+        if "\x00" in value:
+            raise self.error(name, "must not contain NUL")
         resolved = (self.path.parent / value).resolve()
         if not resolved.is_file():
             raise self.error(name, f"file not found: {resolved}")
@@ -330,7 +335,7 @@ def parse_address(text: str) -> tuple[str, int]:
             raise ValueError("expected host:port (IPv6 as [addr]:port)")
     if not host:
         raise ValueError("missing host")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError("port must be a number from 1 to 65535")
     return host, int(port_text)
 
@@ -410,7 +415,10 @@ def _ldap(table: _Table) -> LdapConfig:
     if password and password_file:
         raise table.error("bind_password_file", "give bind_password or bind_password_file")
     if password_file:
-        password = password_file.read_text().strip()
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise table.error("bind_password_file", f"cannot read: {e}") from None
     starttls = table.get("starttls", bool, False)
     ca_file = table.file("ca_file")
     host_attribute = table.get("host_attribute", str, "mailHost")
@@ -472,9 +480,9 @@ def _backend(table: _Table | None) -> BackendConfig:
         login_timeout=table.number("login_timeout", 30.0, minimum=0.1),
         down_cooldown=table.number("down_cooldown", 30.0),
         insecure_skip_verify=table.get("insecure_skip_verify", bool, False),
-        forward_client=table.choice("forward_client", FORWARD_CLIENT, "id"),
         client_certificate=table.file("client_certificate"),
         client_key=table.file("client_key"),
+        forward_client=table.choice("forward_client", FORWARD_CLIENT, "id"),
     )
     table.finish()
     return config

@@ -75,9 +75,10 @@ class BackendRefused(ProxyError):
 
     pop3_code = "AUTH"
 
-    def __init__(self, code: str, text: str) -> None:
+    def __init__(self, code: str, text: str, pop3_code: str = "AUTH") -> None:
         super().__init__(code)
         self.imap_code = code
+        self.pop3_code = pop3_code
         self.public_text = text
 
 

@@ -124,8 +124,7 @@ def refusal(code: str | None, text: bytes) -> ProxyError:
         for known, (imap_code, pop3_code) in PASS_THROUGH_CODES.items():
             if code == known or code.startswith(known + "/"):
                 message = text.decode("utf-8", "replace").strip() or "Login refused"
-                error = BackendRefused(imap_code, message)
-                error.pop3_code = pop3_code  # BackendRefused's own pop3_code is always AUTH
+                error = BackendRefused(imap_code, message, pop3_code)
                 return error
     return AuthenticationFailed()
 

@@ -22,9 +22,10 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 from twisted.python.failure import Failure
 
 from . import forwarding
@@ -60,6 +61,9 @@ from .metrics import NULL_METRICS
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
 from .relay import BYE_SHUTDOWN, Relay
+
+#: what a client connecting during a drain is told, per protocol (RFC 5530, RFC 3206)
+SHUTDOWN_LINES = {"imap": BYE_SHUTDOWN, "pop3": b"-ERR [SYS/TEMP] Shutting down\r\n"}
 from .sessions import SessionRegistry
 from .throttle import LoginThrottle
 from .tls import backend_client_options
@@ -300,6 +304,31 @@ REFUSALS: dict[str, Callable[[ProxyError], bytes]] = {
 }
 
 
+#: reasons to stop reading a client before login (a bit mask)
+HOLD_LOGIN = 1
+HOLD_REPLIES = 2
+
+
+class _ReplyBackpressure:
+    """IPushProducer for the pre-login phase: the transport pauses us when our replies
+    pile up unread, and we stop reading the client until they drain."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: FrontendProtocol) -> None:
+        self.client = client
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.client._hold(HOLD_REPLIES)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.client._release(HOLD_REPLIES)
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
+
+
+@implementer(IHandshakeListener)
 class FrontendProtocol(Protocol):
     """One client connection: the pre-login session, then the relay."""
 
@@ -317,6 +346,8 @@ class FrontendProtocol(Protocol):
         self.end_reason = ""
         self.disconnected = False
         self._timer: Any = None
+        self._holds = 0
+        self._gate = False
         #: this connection's place in the connection limits (limits.py)
         self.ticket: Ticket | None = None
         #: a failed login's answer, held back by the throttle (throttle.py)
@@ -330,7 +361,7 @@ class FrontendProtocol(Protocol):
         configure_socket(self.transport, factory.config.timeouts)
         factory.registry.add(self)
         if factory.registry.draining:
-            self.transport.write(BYE_SHUTDOWN)
+            self.transport.write(SHUTDOWN_LINES[factory.listener.protocol])
             self.close("shutdown")
             return
         admitted = factory.limiter.admit(getattr(self.transport.getPeer(), "host", ""))
@@ -347,6 +378,8 @@ class FrontendProtocol(Protocol):
                   total=factory.limiter.total)
         self.session = FRONTEND_SESSIONS[factory.listener.protocol](factory.listener,
                                                                      factory.config)
+        if factory.listener.tls != "implicit":
+            self._add_gate()  # with TLS: once the handshake is done (handshakeCompleted)
         self._timer = factory.reactor.callLater(factory.config.limits.preauth_timeout,
                                                 self._preauth_timeout)
         self._execute(self.session.start())
@@ -390,18 +423,50 @@ class FrontendProtocol(Protocol):
         """Close the client connection (after flushing, unless ``abort``)."""
         if not self.end_reason:
             self.end_reason = reason
+        # A paused streaming producer would keep a flushing transport open.
+        self._drop_gate()
         if abort:
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
 
+    def _hold(self, reason: int) -> None:
+        """Stop reading the client for ``reason`` (login in progress, replies unread)."""
+        if not self._holds:
+            self.transport.pauseProducing()
+        self._holds |= reason
+
+    def _release(self, reason: int) -> None:
+        if self._holds & reason:
+            self._holds &= ~reason
+            if not self._holds:
+                self.transport.resumeProducing()
+
+    def _add_gate(self) -> None:
+        """Before login our replies are the only writes: a client that pipelines commands
+        and never reads them must stop being read, or its replies pile up here. Not during
+        a TLS handshake: the TLS layer pauses its producer until the handshake is done,
+        and we would stop reading the very handshake it waits for."""
+        if not self._gate and self.session is not None and not self.end_reason:
+            self._gate = True
+            self.transport.registerProducer(_ReplyBackpressure(self), True)
+
+    def _drop_gate(self) -> None:
+        if self._gate:
+            self._gate = False
+            self.transport.unregisterProducer()
+            self._release(HOLD_REPLIES)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        """IHandshakeListener: the client's TLS handshake is done (implicit or STARTTLS)."""
+        self._add_gate()
+
     def drain(self) -> None:
         """Graceful shutdown of this session: see Relay.drain; pre-login ones just get BYE."""
         if self.relay is not None:
             self.relay.drain()
-        elif not self.disconnected:
-            self.transport.write(BYE_SHUTDOWN)
-            self.close("shutdown")
+        elif self.session is not None and not self.disconnected:
+            self._execute(self.session.shutdown())
 
     def _preauth_timeout(self) -> None:
         self._timer = None
@@ -416,9 +481,10 @@ class FrontendProtocol(Protocol):
                 self.transport.write(action.data)
                 self.bytes_to_client += len(action.data)
             elif isinstance(action, StartClientTLS):
+                self._drop_gate()
                 self.transport.startTLS(self.factory.server_tls)
             elif isinstance(action, Login):
-                self.transport.pauseProducing()
+                self._hold(HOLD_LOGIN)
                 defer.ensureDeferred(self._login(action))
             elif isinstance(action, Splice):
                 self._splice(action.trailing)
@@ -511,7 +577,7 @@ class FrontendProtocol(Protocol):
             self._answer = self.factory.reactor.callLater(delay, self._login_failed, error)
             return
         self._answer = None
-        self.transport.resumeProducing()
+        self._release(HOLD_LOGIN)
         self._execute(self.session.login_failed(error))
 
     def _splice(self, trailing: bytes) -> None:
@@ -529,6 +595,8 @@ class FrontendProtocol(Protocol):
             relay.from_backend(backend.result.trailing)
         backend.result = None
         # Backpressure both ways, as twisted.protocols.portforward does.
+        self._drop_gate()
+        self._holds = 0
         self.transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(self.transport, True)
         if trailing:

@@ -394,11 +394,6 @@ def test_parse_address_refuses(text: str) -> None:
 # -- known bugs -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: config.py:179-182 _Table.number() compares with `value < minimum`, which is "
-    "False for nan, so TOML nan (and inf) pass as timeouts and reach reactor.callLater",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("text", "key"),
     [("[limits]\npreauth_timeout = nan\n", "limits.preauth_timeout"),
@@ -410,33 +405,17 @@ def test_non_finite_numbers_are_refused(confdir: Path, text: str, key: str) -> N
     assert config_error(confdir, MINIMAL + text).key == key
 
 
-@pytest.mark.xfail(
-    reason="BUG: config.py:295 (_ldap) reads bind_password_file with read_text() unguarded, so a "
-    "non-UTF-8 (or unreadable) file raises UnicodeDecodeError/OSError instead of ConfigError",
-    strict=True,
-)
 def test_undecodable_bind_password_file(confdir: Path) -> None:
     (confdir / "bad.secret").write_bytes(b"\xff\xfe")
     text = MINIMAL + '[directory.ldap]\nbase = "dc=x"\nbind_password_file = "bad.secret"\n'
     assert config_error(confdir, text).key == "directory.ldap.bind_password_file"
 
 
-@pytest.mark.xfail(
-    reason="BUG: config.py:204-205 _Table.file() lets ValueError('embedded null byte') from "
-    "Path.resolve()/is_file() escape for a TOML path containing \\u0000",
-    strict=True,
-)
 def test_nul_in_a_path(confdir: Path) -> None:
     error = config_error(confdir, MINIMAL.replace('"users.map"', '"users\\u0000.map"'))
     assert error.key == "directory.map"
 
 
-@pytest.mark.xfail(
-    reason="BUG: config.py:240 (parse_address) uses str.isdigit(), which accepts non-ASCII "
-    "digits: '\u00b2' fails in int() with a Python error message and Arabic-Indic "
-    "'\u0661\u0664\u0663' is accepted as port 143",
-    strict=True,
-)
 @pytest.mark.parametrize("port", ["\u00b2", "\u0661\u0664\u0663"])
 def test_parse_address_wants_ascii_digits(port: str) -> None:
     with pytest.raises(ValueError, match="port must be"):

@@ -294,6 +294,26 @@ def test_a_thousand_pipelined_bad_commands(proxy: Proxy) -> None:
     assert_serves(proxy)
 
 
+def test_pipelined_commands_whose_replies_are_never_read(proxy: Proxy) -> None:
+    """26 MB of NOOPs, no reply read: the proxy stops reading instead of piling up replies."""
+    before = proxy.rss_kib()
+    sock = connect(proxy.imap)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.settimeout(3.0)  # far longer than the proxy needs to take in a chunk
+    chunk = b"a NOOP\r\n" * 8192
+    sent = 0
+    try:
+        while sent < 26_000_000:
+            sent += sock.send(chunk)
+    except (TimeoutError, socket.timeout):
+        pass  # the proxy stopped reading: backpressure, what we want
+    grown = proxy.rss_kib() - before
+    sock.close()
+    assert sent < 26_000_000, "the proxy should stop reading a client that does not read"
+    assert grown < 10_000, f"proxy memory grew by {grown} KiB"
+    assert_serves(proxy)
+
+
 # -- TLS garbage ------------------------------------------------------------------------
 
 

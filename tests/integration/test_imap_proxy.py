@@ -274,3 +274,14 @@ def test_session_end_line(plain_proxy, mail_users):
     for field in ("client=127.0.0.1:", "user=alice", "backend=127.0.0.1:", "duration=",
                   "in=", "out=", "reason="):
         assert field in line
+
+
+def test_client_gone_before_tls_handshake_ends_its_session_at_once(proxy):
+    import socket as socketmodule
+
+    ended = proxy.log().count("session end")
+    socketmodule.create_connection((HOST, proxy.implicit)).close()
+    deadline = time.monotonic() + 5  # the pre-auth timeout (60 s) must not be what ends it
+    while proxy.log().count("session end") == ended and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.log().count("session end") > ended
