@@ -25,6 +25,8 @@ from typing import Any
 # Tags chosen so that they cannot occur at a line start inside our own
 # generated message bodies (base64 lines carry no space).
 BULK_TAG = b"zQ9f"
+#: No single read of a healthy run waits this long; a hung peer fails the run.
+IO_TIMEOUT = 60.0
 EXISTS_RE = re.compile(rb"^\* (\d+) EXISTS\r?$")
 
 
@@ -35,7 +37,7 @@ def _tls_context(spec: dict[str, Any]) -> ssl.SSLContext:
 
 
 def _connect(host: str, port: int, tls: bool, ctx: ssl.SSLContext | None) -> socket.socket:
-    sock = socket.create_connection((host, port))
+    sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls:
         assert ctx is not None
@@ -347,7 +349,7 @@ def _run_entries(entries: list[list[Any]], concurrency: int, once_blocking: Any,
                 for e in it:
                     t = time.perf_counter()
                     try:
-                        await once_async(e)
+                        await asyncio.wait_for(once_async(e), IO_TIMEOUT)
                         lat.append(time.perf_counter() - t)
                     except Exception as exc:  # noqa: BLE001
                         errors.append(repr(exc))
@@ -444,6 +446,12 @@ async def _idle_main(spec: dict[str, Any]) -> None:
                 seen[user] = time.monotonic()
 
     async def one(entry: list[Any]) -> None:
+        try:
+            await asyncio.wait_for(open_one(entry), IO_TIMEOUT)
+        except asyncio.TimeoutError:
+            errors.append(f"timeout opening {entry[2]}")
+
+    async def open_one(entry: list[Any]) -> None:
         host, port, user, password = entry[:4]
         source = entry[4] if len(entry) > 4 else None
         async with sem:
@@ -509,8 +517,10 @@ KINDS = {"bulk": bulk, "noop": noop, "logins": logins, "pop3": pop3}
 
 
 def main() -> None:
+    global IO_TIMEOUT
     with open(sys.argv[1]) as f:
         spec = json.load(f)
+    IO_TIMEOUT = float(spec.get("io_timeout", IO_TIMEOUT))
     if spec["kind"] == "idle":
         _arun(_idle_main(spec))
         return

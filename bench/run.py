@@ -16,6 +16,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from bench.profiling import HeapSnapshots, PySpy  # noqa: E402
 from bench.stack import BenchPath, Sizes, Stack, machine  # noqa: E402
 
 CLIENT = str(ROOT / "bench" / "client.py")
+#: seconds a client waits on one read before it calls the run failed (--quick: 15)
+IO_TIMEOUT = 60.0
 T0 = time.monotonic()
 
 # key, group, label, unit, how to compare with direct ("ratio" | "added" | None), direct too?
@@ -74,7 +77,7 @@ def log(msg: str) -> None:
 def run_client(spec: dict[str, Any], workdir: Path, timeout: float = 600) -> dict[str, Any]:
     """Run one client process on ``spec`` and return its JSON result."""
     path = workdir / f"spec-{os.getpid()}-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(spec))
+    path.write_text(json.dumps({"io_timeout": IO_TIMEOUT, **spec}))
     try:
         res = subprocess.run([sys.executable, CLIENT, str(path)], capture_output=True,
                              text=True, timeout=timeout)
@@ -637,11 +640,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="trace the proxy's heap and diff it around the IDLE sessions")
     args = ap.parse_args(argv)
     sizes = sizes_from(args)
+    global IO_TIMEOUT
+    if args.quick:
+        IO_TIMEOUT = 15.0
     only = [g for g in args.only.split(",") if g]
     for g in only:
         if g not in GROUPS:
             ap.error(f"unknown group {g}")
 
+    # SIGTERM (a test's timeout, a CI job cancelled) must still stop every daemon.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="imapproxy-bench-"))
     log(f"work directory {workdir}")
     started = datetime.datetime.now(datetime.UTC)

@@ -21,10 +21,16 @@ def test_bench_quick_run_has_every_figure(tmp_path: Path) -> None:
         "Perdition is not installed; the bench compares against it: run bench/install-deps"
     )
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=170, cwd=ROOT,
-    )
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT) as bench:
+        try:
+            stdout, stderr = bench.communicate(timeout=170)
+        except subprocess.TimeoutExpired:
+            bench.terminate()  # run.py stops its daemons on SIGTERM
+            stdout, stderr = bench.communicate(timeout=60)
+            raise AssertionError(f"bench --quick hung:\n{stderr[-3000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, bench.returncode, stdout, stderr)
     assert out.exists(), f"no JSON written:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     data = json.loads(out.read_text())
     assert data["errors"] == [], json.dumps(data["errors"], indent=1)
