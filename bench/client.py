@@ -446,36 +446,37 @@ async def _idle_main(spec: dict[str, Any]) -> None:
                 seen[user] = time.monotonic()
 
     async def one(entry: list[Any]) -> None:
-        try:
-            await asyncio.wait_for(open_one(entry), IO_TIMEOUT)
-        except asyncio.TimeoutError:
-            errors.append(f"timeout opening {entry[2]}")
-
-    async def open_one(entry: list[Any]) -> None:
-        host, port, user, password = entry[:4]
-        source = entry[4] if len(entry) > 4 else None
-        async with sem:
+        async with sem:  # the timeout starts once the session's turn has come
             try:
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=ctx, server_hostname=host if ctx else None,
-                    limit=1 << 16, local_addr=(source, 0) if source else None)
-                writers.append(writer)
-                await reader.readline()
-                writer.write(b"a " + _login_line(user, password) + b"\r\n")
-                resp = await _read_tagged(reader, b"a ")
-                if not resp.startswith(b"a OK"):
-                    raise RuntimeError(f"LOGIN failed: {resp!r}")
-                writer.write(b"b SELECT INBOX\r\nc IDLE\r\n")
-                resp = await _read_tagged(reader, b"b ")
-                if not resp.startswith(b"b OK"):
-                    raise RuntimeError(f"SELECT failed: {resp!r}")
-                cont = await reader.readline()
-                if not cont.startswith(b"+"):
-                    raise RuntimeError(f"IDLE refused: {cont!r}")
+                reader = await asyncio.wait_for(open_one(entry), IO_TIMEOUT)
+            except asyncio.TimeoutError:
+                errors.append(f"timeout opening {entry[2]}")
+                return
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 errors.append(repr(exc))
                 return
-        readers.append(asyncio.create_task(watch(user, reader)))
+        readers.append(asyncio.create_task(watch(entry[2], reader)))
+
+    async def open_one(entry: list[Any]) -> asyncio.StreamReader:
+        host, port, user, password = entry[:4]
+        source = entry[4] if len(entry) > 4 else None
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ctx, server_hostname=host if ctx else None,
+            limit=1 << 16, local_addr=(source, 0) if source else None)
+        writers.append(writer)
+        await reader.readline()
+        writer.write(b"a " + _login_line(user, password) + b"\r\n")
+        resp = await _read_tagged(reader, b"a ")
+        if not resp.startswith(b"a OK"):
+            raise RuntimeError(f"LOGIN failed: {resp!r}")
+        writer.write(b"b SELECT INBOX\r\nc IDLE\r\n")
+        resp = await _read_tagged(reader, b"b ")
+        if not resp.startswith(b"b OK"):
+            raise RuntimeError(f"SELECT failed: {resp!r}")
+        cont = await reader.readline()
+        if not cont.startswith(b"+"):
+            raise RuntimeError(f"IDLE refused: {cont!r}")
+        return reader
 
     t0 = time.monotonic()
     await asyncio.gather(*(one(e) for e in spec["entries"]))
