@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.logger import Logger
 
 from .tracker import SessionTracker
@@ -24,6 +25,32 @@ BYE_TIMEOUT = b"* BYE Autologout; idle for too long\r\n"
 STILL_HERE = b"* OK Still here\r\n"
 #: our own tag for the LOGOUT the proxy sends when it ends a session itself
 DRAIN_TAG = b"PXYDRAIN"
+
+
+#: transports write_now may send on directly (exact types: subclasses may differ)
+PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write, sending at once when nothing is queued on a plain TCP transport.
+
+    Twisted's write() only queues; the send happens on the reactor's next turn, once
+    epoll reports the socket writable. On the relay's hot path that turn is pure
+    latency (one per hop, two per round trip), so when the queue is empty we send
+    right away and queue only what the kernel did not take. TLS transports (and
+    anything else) keep the ordinary path.
+    """
+    if type(transport) not in PLAIN_TCP or (
+            transport.TLS  # after startTLS the same transport encrypts inside write()
+            or len(transport.dataBuffer) > transport.offset or transport._tempDataLen
+            or transport.disconnecting or not transport.connected):
+        transport.write(data)
+        return
+    sent = transport.writeSomeData(data)
+    if isinstance(sent, Exception) or sent < 0:
+        transport.write(data)  # the reactor's next write attempt reports the error
+    elif sent < len(data):
+        transport.write(data[sent:])
 
 
 class Relay:
@@ -51,7 +78,7 @@ class Relay:
         if tracker is not None:
             tracker.from_client(data)
         self.last_client = self.clock.seconds()
-        self.backend.transport.write(data)
+        write_now(self.backend.transport, data)
         if self.draining:
             self._drain_step()
 
@@ -68,7 +95,7 @@ class Relay:
                          session_id=self.client.session_id)
         self.last_server = self.clock.seconds()
         client = self.client
-        client.transport.write(data)
+        write_now(client.transport, data)
         client.bytes_to_client += len(data)
         if self.draining:
             self._drain_step()
