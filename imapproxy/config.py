@@ -216,6 +216,9 @@ class LogConfig:
 
     #: "text": twistd's lines; "json": one JSON object per line instead
     format: str = "text"
+    #: "info", or "debug" for the proxy's own per-connection detail (twistd has no
+    #: level filter of its own, so debug events are only made when asked for)
+    level: str = "info"
     #: also send every event to syslog
     syslog: bool = False
     #: a UNIX datagram socket path, or "host:port" for UDP
@@ -605,6 +608,7 @@ def _log(table: _Table | None) -> LogConfig:
         return LogConfig()
     config = LogConfig(
         format=table.choice("format", LOG_FORMATS, "text"),
+        level=table.choice("level", ("info", "debug"), "info"),
         syslog=table.get("syslog", bool, False),
         syslog_address=table.get("syslog_address", str, "/dev/log"),
         syslog_facility=table.choice("syslog_facility", SYSLOG_FACILITIES, "mail"),

@@ -372,10 +372,11 @@ class FrontendProtocol(Protocol):
             self.close(admitted.value)
             return
         self.ticket = admitted
-        log.debug("connection id={session_id} client={client} admitted ({count} from there, "
-                  "{total} in all)", session_id=self.session_id, client=admitted.client,
-                  count=factory.limiter.connections_from(admitted.client),
-                  total=factory.limiter.total)
+        if factory.debug:
+            log.debug("connection id={session_id} client={client} admitted ({count} from there, "
+                      "{total} in all)", session_id=self.session_id, client=admitted.client,
+                      count=factory.limiter.connections_from(admitted.client),
+                      total=factory.limiter.total)
         self.session = FRONTEND_SESSIONS[factory.listener.protocol](factory.listener,
                                                                      factory.config)
         if factory.listener.tls != "implicit":
@@ -624,6 +625,7 @@ class ProxyFactory(ServerFactory):
         self.listener = listener
         self.directory = directory
         self.connector = connector
+        self.debug = config.log.level == "debug"
         self.registry = registry
         self.server_tls = server_tls
         # Shared by all listeners when build_service passes them; a factory on its own

@@ -96,6 +96,9 @@ map = "users.map"
 imap_port = {store1.imap_port}
 pop3_port = {store1.pop3_port}
 
+[log]
+level = "debug"
+
 {RIG_LIMITS}"""
     events = tmp_path / "events.log"
     env = dict(os.environ, IMAPPROXY_EVENT_LOG=str(events),
