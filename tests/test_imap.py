@@ -8,12 +8,12 @@ requires the same (merged) output from both.
 from __future__ import annotations
 
 from base64 import b64encode
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transcripts import LoginFails, LoginOk, Step, TimesOut, merged, run
 
 from imapproxy.config import Limits
 from imapproxy.credentials import Credentials, Secret
@@ -31,24 +31,6 @@ from imapproxy.imap import SERVER_ID, ImapSession, State
 # -- transcript machinery -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LoginOk:
-    """The adapter reports a successful backend login with these capabilities."""
-
-    capabilities: bytes | None = b"IMAP4rev1 IDLE"
-
-
-@dataclass(frozen=True)
-class LoginFails:
-    error: ProxyError
-
-
-@dataclass(frozen=True)
-class TimesOut:
-    pass
-
-
-Step = bytes | LoginOk | LoginFails | TimesOut
 
 IMPLICIT = {"tls_active": True, "starttls_available": False, "plaintext_auth": False}
 STARTTLS = {"tls_active": False, "starttls_available": True, "plaintext_auth": False}
@@ -59,31 +41,6 @@ CAPS_STARTTLS = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS LOGINDISABLED"
 CAPS_PLAINTEXT_OK = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS AUTH=PLAIN"
 
 
-def merged(actions: list[Any]) -> list[Any]:
-    """Join consecutive SendToClient actions: only the byte stream matters, not its chunks."""
-    out: list[Any] = []
-    for action in actions:
-        if isinstance(action, SendToClient) and out and isinstance(out[-1], SendToClient):
-            out[-1] = SendToClient(out[-1].data + action.data)
-        else:
-            out.append(action)
-    return out
-
-
-def run(session: ImapSession, steps: list[Step], *, split: bool) -> list[Any]:
-    actions: list[Any] = []
-    for step in steps:
-        if isinstance(step, bytes):
-            chunks = [step[i : i + 1] for i in range(len(step))] if split else [step]
-            for chunk in chunks:
-                actions += session.receive_data(chunk)
-        elif isinstance(step, LoginOk):
-            actions += session.login_succeeded(step.capabilities)
-        elif isinstance(step, LoginFails):
-            actions += session.login_failed(step.error)
-        else:
-            actions += session.timed_out()
-    return merged(actions)
 
 
 def session_for(

@@ -9,12 +9,13 @@ session raise and that buffering stays bounded.
 from __future__ import annotations
 
 from base64 import b64encode
-from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transcripts import LoginFails, LoginOk, Step, TimesOut, merged
+from transcripts import run as run_steps
 
 from imapproxy.config import Limits
 from imapproxy.credentials import Credentials, Secret
@@ -40,22 +41,11 @@ from imapproxy.pop3 import (
 # -- transcript machinery -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LoginOk:
-    """The adapter reports a successful backend login."""
+def run(session: Pop3Session, steps: list[Step], *, split: bool) -> list[Any]:
+    """A POP3 transcript starts with the greeting."""
+    return run_steps(session, steps, split=split, greet=True)
 
 
-@dataclass(frozen=True)
-class LoginFails:
-    error: ProxyError
-
-
-@dataclass(frozen=True)
-class TimesOut:
-    pass
-
-
-Step = bytes | LoginOk | LoginFails | TimesOut
 
 class Options(TypedDict):
     tls_active: bool
@@ -73,31 +63,6 @@ TAIL_CAPS = b"RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION imapp
 CAPA_HEAD = b"+OK Capability list follows\r\n"
 
 
-def merged(actions: list[Any]) -> list[Any]:
-    """Join consecutive SendToClient actions: only the byte stream matters, not its chunks."""
-    out: list[Any] = []
-    for action in actions:
-        if isinstance(action, SendToClient) and out and isinstance(out[-1], SendToClient):
-            out[-1] = SendToClient(out[-1].data + action.data)
-        else:
-            out.append(action)
-    return out
-
-
-def run(session: Pop3Session, steps: list[Step], *, split: bool) -> list[Any]:
-    actions: list[Any] = list(session.start())
-    for step in steps:
-        if isinstance(step, bytes):
-            chunks = [step[i : i + 1] for i in range(len(step))] if split else [step]
-            for chunk in chunks:
-                actions += session.receive_data(chunk)
-        elif isinstance(step, LoginOk):
-            actions += session.login_succeeded(None)
-        elif isinstance(step, LoginFails):
-            actions += session.login_failed(step.error)
-        else:
-            actions += session.timed_out()
-    return merged(actions)
 
 
 def check(steps: list[Step], expected: list[Any], limits: Limits = DEFAULT_LIMITS,
