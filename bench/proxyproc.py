@@ -91,7 +91,11 @@ class ImapProxy:
         self.write_config()
         self.log_path.unlink(missing_ok=True)
         err = open(self.workdir / f"{self.name}.stderr", "ab")
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        # --proxy-python: run the proxy on another interpreter, e.g. Debian's python3 with
+        # its python3-twisted/python3-openssl (OpenSSL 3.0 rather than the 4.0 bundled in
+        # PyPI's cryptography wheels: about 7 KiB less per TLS session).
+        python = os.environ.get("BENCH_PROXY_PYTHON") or sys.executable
+        argv = [python, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", f"--logfile={self.log_path}",
                 "imapproxy", "--config", str(self.config_path)]
         # twistd finds plugins by scanning twisted/plugins directories on sys.path;
@@ -99,6 +103,7 @@ class ImapProxy:
         env = dict(os.environ)
         env.update(self.env_extra)
         first = [env["BENCH_SITEHOOKS"]] if env.get("BENCH_SITEHOOKS") else []
+        first += [env["BENCH_PROXY_PATH"]] if env.get("BENCH_PROXY_PATH") else []
         env["PYTHONPATH"] = os.pathsep.join(
             first + [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,

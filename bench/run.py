@@ -632,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default="", help="comma list of paths to keep (default all)")
     ap.add_argument("--proxy-toml", default="",
                     help="extra TOML appended to the proxy config (e.g. 'workers = 2')")
+    ap.add_argument("--proxy-python", default="",
+                    help="interpreter for imapproxy (default: this one), e.g. /usr/bin/python3")
+    ap.add_argument("--proxy-pythonpath", default="",
+                    help="put this first on the proxy's PYTHONPATH (packages for --proxy-python)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--profile", metavar="DIR",
@@ -643,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     global IO_TIMEOUT
     if args.quick:
         IO_TIMEOUT = 15.0
+    if args.proxy_python:
+        os.environ["BENCH_PROXY_PYTHON"] = args.proxy_python
+    if args.proxy_pythonpath:
+        os.environ["BENCH_PROXY_PATH"] = args.proxy_pythonpath
     only = [g for g in args.only.split(",") if g]
     for g in only:
         if g not in GROUPS:
@@ -675,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": stack.versions(),
             "settings": {**vars(sizes), "quick": args.quick, "groups": only,
                          "proxy_extra_toml": args.proxy_toml,
+                         "proxy_python": args.proxy_python or sys.executable,
                          "diagnostics": {"py_spy": bool(args.profile),
                                          "tracemalloc": args.tracemalloc},
                          "perdition_argv": {m: p.argv() for m, p in stack.perditions.items()},
