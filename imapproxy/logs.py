@@ -35,7 +35,7 @@ from zope.interface import implementer
 from .config import ConfigError, LogConfig, parse_address
 
 #: event keys that are twisted.logger's or legacy-log plumbing, not facts about the event
-_PLUMBING = frozenset({"message", "format", "system", "isError", "why", "failure",
+_PLUMBING = frozenset({"message", "format", "system", "isError", "why", "failure", "line",
                        "time", "level", "namespace", "text"})
 _LEVELS = {LogLevel.debug: logging.DEBUG, LogLevel.info: logging.INFO,
            LogLevel.warn: logging.WARNING, LogLevel.error: logging.ERROR,
