@@ -411,7 +411,8 @@ def _ldap(table: _Table) -> LdapConfig:
     try:
         search_filter.format(user="u", local="l", domain="d")
     except (KeyError, IndexError, ValueError) as e:
-        raise table.error("filter", f"only {{user}}, {{local}} and {{domain}} may be used ({e})")
+        raise table.error("filter",
+                          f"only {{user}}, {{local}} and {{domain}} may be used ({e})") from None
     bind_dn = table.get("bind_dn", str, "")
     password = table.get("bind_password", str, "")
     password_file = table.file("bind_password_file")
@@ -627,7 +628,8 @@ def _sections(path: Path, data: dict[str, Any]) -> Config:
     listen = root.get("listen", list, [])
     if not listen:
         raise ConfigError(path, "listen", "at least one [[listen]] table is required")
-    listeners = tuple(_listener(_Table(path, f"listen[{i}]", item)) for i, item in enumerate(listen))
+    listeners = tuple(_listener(_Table(path, f"listen[{i}]", item))
+                      for i, item in enumerate(listen))
     tls = _tls(root.table("tls"))
     for i, listener in enumerate(listeners):
         if listener.tls != "none" and tls.certificate is None:

@@ -48,13 +48,14 @@ _NEEDS_LOGIN = frozenset(
 )
 
 SERVER_ID = b'* ID ("name" "imapproxy")\r\n'
+DEFAULT_LIMITS = Limits()
 
 
 class ImapSession:
     """One client's pre-login IMAP session."""
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.state = State.NOT_AUTHENTICATED
         self.tls_active = tls_active
         self.starttls_available = starttls_available and not tls_active
@@ -79,7 +80,8 @@ class ImapSession:
 
     def start(self) -> list[Action]:
         """The greeting (RFC 3501 section 7.1.1, with a CAPABILITY response code)."""
-        return [SendToClient(b"* OK [CAPABILITY " + self.capabilities() + b"] IMAP proxy ready\r\n")]
+        greeting = b"* OK [CAPABILITY " + self.capabilities() + b"] IMAP proxy ready\r\n"
+        return [SendToClient(greeting)]
 
     def receive_data(self, data: bytes) -> list[Action]:
         if self.state in (State.CLOSED, State.RELAYING):

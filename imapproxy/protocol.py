@@ -8,6 +8,7 @@ dialogue. Nothing here parses the protocol; that lives in imap.py and backend.py
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -25,8 +26,8 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
-from zope.interface import implementer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import forwarding
 from .backend import ImapBackendLogin
@@ -61,15 +62,16 @@ from .metrics import NULL_METRICS
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
 from .relay import BYE_SHUTDOWN, Relay, write_now
-
-#: what a client connecting during a drain is told, per protocol (RFC 5530, RFC 3206)
-SHUTDOWN_LINES = {"imap": BYE_SHUTDOWN, "pop3": b"-ERR [SYS/TEMP] Shutting down\r\n"}
 from .sessions import SessionRegistry
 from .throttle import LoginThrottle
 from .tls import backend_client_options
 from .usernames import rewrite
 
+#: what a client connecting during a drain is told, per protocol (RFC 5530, RFC 3206)
+SHUTDOWN_LINES = {"imap": BYE_SHUTDOWN, "pop3": b"-ERR [SYS/TEMP] Shutting down\r\n"}
+
 log = Logger(namespace="imapproxy")
+CONNECTION_DONE = Failure(error.ConnectionDone())
 _session_ids = itertools.count(1)
 
 
@@ -87,10 +89,8 @@ def configure_socket(transport: Any, timeouts: Timeouts) -> None:
                            timeouts.tcp_keepalive_interval),
                           (getattr(socket, "TCP_KEEPCNT", None), timeouts.tcp_keepalive_count)):
         if option is not None:
-            try:
+            with contextlib.suppress(OSError):  # not every kernel has every option
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
-            except OSError:
-                pass
 
 EndpointFactory = Callable[[str, int], IStreamClientEndpoint]
 
@@ -162,7 +162,7 @@ class BackendProtocol(Protocol):
             self.logged_in.errback(action.error)
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # noqa: N802
         self.dialogue = None
         if not self.logged_in.called:
             self.logged_in.errback(BackendUnavailable())
@@ -393,7 +393,7 @@ class FrontendProtocol(Protocol):
         elif self.session is not None:
             self._execute(self.session.receive_data(data))
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # noqa: N802
         self.disconnected = True
         self.factory.registry.remove(self)
         if self._timer is not None and self._timer.active():

@@ -8,8 +8,8 @@ from pathlib import Path
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.error import VerifyError
-from zope.interface import implementer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 from .config import BackendConfig, ConfigError, TlsConfig
 

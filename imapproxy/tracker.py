@@ -135,11 +135,11 @@ class SessionTracker:
             if literal is None:
                 self.in_flight += 1  # the command that began before the literal is complete
             return
-        if self.idle is Idle.IDLING or self.idle is Idle.REQUESTED:
-            # RFC 2177: while idling the client's only line is DONE.
-            if head.rstrip(b"\r").upper() == b"DONE":
-                self.idle = Idle.DONE_SENT
-                return
+        # RFC 2177: while idling the client's only line is DONE.
+        if (self.idle is Idle.IDLING or self.idle is Idle.REQUESTED) \
+                and head.rstrip(b"\r").upper() == b"DONE":
+            self.idle = Idle.DONE_SENT
+            return
         tag, _, rest = head.partition(b" ")
         command = rest.split(b" ", 1)[0].rstrip(b"\r").upper()
         if command == b"IDLE":

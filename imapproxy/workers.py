@@ -12,6 +12,7 @@ add workers accordingly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -127,8 +128,6 @@ class WorkerPool(service.Service):
         ended = []
         for worker, transport in list(self.workers.values()):
             ended.append(worker.ended)
-            try:
+            with contextlib.suppress(OSError):  # already gone
                 transport.signalProcess(signal.SIGTERM)  # each worker drains its sessions
-            except OSError:
-                pass
         return defer.DeferredList(ended)
