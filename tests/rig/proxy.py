@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +16,7 @@ START_TIMEOUT = 15.0
 
 
 def _twistd() -> list[str]:
-    found = shutil.which("twistd")
-    if found:
-        return [found]
+    """twistd on this very interpreter, so the proxy runs on the stack the tests run on."""
     return [sys.executable, "-c",
             "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 
