@@ -106,19 +106,9 @@ def default_endpoint_factory(reactor: Any, timeout: float) -> EndpointFactory:
     return factory
 
 
-def _make_imap_login(credentials: Credentials, login: str, starttls: bool,
-                     client_id: tuple[tuple[str, str | None], ...]) -> ImapBackendLogin:
-    return ImapBackendLogin(credentials, login, starttls=starttls, client_id=client_id)
-
-
-def _make_pop3_login(credentials: Credentials, login: str, starttls: bool,
-                     client_id: tuple[tuple[str, str | None], ...]) -> Pop3BackendLogin:
-    return Pop3BackendLogin(credentials, login, starttls=starttls, client_id=client_id)
-
-
-#: protocol name -> backend login dialogue constructor
-BACKEND_DIALOGUES: dict[str, Callable[..., Any]] = {"imap": _make_imap_login,
-                                                    "pop3": _make_pop3_login}
+#: protocol name -> backend login dialogue: (credentials, login, *, starttls, client_id)
+BACKEND_DIALOGUES: dict[str, Callable[..., Any]] = {"imap": ImapBackendLogin,
+                                                    "pop3": Pop3BackendLogin}
 
 
 class BackendProtocol(Protocol):
@@ -256,7 +246,8 @@ class BackendConnector:
         if self.config.tls == "implicit":
             endpoint = wrapClientTLS(tls_creator(), endpoint)
         dialogue = BACKEND_DIALOGUES[protocol](credentials, route.login,
-                                                self.config.tls == "starttls", client_id)
+                                                starttls=self.config.tls == "starttls",
+                                                client_id=client_id)
         backend = BackendProtocol(dialogue, server, tls_creator, self.timeouts)
         try:
             await endpoint.connect(_OneConnection(backend))
@@ -280,21 +271,15 @@ class BackendConnector:
         return backend
 
 
-#: protocol name -> front-end session constructor
-def _make_imap_session(listener: Listener, config: Config) -> ImapSession:
-    return ImapSession(tls_active=listener.tls == "implicit",
-                       starttls_available=listener.tls == "starttls",
-                       plaintext_auth=config.tls.plaintext_auth, limits=config.limits)
+#: protocol name -> front-end session class (both take the same keyword arguments)
+FRONTEND_SESSIONS: dict[str, Callable[..., Any]] = {"imap": ImapSession, "pop3": Pop3Session}
 
 
-def _make_pop3_session(listener: Listener, config: Config) -> Pop3Session:
-    return Pop3Session(tls_active=listener.tls == "implicit",
-                       starttls_available=listener.tls == "starttls",
-                       plaintext_auth=config.tls.plaintext_auth, limits=config.limits)
-
-
-FRONTEND_SESSIONS: dict[str, Callable[[Listener, Config], Any]] = {"imap": _make_imap_session,
-                                                                   "pop3": _make_pop3_session}
+def new_session(listener: Listener, config: Config) -> Any:
+    """The pre-login session for a new client of this listener."""
+    return FRONTEND_SESSIONS[listener.protocol](
+        tls_active=listener.tls == "implicit", starttls_available=listener.tls == "starttls",
+        plaintext_auth=config.tls.plaintext_auth, limits=config.limits)
 
 #: protocol name -> the line refusing a connection in place of the greeting: RFC 3501
 #: section 7.1.5 allows BYE as the greeting; RFC 2449 section 8 codes for POP3.
@@ -377,8 +362,7 @@ class FrontendProtocol(Protocol):
                       "{total} in all)", session_id=self.session_id, client=admitted.client,
                       count=factory.limiter.connections_from(admitted.client),
                       total=factory.limiter.total)
-        self.session = FRONTEND_SESSIONS[factory.listener.protocol](factory.listener,
-                                                                     factory.config)
+        self.session = new_session(factory.listener, factory.config)
         if factory.listener.tls != "implicit":
             self._add_gate()  # with TLS: once the handshake is done (handshakeCompleted)
         self._timer = factory.reactor.callLater(factory.config.limits.preauth_timeout,
