@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import RoutingLoop
 from .proxyprotocol import Address, encode_v2, parse_ip
 
 IdParams = tuple[tuple[str, str | None], ...]
@@ -34,6 +35,20 @@ TRUSTED_KEYS = frozenset({"x-originating-ip", "x-originating-port", "x-connected
 TRUSTED_PREFIXES = ("x-forward-",)
 #: RFC 2971 section 3.3: at most 30 field-value pairs.
 MAX_ID_PAIRS = 30
+#: Loop guard between proxies, Dovecot's own convention (login-proxy's proxy_ttl, which
+#: also starts at 5): every hop passes ``x-proxy-ttl`` on one lower, and a login that
+#: arrives with nothing left is refused. Our own-listener check (loops.py) cannot see a
+#: loop through a second proxy instance; this can, with imapproxy or Dovecot proxies.
+PROXY_TTL = 5
+
+
+def next_ttl(client_id: IdParams) -> int:
+    """The x-proxy-ttl to pass on: one less than the client's (capped), or PROXY_TTL - 1."""
+    for key, value in client_id:
+        if key.lower() == "x-proxy-ttl" and value is not None and value.isascii() \
+                and value.isdigit():
+            return min(int(value), PROXY_TTL) - 1
+    return PROXY_TTL - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +80,18 @@ def for_login(mode: str, client_id: IdParams, client: Address | None, local: Add
               session: str) -> Forwarding:
     """What to send the backend, for ``[backend] forward_client = mode``.
 
+    Raises RoutingLoop when the client (another proxy) passed on an x-proxy-ttl with
+    nothing left.
+
     ``client`` is None when the client's address is not an IP one (then there is
     nothing true to forward).
     """
     own = strip_trusted_keys(client_id)
     if mode == "id" and client is not None:
-        ours = origin_params(client, local, session)
+        ttl = next_ttl(client_id)
+        if ttl <= 0:
+            raise RoutingLoop()
+        ours = (("x-proxy-ttl", str(ttl)),) + origin_params(client, local, session)
         return Forwarding(client_id=own[:MAX_ID_PAIRS - len(ours)] + ours)
     if mode == "proxy-v2":
         return Forwarding(client_id=own, proxy_header=encode_v2(client, local))

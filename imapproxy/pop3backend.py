@@ -89,7 +89,7 @@ TRANSITIONS: dict[Step, frozenset[Step]] = {
 
 #: forwarding.origin_params ID keys -> Dovecot's XCLIENT attributes (pop3-login)
 XCLIENT_ATTRIBUTES = {"x-originating-ip": b"ADDR", "x-originating-port": b"PORT",
-                      "x-session-id": b"SESSION"}
+                      "x-session-id": b"SESSION", "x-proxy-ttl": b"TTL"}
 
 
 def xclient_command(client_id: tuple[tuple[str, str | None], ...]) -> bytes:

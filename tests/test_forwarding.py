@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from helpers import DOVECOT_GREETING, Harness
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.protocols.haproxy._v2parser import V2Parser
 
 from imapproxy.backend import ImapBackendLogin
 from imapproxy.credentials import Credentials, Secret
+from imapproxy.errors import RoutingLoop
 from imapproxy.forwarding import (
     MAX_ID_PAIRS,
     for_login,
     ip_endpoint,
+    next_ttl,
     origin_params,
     strip_trusted_keys,
 )
@@ -33,7 +36,7 @@ def test_origin_params() -> None:
 
 def test_a_client_cannot_claim_an_address() -> None:
     claimed = (("name", "Thunderbird"), ("X-Originating-IP", "1.2.3.4"),
-               ("x-session-id", "mine"), ("x-forward-foo", "bar"), ("x-proxy-ttl", "1"),
+               ("x-session-id", "mine"), ("x-forward-foo", "bar"), ("x-proxy-ttl", "3"),
                ("version", None))
     assert strip_trusted_keys(claimed) == (("name", "Thunderbird"), ("version", None))
     for mode in ("id", "proxy-v2", "none"):
@@ -74,7 +77,8 @@ def test_backend_login_sends_the_origin_as_id_before_login() -> None:
     login = ImapBackendLogin(Credentials("alice", Secret(b"pw")), "alice", starttls=False,
                              client_id=for_login("id", (), ("192.0.2.7", 4), None, "7-1").client_id)
     sent = login.receive_data(DOVECOT_GREETING)[0].data
-    assert sent.startswith(b'P2 ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "4" '
+    assert sent.startswith(b'P2 ID ("x-proxy-ttl" "4" "x-originating-ip" "192.0.2.7" '
+                           b'"x-originating-port" "4" '
                            b'"x-session-id" "7-1")\r\nP3 LOGIN ')
 
 
@@ -89,7 +93,8 @@ def test_proxy_sends_client_address_by_id_by_default() -> None:
     backend = h.backends[-1]
     backend.dataReceived(DOVECOT_GREETING)
     sent = backend.transport.value()
-    assert sent.startswith(b'P2 ID ("name" "mutt" "x-originating-ip" "192.0.2.7" '
+    assert sent.startswith(b'P2 ID ("name" "mutt" "x-proxy-ttl" "4" '
+                           b'"x-originating-ip" "192.0.2.7" '
                            b'"x-originating-port" "40000" "x-connected-ip" ')
     assert b"6.6.6.6" not in sent
     assert b'"x-session-id" "' in sent
@@ -122,3 +127,18 @@ def test_forward_none_sends_no_id() -> None:
     backend = h.backends[-1]
     backend.dataReceived(DOVECOT_GREETING)
     assert backend.transport.value().startswith(b"P3 LOGIN ")
+
+
+def test_proxy_ttl_counts_down_and_a_loop_is_refused() -> None:
+    client = ("192.0.2.7", 1)
+    fresh = for_login("id", (), client, None, "s").client_id
+    assert ("x-proxy-ttl", "4") in fresh  # PROXY_TTL - 1, as Dovecot's proxies do
+    # Another proxy (ours or Dovecot's) in front: one less, and its value is not kept.
+    hop = for_login("id", (("x-proxy-ttl", "3"),), client, None, "s").client_id
+    assert ("x-proxy-ttl", "2") in hop and ("x-proxy-ttl", "3") not in hop
+    # A client cannot buy itself more hops than we start with.
+    assert ("x-proxy-ttl", "4") in for_login("id", (("x-proxy-ttl", "99"),), client, None,
+                                             "s").client_id
+    with pytest.raises(RoutingLoop):
+        for_login("id", (("x-proxy-ttl", "1"),), client, None, "s")
+    assert next_ttl((("X-Proxy-TTL", "junk"),)) == 4

@@ -285,3 +285,17 @@ def test_client_gone_before_tls_handshake_ends_its_session_at_once(proxy):
     while proxy.log().count("session end") == ended and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proxy.log().count("session end") > ended
+
+
+def test_loop_between_two_proxies_is_refused_by_the_proxy_ttl(start_proxy):
+    """A's map points at B and B's at A: x-proxy-ttl runs out and the client gets NO."""
+    a_port, b_port = free_port(), free_port()
+    a = start_proxy(imap_config(a_port), [a_port], {"users.map": f"*  127.0.0.1:{b_port}\n"},
+                    name="a")
+    b = start_proxy(imap_config(b_port), [b_port], {"users.map": f"*  127.0.0.1:{a_port}\n"},
+                    name="b")
+    raw = RawImap(HOST, a.port)
+    reply = raw.command(b"l", b"LOGIN alice whatever")[-1]
+    assert reply.startswith(b"l NO [UNAVAILABLE]"), reply
+    raw.close()
+    assert "reason=RoutingLoop" in a.log() + b.log()
