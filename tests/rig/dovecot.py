@@ -27,7 +27,6 @@ import os
 import pwd
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -39,6 +38,7 @@ from types import TracebackType
 
 from .certs import CertPair
 from .ports import free_port
+from .processes import stop_process, tail
 
 DOVECOT = Path("/usr/sbin/dovecot")
 DOVEADM = Path("/usr/bin/doveadm")
@@ -119,14 +119,6 @@ _LIVE: weakref.WeakSet[Dovecot] = weakref.WeakSet()
 def _close_all() -> None:
     for dovecot in list(_LIVE):
         dovecot.close()
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return f"({path} does not exist)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _greets(host: str, port: int, expected: bytes) -> bool:
@@ -403,8 +395,8 @@ service stats {{
 
     def _fail(self, message: str) -> None:
         raise RuntimeError(
-            f"{message}\n--- {self.log_path} ---\n{_tail(self.log_path)}"
-            f"\n--- {self.stderr_path} ---\n{_tail(self.stderr_path)}"
+            f"{message}\n--- {self.log_path} ---\n{tail(self.log_path)}"
+            f"\n--- {self.stderr_path} ---\n{tail(self.stderr_path)}"
         )
 
     def stop(self) -> None:
@@ -412,13 +404,7 @@ service stats {{
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process, STOP_TIMEOUT)
 
     def close(self) -> None:
         """Stop, and delete the relocated shared directory if there is one (mail included)."""

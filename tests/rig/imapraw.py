@@ -15,7 +15,8 @@ class RawImap:
         # from the proxies and load balancers that all run on 127.0.0.1).
         sock = socket.create_connection((host, port), timeout=timeout,
                                         source_address=(source, 0) if source else None)
-        self.sock: socket.socket = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
+        self.sock: socket.socket = (tls.wrap_socket(sock, server_hostname="localhost")
+                                    if tls else sock)
         self._buffer = b""
         self.greeting = self.readline()
 
@@ -65,7 +66,7 @@ class RawImap:
                 if not chunk:
                     return True
                 self._buffer += chunk
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except (ConnectionResetError, ssl.SSLError):
             return True

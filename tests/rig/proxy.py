@@ -131,7 +131,8 @@ def imap_config(port: int, map_file: str = "users.map", tls: str = "none",
         tls_table += f'certificate = "{cert[0]}"\nkey = "{cert[1]}"\n'
     tls_table += f"plaintext_auth = {'true' if plaintext_auth else 'false'}\n"
     return (
-        f'{top}\n[[listen]]\nprotocol = "{protocol}"\naddress = "127.0.0.1:{port}"\ntls = "{tls}"\n\n'
+        f'{top}\n[[listen]]\nprotocol = "{protocol}"\n'
+        f'address = "127.0.0.1:{port}"\ntls = "{tls}"\n\n'
         f"{tls_table}\n"
         f'[directory]\ntype = "static"\nmap = "{map_file}"\n\n{extra}'
     )

@@ -13,8 +13,6 @@ entry with two hosts (add_user raises RuntimeError naming the constraint).
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -28,6 +26,7 @@ from ldap3.utils.dn import escape_rdn
 
 from .certs import CertPair
 from .ports import free_port
+from .processes import stop_process, tail
 
 SLAPD = Path("/usr/sbin/slapd")
 SLAPADD = Path("/usr/sbin/slapadd")
@@ -199,24 +198,14 @@ access to *
             return False
 
     def _fail(self, message: str) -> None:
-        try:
-            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
-        except FileNotFoundError:
-            tail = "(no log)"
-        raise RuntimeError(f"{message}\n--- {self.log_path} ---\n{tail}")
+        raise RuntimeError(f"{message}\n--- {self.log_path} ---\n{tail(self.log_path)}")
 
     def stop(self) -> None:
         """Stop slapd; no-op when not running. Data survives a later start()."""
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process, STOP_TIMEOUT)
 
     def __enter__(self) -> Slapd:
         self.start()
