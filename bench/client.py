@@ -12,6 +12,7 @@ spends is taken from the server under test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -188,10 +189,8 @@ def bulk(spec: dict[str, Any]) -> dict[str, Any]:
     if not last.startswith(tag + b" OK"):
         raise RuntimeError(f"FETCH failed: {last!r}")
     cipher = f"{sock.version()} {sock.cipher()[0]}" if spec["tls"] else None  # type: ignore[attr-defined]
-    try:
+    with contextlib.suppress(ConnectionError, RuntimeError):
         ls.command(b"a4", b"LOGOUT")
-    except (ConnectionError, RuntimeError):
-        pass
     sock.close()
     secs = t2 - t1
     return {
@@ -449,7 +448,7 @@ async def _idle_main(spec: dict[str, Any]) -> None:
         async with sem:  # the timeout starts once the session's turn has come
             try:
                 reader = await asyncio.wait_for(open_one(entry), IO_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 errors.append(f"timeout opening {entry[2]}")
                 return
             except Exception as exc:  # noqa: BLE001 - counted and reported

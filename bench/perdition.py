@@ -9,6 +9,7 @@ Perdition 2.2 wants exactly three attributes (login name, host, port) and the
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -120,10 +121,8 @@ class Perdition:
     def _log_tail(self) -> str:
         out = []
         for name in (f"perdition-{self.mode}.log", f"perdition-{self.mode}.stderr"):
-            try:
+            with contextlib.suppress(OSError):
                 out.append((self.workdir / name).read_text(errors="replace")[-2000:])
-            except OSError:
-                pass
         return "\n".join(out)
 
     @property
@@ -136,20 +135,16 @@ class Perdition:
         p, self.process = self.process, None
         if p is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             p.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         # Children survive the parent (they are not told); end the rest of the group.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _tcp_open(port: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -17,10 +18,8 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue  # the process is gone
         for task in tasks:
-            try:
+            with contextlib.suppress(OSError):
                 out.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -135,10 +136,8 @@ class ImapProxy:
     def log_tail(self, chars: int = 3000) -> str:
         out = []
         for p in (self.log_path, self.workdir / f"{self.name}.stderr"):
-            try:
+            with contextlib.suppress(OSError):
                 out.append(p.read_text(errors="replace")[-chars:])
-            except OSError:
-                pass
         return "\n".join(out)
 
     @property
@@ -155,16 +154,10 @@ class ImapProxy:
         if p is None:
             return
         if p.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         p.wait()

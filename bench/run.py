@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import signal
 import statistics
@@ -543,7 +542,7 @@ PUSH_MESSAGE = (b"From: push@example.org\r\nTo: bench@example.org\r\n"
 
 def summarise(results: Results, stack: Stack, sizes: Sizes) -> dict[str, Any]:
     figs: dict[str, Any] = {}
-    for key, group, label, unit, compare, direct_too in FIGURES:
+    for key, group, label, unit, compare, _direct_too in FIGURES:
         entry = {"label": label.format(c=sizes.concurrency, n=sizes.sessions), "unit": unit,
                  "group": group, "compare": compare, "paths": results.summary(key, compare)}
         figs[key] = entry
@@ -577,7 +576,7 @@ def table(figs: dict[str, Any], paths: list[BenchPath]) -> str:
         if n != "direct":
             head.append("vs direct")
     rows = [head, ["---"] * len(head)]
-    for key, f in figs.items():
+    for _key, f in figs.items():
         if not f["paths"]:
             continue
         row = [f["label"], f["unit"]]
