@@ -305,7 +305,7 @@ def test_pipelined_commands_whose_replies_are_never_read(proxy: Proxy) -> None:
     try:
         while sent < 26_000_000:
             sent += sock.send(chunk)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         pass  # the proxy stopped reading: backpressure, what we want
     grown = proxy.rss_kib() - before
     sock.close()

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
-import ssl
-import subprocess
-import threading
 import time
-from pathlib import Path
 
 import imapclient
 import pytest
