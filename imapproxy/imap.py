@@ -48,6 +48,8 @@ _NEEDS_LOGIN = frozenset(
 )
 
 SERVER_ID = b'* ID ("name" "imapproxy")\r\n'
+#: RFC 5530 UNAVAILABLE: come back later (the relay sends it too, when it drains)
+BYE_SHUTDOWN = b"* BYE [UNAVAILABLE] Shutting down\r\n"
 DEFAULT_LIMITS = Limits()
 
 
@@ -134,7 +136,7 @@ class ImapSession:
         """The proxy is shutting down: tell the client to come back (RFC 5530 UNAVAILABLE)."""
         if self.state in (State.CLOSED, State.RELAYING):
             return []
-        return [SendToClient(b"* BYE [UNAVAILABLE] Shutting down\r\n"), self._close("shutdown")]
+        return [SendToClient(BYE_SHUTDOWN), self._close("shutdown")]
 
     def timed_out(self) -> list[Action]:
         if self.state in (State.CLOSED, State.RELAYING):

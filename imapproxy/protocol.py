@@ -61,14 +61,11 @@ from .loops import is_own_listener, names_own_listener
 from .metrics import NULL_METRICS
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
-from .relay import BYE_SHUTDOWN, Relay, write_now
+from .relay import Relay, write_now
 from .sessions import SessionRegistry
 from .throttle import LoginThrottle
 from .tls import backend_client_options
 from .usernames import rewrite
-
-#: what a client connecting during a drain is told, per protocol (RFC 5530, RFC 3206)
-SHUTDOWN_LINES = {"imap": BYE_SHUTDOWN, "pop3": b"-ERR [SYS/TEMP] Shutting down\r\n"}
 
 log = Logger(namespace="imapproxy")
 CONNECTION_DONE = Failure(error.ConnectionDone())
@@ -346,8 +343,8 @@ class FrontendProtocol(Protocol):
         configure_socket(self.transport, factory.config.timeouts)
         factory.registry.add(self)
         if factory.registry.draining:
-            self.transport.write(SHUTDOWN_LINES[factory.listener.protocol])
-            self.close("shutdown")
+            # The session says it in its own protocol (BYE / -ERR [SYS/TEMP]) and closes.
+            self._execute(new_session(factory.listener, factory.config).shutdown())
             return
         admitted = factory.limiter.admit(getattr(self.transport.getPeer(), "host", ""))
         if isinstance(admitted, Refusal):

@@ -14,13 +14,13 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.logger import Logger
 
+from .imap import BYE_SHUTDOWN
 from .tracker import SessionTracker
 
 log = Logger(namespace="imapproxy")
 
 #: RFC 5530 UNAVAILABLE: the client should come back later (here: reconnect now).
 BYE_BACKEND_GONE = b"* BYE [UNAVAILABLE] Backend closed the connection\r\n"
-BYE_SHUTDOWN = b"* BYE [UNAVAILABLE] Shutting down\r\n"
 BYE_TIMEOUT = b"* BYE Autologout; idle for too long\r\n"
 STILL_HERE = b"* OK Still here\r\n"
 #: our own tag for the LOGOUT the proxy sends when it ends a session itself

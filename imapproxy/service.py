@@ -15,6 +15,7 @@ from . import config as configmodule
 from . import operations
 from .config import Config, ConfigError, Listener
 from .directory import StaticDirectory
+from .health import BackendHealth
 from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
@@ -78,7 +79,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     directory, extra = build_directory(config, reactor)
     for child in extra:
         child.setServiceParent(top)
-    health = _health(config, reactor)
+    health = BackendHealth(reactor, config.backend.down_cooldown)
     if config.backend.insecure_skip_verify and config.backend.tls != "none":
         log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
                      "and host names are NOT verified; anyone on the path to a backend can "
@@ -145,14 +146,6 @@ class DrainService(service.Service):
     def stopService(self) -> Any:  # noqa: N802
         super().stopService()
         return self.registry.drain()
-
-
-def _health(config: Config, reactor: Any) -> Any:
-    try:
-        from .health import BackendHealth
-    except ImportError:  # pragma: no cover - until the circuit breaker lands
-        return None
-    return BackendHealth(reactor, config.backend.down_cooldown)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:  # noqa: N802

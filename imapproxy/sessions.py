@@ -56,7 +56,13 @@ class SessionRegistry:
             session.drain()
         if self.sessions:
             deadline = self.clock.callLater(timeout, self._force_close)
-            done.addBoth(lambda result: (deadline.active() and deadline.cancel(), result)[1])
+
+            def stop_deadline(result: object) -> object:
+                if deadline.active():
+                    deadline.cancel()
+                return result
+
+            done.addBoth(stop_deadline)
         return done
 
     def _force_close(self) -> None:
