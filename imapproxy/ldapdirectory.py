@@ -16,7 +16,9 @@ What Perdition's LDAP map got wrong, and what this module does instead
 a search matching several entries is a refused login, not a crash; an unreachable
 directory is ``DirectoryUnavailable`` (a temporary failure for the client), never a
 silent fall-back to a default server; LDAPv3 only; connections are pooled and
-re-established after a server restart; the bind password is never logged.
+re-established after a server restart; the bind password is never logged. URIs are
+read by ldapurl.py (every RFC 4516 form, and ldapi), not by ldap3; the directory is
+tried once at start and at each reload, and a silent one is logged, not fatal.
 """
 
 from __future__ import annotations
