@@ -156,12 +156,25 @@ class Limits:
     #: logged-in sessions per user from one client address (Dovecot's
     #: mail_max_userip_connections is 10 and counts per protocol); 0 = off
     max_connections_per_user_ip: int = 20
-    #: seconds before answering the first failed login; doubles per distinct failure of
-    #: the client address or the username (2, 4, 8, ...); 0 = off
+    #: the brute-force penalty (penalty.py), paid before the password is checked: an
+    #: address (or, from addresses it has not used lately, a user) with recent failures
+    #: waits this long before its next check, doubling per distinct failure (2, 4, 8,
+    #: 15 s); also the least time before a failed login is answered; 0 = off
     login_delay: float = 2.0
-    login_delay_max: float = 30.0
-    #: seconds a failed login is remembered for the delay
+    #: the penalty's cap (Dovecot's anvil caps at 15 s too)
+    login_delay_max: float = 15.0
+    #: seconds a failed login is remembered for the penalty
     login_failure_memory: float = 900.0
+    #: CIDR networks never penalised nor counted (webmail hosts, other trusted callers)
+    penalty_exempt: tuple[str, ...] = ()
+    #: logins checked at once from one address without recent failures (a penalised
+    #: address: one at a time); more wait their turn
+    max_parallel_logins_per_ip: int = 4
+    #: seconds an address stays "known" for a user after a successful login there: from
+    #: a known address the user penalty does not apply (the owner is never locked out)
+    known_address_memory: float = 30 * 86400.0
+    #: longest username in bytes (RFC 5321: 64 + 1 + 255); longer is a failed login
+    max_username: int = 320
 
 
 @dataclass(frozen=True)
@@ -535,11 +548,28 @@ def _limits(table: _Table | None) -> Limits:
         max_connections_per_user_ip=table.integer("max_connections_per_user_ip", 20,
                                                   minimum=0),
         login_delay=table.number("login_delay", 2.0),
-        login_delay_max=table.number("login_delay_max", 30.0),
+        login_delay_max=table.number("login_delay_max", 15.0),
         login_failure_memory=table.number("login_failure_memory", 900.0),
+        penalty_exempt=_networks(table, "penalty_exempt", ()),
+        max_parallel_logins_per_ip=table.integer("max_parallel_logins_per_ip", 4, minimum=1),
+        known_address_memory=table.number("known_address_memory", 30 * 86400.0),
+        max_username=table.integer("max_username", 320, minimum=1, maximum=65536),
     )
     table.finish()
     return config
+
+
+def _networks(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of CIDR networks ("192.0.2.0/24", "2001:db8::/32", a bare address)."""
+    items = table.get(name, list, list(default))
+    for item in items:
+        if not isinstance(item, str):
+            raise table.error(name, "must be a list of CIDR networks as strings")
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as e:
+            raise table.error(name, f"{item!r}: {e}") from None
+    return tuple(items)
 
 
 def _timeouts(table: _Table | None) -> Timeouts:
@@ -616,16 +646,8 @@ def _admin(table: _Table | None) -> AdminConfig | None:
 def _proxy_protocol(table: _Table | None) -> ProxyProtocolConfig:
     if table is None:
         return ProxyProtocolConfig()
-    trusted = table.get("trusted", list, list(ProxyProtocolConfig.trusted))
-    for item in trusted:
-        if not isinstance(item, str):
-            raise table.error("trusted", "must be a list of CIDR networks as strings")
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError as e:
-            raise table.error("trusted", f"{item!r}: {e}") from None
     config = ProxyProtocolConfig(
-        trusted=tuple(trusted),
+        trusted=_networks(table, "trusted", ProxyProtocolConfig.trusted),
         timeout=table.number("timeout", 10.0, minimum=0.1),
     )
     table.finish()

@@ -54,6 +54,16 @@ class UserNotFound(AuthenticationFailed):
     """No route for this user. Answered exactly like a wrong password (no enumeration)."""
 
 
+class InvalidUsername(AuthenticationFailed):
+    """A name no mailbox can have (too long, control characters): refused before any
+    lookup, and answered like a wrong password."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        #: for the log line, never for the client
+        self.detail = detail
+
+
 class DirectoryUnavailable(ProxyError):
     """The directory could not be asked and nothing cached could answer."""
 

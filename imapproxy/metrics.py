@@ -73,6 +73,10 @@ class NullMetrics:
     def proxy_header_refused(self, reason: str) -> None:
         """A connection on a proxy_protocol listener was refused."""
 
+    def refused(self, limit: str) -> None:
+        """A connection or a login was refused by a limit: total, per_client,
+        per_user_client, penalty."""
+
     def reloaded(self, ok: bool) -> None:
         """A SIGHUP reload was applied (ok) or refused."""
 
@@ -119,6 +123,10 @@ class Metrics(NullMetrics):
         self.sessions_ended = Counter("imapproxy_sessions_ended",
                                       "Client connections ended, by protocol",
                                       ["protocol"], registry=r)
+        self.limit_refusals = Counter("imapproxy_refused",
+                                      "Connections and logins refused, by the limit that "
+                                      "refused them (total, per_client, per_user_client, "
+                                      "penalty)", ["limit"], registry=r)
         self.proxy_refused = Counter("imapproxy_proxy_protocol_refused",
                                      "Connections refused on proxy_protocol listeners",
                                      ["reason"], registry=r)
@@ -149,6 +157,9 @@ class Metrics(NullMetrics):
 
     def proxy_header_refused(self, reason: str) -> None:
         self.proxy_refused.labels(reason).inc()
+
+    def refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "refused").inc()

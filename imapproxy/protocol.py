@@ -39,6 +39,7 @@ from .errors import (
     AuthenticationFailed,
     BackendProtocolError,
     BackendUnavailable,
+    InvalidUsername,
     ProxyError,
     RoutingLoop,
     TooManyConnections,
@@ -58,15 +59,17 @@ from .haproxy import HeaderFirstEndpoint
 from .imap import ImapSession
 from .imapwire import response
 from .limits import ConnectionLimiter, Refusal, Ticket, client_key
+from .logquote import quoted
 from .loops import is_own_listener, names_own_listener
 from .metrics import NULL_METRICS
+from .penalty import Outcome, Penalty
+from .penaltygate import LocalGate, LoginsRefused
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
 from .relay import Relay, write_now
 from .sessions import SessionRegistry
-from .throttle import LoginThrottle
 from .tls import backend_client_options
-from .usernames import rewrite
+from .usernames import rewrite, username_problem
 
 log = Logger(namespace="imapproxy")
 CONNECTION_DONE = Failure(error.ConnectionDone())
@@ -302,7 +305,6 @@ REFUSALS: dict[str, Callable[[ProxyError], bytes]] = {
 
 
 #: reasons to stop reading a client before login (a bit mask)
-HOLD_LOGIN = 1
 HOLD_REPLIES = 2
 
 
@@ -348,8 +350,10 @@ class FrontendProtocol(Protocol):
         self._gate = False
         #: this connection's place in the connection limits (limits.py)
         self.ticket: Ticket | None = None
-        #: a failed login's answer, held back by the throttle (throttle.py)
+        #: a failed login's answer, held back for login_delay (see _login)
         self._answer: Any = None
+        #: the penalty's admission this login waits for (penaltygate.py), if any
+        self._waiting: defer.Deferred[Any] | None = None
 
     # -- connection events ----------------------------------------------------------------
 
@@ -365,6 +369,7 @@ class FrontendProtocol(Protocol):
             return
         admitted = factory.limiter.admit(getattr(self.transport.getPeer(), "host", ""))
         if isinstance(admitted, Refusal):
+            factory.metrics.refused(admitted.name.lower())
             # Answer and close; the listener goes on accepting (unlike Perdition's -L).
             self.transport.write(REFUSALS[factory.listener.protocol](
                 TooManyConnections(admitted.value.capitalize() + ", try again later")))
@@ -398,6 +403,8 @@ class FrontendProtocol(Protocol):
             self._timer.cancel()
         if self._answer is not None and self._answer.active():
             self._answer.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()  # leaves the penalty's queue
         if self.leg is not None:
             self.leg.lost()
         if self.ticket is not None:
@@ -425,9 +432,10 @@ class FrontendProtocol(Protocol):
         # twisted.logger's own formatting of a many-field format costs more than the
         # rest of a short session's bookkeeping.
         log.info("{line}", line=(
-            "session end id={session_id} client={client} user={user} backend={backend} "
-            "duration={duration:.1f}s in={bytes_in} out={bytes_out} reason={reason}"
-        ).format(**fields), **fields)
+            "session end id={session_id} client={client} user={quoted_user} "
+            "backend={backend} duration={duration:.1f}s in={bytes_in} out={bytes_out} "
+            "reason={reason}").format(quoted_user=quoted(self.user or None), **fields),
+            **fields)
         self.factory.metrics.session_ended(self, reason)
         self.relay = None
         self.session = None
@@ -497,7 +505,8 @@ class FrontendProtocol(Protocol):
                 self._drop_gate()
                 self.transport.startTLS(self.factory.server_tls)
             elif isinstance(action, Login):
-                self._hold(HOLD_LOGIN)
+                # Client bytes are still read meanwhile (the session holds them, bounded),
+                # so a client that goes away is noticed at once.
                 defer.ensureDeferred(self._login(action))
             elif isinstance(action, Splice):
                 self._splice(action.trailing)
@@ -505,12 +514,38 @@ class FrontendProtocol(Protocol):
                 self.close(action.reason)
 
     async def _login(self, action: Login) -> None:
+        """Penalty first, then lookup and backend login: the path of every login."""
         factory = self.factory
         credentials = action.credentials
         client = self.transport.getPeer()
+        names = rewrite(credentials.username, factory.config.username)
+        gate = factory.penalty
+        password = credentials.password.reveal()
+        # The penalty is paid before the directory or a backend sees the credentials
+        # (penalty.py): a client that goes away while it waits leaves the queue.
+        self._waiting = gate.enter(self._client_key(), gate.user_key(names.lookup))
+        try:
+            admission = await self._waiting
+        except defer.CancelledError:
+            return  # the client went away while waiting
+        except LoginsRefused as e:
+            self._log_login_failed(credentials.username, "penalty: " + e.reason)
+            factory.metrics.login(factory.listener.protocol, "failed", type(e).__name__)
+            factory.metrics.refused("penalty")
+            self._login_failed(e)
+            return
+        finally:
+            self._waiting = None
+        if admission.waited > 0:
+            log.info("login delayed id={session_id} client={client} user={user} "
+                     "waited={waited:.3f}s", session_id=self.session_id,
+                     client=self._client_key(), user=quoted(credentials.username),
+                     user_raw=credentials.username, waited=admission.waited)
         started = factory.reactor.seconds()
         try:
-            names = rewrite(credentials.username, factory.config.username)
+            problem = username_problem(credentials.username, factory.config.limits.max_username)
+            if problem is not None:
+                raise InvalidUsername(problem)
             route = await defer.maybeDeferred(factory.directory.lookup, names.lookup,
                                               factory.listener.protocol, names.backend)
             forward = forwarding.for_login(
@@ -521,25 +556,35 @@ class FrontendProtocol(Protocol):
                                                     credentials, forward.client_id,
                                                     proxy_header=forward.proxy_header)
         except ProxyError as e:
-            log.info("login failed id={session_id} client={client} user={user} reason={reason}",
-                     session_id=self.session_id, client=client.host, user=credentials.username,
-                     reason=type(e).__name__)
+            guess = isinstance(e, AuthenticationFailed)
+            admission.finish(Outcome.FAILURE if guess else Outcome.NEUTRAL,
+                             gate.fingerprint(names.lookup, password))
+            self._log_login_failed(credentials.username, getattr(e, "detail", "")
+                                   or type(e).__name__)
             factory.metrics.login(factory.listener.protocol, "failed", type(e).__name__)
-            self._login_failed(e, self._throttle(credentials, started, e))
+            # A failure is answered no sooner than login_delay after its check began, so
+            # an unknown user (the directory answers at once) and a wrong password (the
+            # backend takes its time) cannot be told apart by the clock.
+            delay = started + factory.config.limits.login_delay - factory.reactor.seconds()
+            self._login_failed(e, delay if guess else 0.0)
             return
         except Exception:
-            log.failure("unexpected error during login of {user}", user=credentials.username)
+            admission.finish(Outcome.NEUTRAL)
+            log.failure("unexpected error during login of {user}", user=quoted(
+                credentials.username))
             self._login_failed(BackendUnavailable())
             return
+        admission.finish(Outcome.SUCCESS)
         if self.disconnected or self.end_reason or self.session is None:
             backend.close()
             return
-        factory.throttle.succeeded(self._client_key(), credentials.username)
         refusal = self.ticket.login(names.lookup) if self.ticket is not None else None
         if refusal is not None:
             log.info("login refused id={session_id} client={client} user={user} "
                      "reason={reason}", session_id=self.session_id, client=client.host,
-                     user=credentials.username, reason=refusal.value)
+                     user=quoted(credentials.username), user_raw=credentials.username,
+                     reason=refusal.value)
+            factory.metrics.refused(refusal.name.lower())
             backend.close()
             self._login_failed(TooManyConnections(refusal.value.capitalize()))
             return
@@ -550,8 +595,9 @@ class FrontendProtocol(Protocol):
                   "backend": str(backend.server), "mechanism": self.mechanism,
                   "tls": getattr(self.session, "tls_active", False), "pid": os.getpid()}
         log.info("{line}", line=(
-            "login id={session_id} client={client} user={user} backend={backend} "
-            "mechanism={mechanism} tls={tls} pid={pid}").format(**fields), **fields)
+            "login id={session_id} client={client} user={quoted_user} backend={backend} "
+            "mechanism={mechanism} tls={tls} pid={pid}").format(
+                quoted_user=quoted(self.user), **fields), **fields)
         factory.metrics.login(factory.listener.protocol, "ok")
         assert backend.result is not None
         actions = self.session.login_succeeded(backend.result.capabilities)
@@ -561,37 +607,25 @@ class FrontendProtocol(Protocol):
             return
         self._execute(actions)
 
+    def _log_login_failed(self, username: str, reason: str) -> None:
+        log.info("login failed id={session_id} client={client} user={user} reason={reason}",
+                 session_id=self.session_id, client=self.transport.getPeer().host,
+                 user=quoted(username), user_raw=username, reason=reason)
+
     def _client_key(self) -> str:
         if self.ticket is not None:
             return self.ticket.client
         host = getattr(self.transport.getPeer(), "host", "")
         return client_key(host, self.factory.config.limits.ipv6_prefix)
 
-    def _throttle(self, credentials: Credentials, started: float, error: ProxyError) -> float:
-        """Seconds still to wait before answering this failed login (throttle.py)."""
-        if not isinstance(error, AuthenticationFailed):
-            return 0.0  # not a guess: backend down, directory down, limits
-        factory = self.factory
-        delay = factory.throttle.failed(self._client_key(), credentials.username,
-                                        credentials.password.reveal())
-        # Counted from the start of the login, so an unknown user (answered at once by
-        # the directory) waits exactly as long as a wrong password (asked of a backend).
-        remaining = max(0.0, started + delay - factory.reactor.seconds())
-        if delay:
-            log.info("login failure throttled id={session_id} client={client} user={user} "
-                     "delay={delay:.3f}s", session_id=self.session_id,
-                     client=self._client_key(), user=credentials.username, delay=delay)
-        return remaining
-
     def _login_failed(self, error: ProxyError, delay: float = 0.0) -> None:
         if self.disconnected or self.end_reason or self.session is None:
             return
         if delay > 0:
-            # Never block: the answer is scheduled; client input stays paused meanwhile.
+            # Never block: the answer is scheduled.
             self._answer = self.factory.reactor.callLater(delay, self._login_failed, error)
             return
         self._answer = None
-        self._release(HOLD_LOGIN)
         self._execute(self.session.login_failed(error))
 
     def _splice(self, trailing: bytes) -> None:
@@ -633,7 +667,7 @@ class ProxyFactory(ServerFactory):
     def __init__(self, reactor: Any, config: Config, listener: Listener, directory: Directory,
                  connector: BackendConnector, registry: SessionRegistry,
                  server_tls: Any = None, *, limiter: ConnectionLimiter | None = None,
-                 throttle: LoginThrottle | None = None) -> None:
+                 penalty: Any = None) -> None:
         self.reactor = reactor
         self.config = config
         self.listener = listener
@@ -646,8 +680,9 @@ class ProxyFactory(ServerFactory):
         # (tests) gets its own from the config.
         self.limiter = limiter if limiter is not None else ConnectionLimiter.from_limits(
             config.limits)
-        self.throttle = throttle if throttle is not None else LoginThrottle.from_limits(
-            config.limits, reactor.seconds)
+        #: the brute-force penalty's gate (penaltygate.py)
+        self.penalty = penalty if penalty is not None else LocalGate(
+            Penalty.from_limits(config.limits, reactor.seconds), reactor)
 
     def buildProtocol(self, addr: Any) -> FrontendProtocol:  # noqa: N802
         return FrontendProtocol(self)

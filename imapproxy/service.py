@@ -19,10 +19,10 @@ from .health import BackendHealth
 from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
+from .penaltygate import process_gate
 from .protocol import BackendConnector, ProxyFactory
 from .servertls import ServerTLS
 from .sessions import SessionRegistry
-from .throttle import LoginThrottle
 from .tls import backend_client_certificate, backend_trust_root
 from .workers import BACKLOG, ReusePortService, WorkerPool
 
@@ -39,6 +39,7 @@ class Options(usage.Options):
         ["config", "c", "/etc/imapproxy/imapproxy.toml", "Path to the TOML config file."],
         ["worker-index", None, 0, "Internal: this worker's number (metrics/admin port offset).",
          int],
+        ["penalty-socket", None, None, "Internal: the main process's penalty, for workers."],
     ]
     optFlags = [
         ["worker", None, "Internal: run as a worker process spawned by the main one."],
@@ -68,7 +69,8 @@ def build_directory(config: Config, reactor: Any) -> tuple[Any, list[service.ISe
 
 
 def build_service(config: Config, reactor: Any, worker: bool = False,
-                  worker_index: int = 0) -> service.MultiService:
+                  worker_index: int = 0,
+                  penalty_socket: str | None = None) -> service.MultiService:
     """The whole proxy as a MultiService: one listening service per [[listen]] table.
 
     With ``workers = N`` every process listens with SO_REUSEPORT, and the main one
@@ -96,7 +98,10 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
     # Shared by every listener of this process: limits and failures count per process.
     limiter = ConnectionLimiter.from_limits(config.limits)
-    throttle = LoginThrottle.from_limits(config.limits, reactor.seconds)
+    # With workers, one penalty for all of them (penaltygate.py).
+    penalty, penalty_socket = process_gate(config.limits, reactor, top,
+                                           workers=config.workers, worker=worker,
+                                           socket_path=penalty_socket)
     registry = SessionRegistry(reactor, config.timeouts)
     # Started first, so stopped last: by then the listeners no longer accept.
     DrainService(registry).setServiceParent(top)
@@ -104,7 +109,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     header_factories = []
     for listener in config.listeners:
         factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls,
-                               limiter=limiter, throttle=throttle)
+                               limiter=limiter, penalty=penalty)
         factories.append(factory)
         served: Any = factory
         if listener.proxy_protocol:
@@ -118,7 +123,8 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
             internet.StreamServerEndpointService(endpoint, served).setServiceParent(top)
     pool = None
     if config.workers > 1 and not worker:
-        pool = WorkerPool(reactor, str(config.path), config.workers)
+        pool = WorkerPool(reactor, str(config.path), config.workers,
+                          penalty_socket=penalty_socket)
         pool.setServiceParent(top)
     sweeper = internet.TimerService(config.timeouts.sweep_interval, registry.sweep)
     sweeper.clock = reactor
@@ -133,7 +139,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     top.registry = registry  # type: ignore[attr-defined]
     top.server_tls = tls  # type: ignore[attr-defined]
     top.limiter = limiter  # type: ignore[attr-defined]
-    top.throttle = throttle  # type: ignore[attr-defined]
+    top.penalty = penalty  # type: ignore[attr-defined]
     return top
 
 
@@ -157,7 +163,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService: 
     try:
         config = configmodule.load(options["config"])
         return build_service(config, reactor, worker=bool(options["worker"]),
-                             worker_index=options["worker-index"])
+                             worker_index=options["worker-index"],
+                             penalty_socket=options["penalty-socket"])
     except ConfigError as e:
         sys.stderr.write(f"imapproxy: config error: {e}\n")
         raise SystemExit(1) from None

@@ -431,7 +431,7 @@ def test_security_defaults(confdir: Path) -> None:
     assert (limits.max_connections, limits.max_connections_per_ip, limits.ipv6_prefix,
             limits.max_connections_per_user_ip) == (0, 2000, 64, 20)
     assert (limits.login_delay, limits.login_delay_max, limits.login_failure_memory) == (
-        2.0, 30.0, 900.0)
+        2.0, 15.0, 900.0)
     assert config.tls.sni == () and config.tls.ciphers == ""
     assert config.backend.client_certificate is None and config.backend.client_key is None
 

@@ -303,7 +303,7 @@ def test_haproxy_with_send_proxy_v2_in_front_of_two_proxies(store1, store2, mail
     raw_socket.sendall(b"e LOGIN erin " + erin.password.encode() + b"\r\n")
     assert reader.readline().startswith(b"e OK")
     raw_socket.close()
-    wait_for(lambda: "client=2001:db8::7 user=erin" in proxies[1].log(), "the IPv6 login line")
+    wait_for(lambda: "client=2001:db8::7 user=<erin>" in proxies[1].log(), "the IPv6 login line")
     line = wait_for(lambda: [x for x in store1.log_path.read_text().splitlines()
                              if "Login: user=<erin>" in x and "rip=2001:db8::7" in x],
                     "erin's login at store1 with the IPv6 address")
@@ -318,9 +318,9 @@ def test_haproxy_with_send_proxy_v2_in_front_of_two_proxies(store1, store2, mail
         [chained_port], {"users.map": f"*  127.0.0.1:{ports[1]}\n"}, name="chained")
     raw = login(chained_port, user(mail_users, "frank"))
     raw.close()
-    wait_for(lambda: "client=127.0.0.2 user=frank" in proxies[1].log(),
+    wait_for(lambda: "client=127.0.0.2 user=<frank>" in proxies[1].log(),
              "frank's login at the second proxy with the client's address")
-    assert "client=127.0.0.2 user=frank" in chained.log()
+    assert "client=127.0.0.2 user=<frank>" in chained.log()
 
 
 # -- SIGHUP ---------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_sighup_reloads_the_map_and_keeps_an_idle_session(store1, store2, mail_u
     wait_for(lambda: "reloaded " in proxy.log(), "the reload")
     moved = login(port, alice)
     moved.command(b"o", b"LOGOUT")
-    assert f"user=alice backend=127.0.0.1:{store2.imap_port}" in proxy.log()
+    assert f"user=<alice> backend=127.0.0.1:{store2.imap_port}" in proxy.log()
     # The session opened before the reload is still relayed, from store1.
     store1.deliver("alice", b"From: a@example.org\r\nSubject: after reload\r\n\r\nhi\r\n")
     line = wait_for(lambda: idler.readline(), "the IDLE push")
@@ -354,7 +354,7 @@ def test_sighup_reloads_the_map_and_keeps_an_idle_session(store1, store2, mail_u
     again = login(port, alice)
     again.command(b"o", b"LOGOUT")
     moved_logins = [line for line in proxy.log().splitlines() if "] login id=" in line
-                    and f"user=alice backend=127.0.0.1:{store2.imap_port}" in line]
+                    and f"user=<alice> backend=127.0.0.1:{store2.imap_port}" in line]
     assert len(moved_logins) == 2, proxy.log()
     assert proxy.process is not None and proxy.process.poll() is None
     idler.send(b"DONE\r\n")

@@ -99,8 +99,8 @@ def test_login_is_routed_by_ldap(ldap_proxy: ProxyProcess, store1: Dovecot, stor
     assert login(ldap_proxy.port, "alice", pw["alice"])[0] == "OK"
     assert login(ldap_proxy.port, "bob", pw["bob"])[0] == "OK"
     log = ldap_proxy.log()
-    assert f"user=alice backend={store1.host}:{store1.imap_port}" in log
-    assert f"user=bob backend={store2.host}:{store2.imap_port}" in log
+    assert f"user=<alice> backend={store1.host}:{store1.imap_port}" in log
+    assert f"user=<bob> backend={store2.host}:{store2.imap_port}" in log
     assert f"LDAP directory answers at ldap://127.0.0.1:{slapd.port}/" in log
 
 
