@@ -108,9 +108,6 @@ def kick(session: Any, clock: Any, grace: float) -> None:
     if relay is None:
         session.close("kicked")
         return
-    if relay.tracker is None:
-        relay.end("kicked")  # POP3: nothing to wait for; the backend gets no QUIT
-        return
     relay.drain()
     if not session.disconnected:
         clock.callLater(grace, _force_close, session)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .ldapurl import parse_ldap_uri, redact, same_dn
+
 T = TypeVar("T")
 
 PROTOCOLS = ("imap", "pop3")
@@ -396,14 +398,40 @@ def _sni(table: _Table) -> SniCertificate:
     return SniCertificate(domain, cert, key)
 
 
-def _ldap(table: _Table) -> LdapConfig:
+def _ldap_uris_and_base(table: _Table) -> tuple[list[str], str]:
+    """The URIs, each checked (kept as written: they name the servers in logs), and
+    the search base: the ``base`` key, else the DN part the URIs agree on."""
     uris = table.get("uris", list, ["ldap://127.0.0.1:389"])
-    if not uris or not all(isinstance(u, str) and u.startswith(("ldap://", "ldaps://"))
-                           for u in uris):
-        raise table.error("uris", "must be a non-empty list of ldap:// or ldaps:// URIs")
+    if not uris:
+        raise table.error("uris", "must be a non-empty list of LDAP URIs")
+    dns: list[tuple[int, str]] = []
+    for i, text in enumerate(uris):
+        if not isinstance(text, str):
+            raise table.error(f"uris[{i}]", f"expected a string, got {type(text).__name__}")
+        try:
+            uri = parse_ldap_uri(text)
+        except ValueError as e:
+            raise table.error(f"uris[{i}]", f"{redact(text)!r} {e}") from None
+        if uri.dn:
+            dns.append((i, uri.dn))
     base = table.get("base", str, "")
+    if not base and not dns:
+        raise table.error("base", "is required (or give it as the DN part of the URIs, "
+                                  "as in ldap://ldap.example.org/ou=people,dc=example,dc=org)")
+    # One search base serves every URI (they are the same directory, tried in turn).
+    source = "base is"
     if not base:
-        raise table.error("base", "is required")
+        first, base = dns[0]
+        source = f"uris[{first}] has"
+    for i, dn in dns:
+        if not same_dn(dn, base):
+            raise table.error(f"uris[{i}]", f"has DN part {dn!r}, but {source} {base!r}; "
+                                            "give the search base once")
+    return uris, base
+
+
+def _ldap(table: _Table) -> LdapConfig:
+    uris, base = _ldap_uris_and_base(table)
     scope = table.choice("scope", LDAP_SCOPES, "sub")
     search_filter = table.get("filter", str, "(uid={user})")
     if not (search_filter.startswith("(") and search_filter.endswith(")")):

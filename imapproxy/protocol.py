@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from . import forwarding
 from .backend import ImapBackendLogin
+from .closing import LOGOUT_GRACE, Backpressure, Leg
 from .config import Config, Listener, Timeouts
 from .credentials import Credentials
 from .directory import Directory, Route, Server
@@ -112,7 +113,7 @@ class BackendProtocol(Protocol):
     """The proxy's connection to a backend: login dialogue first, then relay."""
 
     def __init__(self, dialogue: Any, server: Server, tls_creator: Callable[[], Any],
-                 timeouts: Timeouts) -> None:
+                 timeouts: Timeouts, clock: Any) -> None:
         self.dialogue = dialogue
         self.server = server
         self.relay: Relay | None = None
@@ -120,8 +121,18 @@ class BackendProtocol(Protocol):
         self.result: BackendLoggedIn | None = None
         self._tls_creator = tls_creator
         self._timeouts = timeouts
+        self._clock = clock
+        self.leg: Leg | None = None
+        #: told when this connection is gone (the session registry, during a drain)
+        self.registry: Any = None
+
+    def close(self, abort: bool = False) -> None:
+        """Close the connection to the backend (closing.py: TLS, producers, a deadline)."""
+        if self.leg is not None:
+            self.leg.close(abort)
 
     def connectionMade(self) -> None:  # noqa: N802
+        self.leg = Leg(self.transport, self._clock)
         configure_socket(self.transport, self._timeouts)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -147,9 +158,13 @@ class BackendProtocol(Protocol):
             self.logged_in.callback(action)
         elif isinstance(action, BackendLoginFailed):
             self.logged_in.errback(action.error)
-            self.transport.loseConnection()
+            self.close()
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # noqa: N802
+        if self.leg is not None:
+            self.leg.lost()
+        if self.registry is not None:
+            self.registry.backend_closed(self)
         self.dialogue = None
         if not self.logged_in.called:
             self.logged_in.errback(BackendUnavailable())
@@ -245,7 +260,7 @@ class BackendConnector:
         dialogue = BACKEND_DIALOGUES[protocol](credentials, route.login,
                                                 starttls=self.config.tls == "starttls",
                                                 client_id=client_id)
-        backend = BackendProtocol(dialogue, server, tls_creator, self.timeouts)
+        backend = BackendProtocol(dialogue, server, tls_creator, self.timeouts, self.reactor)
         try:
             await endpoint.connect(_OneConnection(backend))
         except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError):
@@ -253,14 +268,14 @@ class BackendConnector:
         peer, local = backend.transport.getPeer(), backend.transport.getHost()
         if is_own_listener(self.listeners, getattr(peer, "host", ""), getattr(peer, "port", 0),
                            getattr(local, "host", "")):
-            backend.transport.abortConnection()
+            backend.close(abort=True)
             raise self._loop(server, port)
         logged_in = backend.logged_in
         timer = self.reactor.callLater(self.config.login_timeout, logged_in.cancel)
         try:
             await logged_in
         except defer.CancelledError:
-            backend.transport.abortConnection()
+            backend.close(abort=True)
             raise BackendUnavailable() from None
         finally:
             if timer.active():
@@ -328,6 +343,7 @@ class FrontendProtocol(Protocol):
         self.end_reason = ""
         self.disconnected = False
         self._timer: Any = None
+        self.leg: Leg | None = None
         self._holds = 0
         self._gate = False
         #: this connection's place in the connection limits (limits.py)
@@ -339,6 +355,7 @@ class FrontendProtocol(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         factory = self.factory
+        self.leg = Leg(self.transport, factory.reactor)
         self.started = factory.reactor.seconds()
         configure_socket(self.transport, factory.config.timeouts)
         factory.registry.add(self)
@@ -381,10 +398,20 @@ class FrontendProtocol(Protocol):
             self._timer.cancel()
         if self._answer is not None and self._answer.active():
             self._answer.cancel()
+        if self.leg is not None:
+            self.leg.lost()
         if self.ticket is not None:
             self.ticket.release()
-        if self.backend is not None:
-            self.backend.transport.loseConnection()
+        backend = self.backend
+        if backend is not None:
+            if self.relay is not None and self.relay.logout_sent:
+                # The backend answers our LOGOUT and closes by itself (RFC 3501 section
+                # 6.1.3); closing first could cut the LOGOUT short (Dovecot's TLS login
+                # process drops what it had not yet passed on). A drain waits for it.
+                self.factory.registry.backend_closing(backend)
+                backend.leg.close_after(LOGOUT_GRACE)
+            else:
+                backend.close()
         if not self.end_reason:
             self.end_reason = "client closed"
         peer = self.transport.getPeer()
@@ -406,15 +433,15 @@ class FrontendProtocol(Protocol):
         self.session = None
 
     def close(self, reason: str, abort: bool = False) -> None:
-        """Close the client connection (after flushing, unless ``abort``)."""
+        """Close the client connection (after flushing, unless ``abort``): closing.py."""
         if not self.end_reason:
             self.end_reason = reason
-        # A paused streaming producer would keep a flushing transport open.
-        self._drop_gate()
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        # The leg unregisters whatever producer is registered: the pre-login gate or,
+        # when relaying, the backend's backpressure.
+        self._gate = False
+        self._holds = 0
+        if self.leg is not None:
+            self.leg.close(abort)
 
     def _hold(self, reason: int) -> None:
         """Stop reading the client for ``reason`` (login in progress, replies unread)."""
@@ -435,12 +462,12 @@ class FrontendProtocol(Protocol):
         and we would stop reading the very handshake it waits for."""
         if not self._gate and self.session is not None and not self.end_reason:
             self._gate = True
-            self.transport.registerProducer(_ReplyBackpressure(self), True)
+            self.leg.register(_ReplyBackpressure(self))
 
     def _drop_gate(self) -> None:
         if self._gate:
             self._gate = False
-            self.transport.unregisterProducer()
+            self.leg.unregister()
             self._release(HOLD_REPLIES)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
@@ -505,7 +532,7 @@ class FrontendProtocol(Protocol):
             self._login_failed(BackendUnavailable())
             return
         if self.disconnected or self.end_reason or self.session is None:
-            backend.transport.loseConnection()
+            backend.close()
             return
         factory.throttle.succeeded(self._client_key(), credentials.username)
         refusal = self.ticket.login(names.lookup) if self.ticket is not None else None
@@ -513,7 +540,7 @@ class FrontendProtocol(Protocol):
             log.info("login refused id={session_id} client={client} user={user} "
                      "reason={reason}", session_id=self.session_id, client=client.host,
                      user=credentials.username, reason=refusal.value)
-            backend.transport.loseConnection()
+            backend.close()
             self._login_failed(TooManyConnections(refusal.value.capitalize()))
             return
         self.user = credentials.username
@@ -530,7 +557,7 @@ class FrontendProtocol(Protocol):
         actions = self.session.login_succeeded(backend.result.capabilities)
         if not actions:  # the session ended while we were logging in (timeout, drain)
             self.backend = None
-            backend.transport.loseConnection()
+            backend.close()
             return
         self._execute(actions)
 
@@ -581,11 +608,12 @@ class FrontendProtocol(Protocol):
         if backend.result.trailing:
             relay.from_backend(backend.result.trailing)
         backend.result = None
-        # Backpressure both ways, as twisted.protocols.portforward does.
+        # Backpressure both ways, as twisted.protocols.portforward does (closing.py says
+        # why through a Backpressure rather than the transports themselves).
         self._drop_gate()
         self._holds = 0
-        self.transport.registerProducer(backend.transport, True)
-        backend.transport.registerProducer(self.transport, True)
+        self.leg.register(Backpressure(backend.transport))
+        backend.leg.register(Backpressure(self.transport))
         if trailing:
             relay.from_client(trailing)
         backend.transport.resumeProducing()

@@ -114,6 +114,11 @@ class Reloader:
             clear = getattr(self.directory, "clear_cache", None)
             if clear is not None:
                 clear()
+            # A new LDAP directory is tried when its service starts; the kept one here
+            # (in the background; the outcome is logged).
+            probe = getattr(self.directory, "probe", None)
+            if probe is not None:
+                probe("reload")
         else:
             for service in services:
                 service.setServiceParent(self.root)  # starts it if the tree runs

@@ -19,6 +19,8 @@ class SessionRegistry:
         self.clock = clock
         self.timeouts = timeouts
         self.sessions: set[Any] = set()
+        #: backend connections of ended sessions, closing after our LOGOUT
+        self.closing: set[Any] = set()
         self.draining = False
         self._drained: defer.Deferred[None] | None = None
 
@@ -27,7 +29,19 @@ class SessionRegistry:
 
     def remove(self, session: Any) -> None:
         self.sessions.discard(session)
-        if self._drained is not None and not self.sessions:
+        self._check_drained()
+
+    def backend_closing(self, backend: Any) -> None:
+        """A session ended with LOGOUT to its backend: a drain waits for the backend too."""
+        self.closing.add(backend)
+        backend.registry = self
+
+    def backend_closed(self, backend: Any) -> None:
+        self.closing.discard(backend)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self.sessions and not self.closing:
             drained, self._drained = self._drained, None
             drained.callback(None)
 
@@ -47,14 +61,14 @@ class SessionRegistry:
             timeout = self.timeouts.drain
         log.info("draining {count} sessions (at most {timeout:g}s)", count=len(self.sessions),
                  timeout=timeout)
-        if not self.sessions:
+        if not self.sessions and not self.closing:
             return defer.succeed(None)
         if self._drained is None:
             self._drained = defer.Deferred()
         done = self._drained
         for session in list(self.sessions):
             session.drain()
-        if self.sessions:
+        if self.sessions or self.closing:
             deadline = self.clock.callLater(timeout, self._force_close)
 
             def stop_deadline(result: object) -> object:
@@ -70,3 +84,5 @@ class SessionRegistry:
             log.warn("drain timeout: closing {count} sessions", count=len(self.sessions))
         for session in list(self.sessions):
             session.close("drain timeout", abort=True)
+        for backend in list(self.closing):
+            backend.close(abort=True)

@@ -297,7 +297,7 @@ def test_config_is_frozen(confdir: Path) -> None:
         pytest.param(MINIMAL + "[directory.ldap]\nuris = []\nbase = \"dc=x\"\n",
                      "directory.ldap.uris", "non-empty list", id="empty ldap uris"),
         pytest.param(MINIMAL + "[directory.ldap]\nuris = [\"http://x\"]\nbase = \"dc=x\"\n",
-                     "directory.ldap.uris", "ldap://", id="non-ldap uri"),
+                     "directory.ldap.uris[0]", "'http://x' has scheme 'http'", id="non-ldap uri"),
         pytest.param(MINIMAL + "[directory.ldap]\nbase = \"\"\n", "directory.ldap.base",
                      "is required", id="ldap without base"),
         pytest.param(MINIMAL + "[directory.ldap]\nbase = \"dc=x\"\nfilter = \"uid={user}\"\n",
@@ -592,3 +592,79 @@ def test_operations_errors(confdir: Path, text: str, key: str, message: str) -> 
 def test_listener_proxy_protocol_must_be_a_boolean(confdir: Path) -> None:
     text = MINIMAL.replace('tls = "none"\n', 'tls = "none"\nproxy_protocol = "yes"\n', 1)
     assert config_error(confdir, text).key == "listen[0].proxy_protocol"
+
+
+# -- [directory.ldap] uris (RFC 4516 forms; parsing itself is tests/test_ldapurl.py) ------------
+
+LDAP_MINIMAL = MINIMAL.replace('map = "users.map"', 'type = "ldap"') + "[directory.ldap]\n"
+
+
+def ldap_text(uris: list[str], base: str | None = None) -> str:
+    listed = ", ".join('"' + u.replace("\\", "\\\\") + '"' for u in uris)
+    return LDAP_MINIMAL + f"uris = [{listed}]\n" + (f'base = "{base}"\n' if base is not None
+                                                  else "")
+
+
+def test_usual_uri_forms_load_as_written(confdir: Path) -> None:
+    uris = ["ldap://ldap.example.org:389/", "ldap://ldap.example.org", "ldaps://[2001:db8::1]/",
+            "ldapi://%2Fvar%2Frun%2Fslapd%2Fldapi/", "LDAP://127.0.0.1:3389"]
+    ldap = load_text(confdir, ldap_text(uris, "dc=example,dc=org")).directory.ldap
+    assert ldap is not None
+    # Kept as written: the text names the server in logs and keys its health.
+    assert ldap.uris == tuple(uris)
+    assert ldap.base == "dc=example,dc=org"
+
+
+def test_the_dn_part_serves_as_base(confdir: Path) -> None:
+    uris = ["ldap://a.example.org/ou=people,dc=example,dc=org", "ldap://b.example.org/",
+            "ldaps://c.example.org/ou%3Dpeople,dc%3Dexample,dc%3Dorg"]
+    ldap = load_text(confdir, ldap_text(uris)).directory.ldap
+    assert ldap is not None
+    assert ldap.base == "ou=people,dc=example,dc=org"
+
+
+def test_the_dn_part_may_repeat_the_base(confdir: Path) -> None:
+    text = ldap_text(["ldap://a.example.org/OU=People,%20DC=example,dc=org"],
+                     "ou=people,dc=example,dc=org")
+    ldap = load_text(confdir, text).directory.ldap
+    assert ldap is not None
+    assert ldap.base == "ou=people,dc=example,dc=org"  # the key's spelling
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [
+    pytest.param(ldap_text(["ldap://ldap.example.org:389/"]), "directory.ldap.base",
+                 "or give it as the DN part of the URIs", id="no base anywhere"),
+    pytest.param(ldap_text(["ldap://a/ou=people,dc=example,dc=org"], "dc=example,dc=org"),
+                 "directory.ldap.uris[0]",
+                 "has DN part 'ou=people,dc=example,dc=org', but base is 'dc=example,dc=org'",
+                 id="dn part differs from base"),
+    pytest.param(ldap_text(["ldap://a/", "ldap://b/dc=example,dc=org", "ldap://c/dc=example,dc=net"]),
+                 "directory.ldap.uris[2]",
+                 "has DN part 'dc=example,dc=net', but uris[1] has 'dc=example,dc=org'",
+                 id="dn parts differ"),
+    pytest.param(ldap_text(["ldap://ok.example.org/", "ldap://ldap.example.org:0/"], "dc=x"),
+                 "directory.ldap.uris[1]", "'ldap://ldap.example.org:0/' has port 0",
+                 id="port 0 names its index"),
+    pytest.param(ldap_text(["ldapi:///"], "dc=x"), "directory.ldap.uris[0]",
+                 "has no socket path", id="ldapi without a path"),
+    pytest.param(ldap_text(["ldap:///"], "dc=x"), "directory.ldap.uris[0]", "has no host",
+                 id="empty host"),
+    pytest.param(LDAP_MINIMAL + 'uris = [389]\nbase = "dc=x"\n', "directory.ldap.uris[0]",
+                 "expected a string, got int", id="not a string"),
+    pytest.param(LDAP_MINIMAL + 'uris = "ldap://x/"\nbase = "dc=x"\n', "directory.ldap.uris",
+                 "expected a list, got str", id="not a list"),
+])
+def test_uri_errors_name_the_file_and_the_entry(confdir: Path, text: str, key: str,
+                                                message: str) -> None:
+    error = config_error(confdir, text)
+    assert error.key == key
+    assert message in error.message, error.message
+
+
+def test_a_uri_with_a_password_is_refused_without_showing_it(confdir: Path) -> None:
+    error = config_error(confdir, ldap_text(["ldap://cn=proxy:Pa55word@ldap.example.org/"],
+                                            "dc=x"))
+    assert error.key == "directory.ldap.uris[0]"
+    assert "user information" in error.message
+    assert "Pa55word" not in str(error)
+    assert "ldap.example.org" in str(error)

@@ -78,8 +78,14 @@ class Rig:
 class Ldap:
     cleared = 0
 
+    def __init__(self) -> None:
+        self.probes: list[str] = []
+
     def clear_cache(self) -> None:
         self.cleared += 1
+
+    def probe(self, when: str = "start") -> None:
+        self.probes.append(when)
 
 
 def test_new_map_routes_new_logins_while_an_idle_session_stays(tmp_path: Path) -> None:
@@ -134,12 +140,14 @@ def test_unchanged_ldap_settings_only_clear_the_cache(tmp_path: Path) -> None:
     service.setServiceParent(rig.root)
     assert rig.reloader.reload()
     assert ldap.cleared == 1 and rig.built == []
+    assert ldap.probes == ["reload"]  # the kept directory is tried again
     write(tmp_path, directory=LDAP.format(timeout=7))
     rig.root.startService()
     assert rig.reloader.reload()
     assert rig.built[-1].directory.ldap is not None
     assert rig.built[-1].directory.ldap.timeout == 7
     assert service.parent is None  # the old pool is stopped
+    assert ldap.probes == ["reload"]  # a new directory is tried by its own service
     (new_service,) = rig.reloader.directory_services
     assert new_service.parent is rig.root and new_service.running
 
