@@ -67,11 +67,17 @@ POP3_MODES = (Mode("pop3-stls", "pop3", False), Mode("pop3s", "pop3", True))
 STARTTLS, IMAPS = IMAP_MODES
 STLS, POP3S = POP3_MODES
 
-#: client -> the modes it is tested in. getmail6 (6.18) has no STARTTLS/STLS at all:
-#: its Simple*Retriever classes only speak plaintext, which this proxy refuses.
+#: client -> the modes it is tested in. Two clients are tested over implicit TLS only:
+#: - getmail6 (6.18) has no STARTTLS/STLS at all: its Simple*Retriever classes only speak
+#:   plaintext, which this proxy refuses.
+#: - offlineimap3 (0.0~git20211018) over STARTTLS hangs now and then right after the
+#:   handshake, its reader thread blocked in an SSL read while the server's reply to its
+#:   CAPABILITY is due (imaplib2's reader restart in starttls()); it does so against
+#:   Dovecot directly too (about 1 run in 10 here), so it would only make this test flaky.
+#:   Its STARTTLS also ignores sslcacertfile (no certificate check at all).
 CLIENT_MODES: dict[str, tuple[Mode, ...]] = {
     "mbsync": IMAP_MODES,
-    "offlineimap": IMAP_MODES,
+    "offlineimap": (IMAPS,),
     "fetchmail": IMAP_MODES + POP3_MODES,
     "getmail": (IMAPS, POP3S),
     "mutt": IMAP_MODES,
@@ -376,11 +382,8 @@ def test_offlineimap(mode: Mode, store: Dovecot, proxy: Proxy, test_ca: TestCA,
                             "Archive": []})
     local = tmp_path / "mail"
     config = tmp_path / "offlineimaprc"
-    # offlineimap3 (0.0~git20211018) verifies the certificate against sslcacertfile only
-    # with ssl = yes: its STARTTLS path calls imaplib2's starttls() without the CA, which
-    # then does no verification. No option fixes that; the STARTTLS case is still worth
-    # running for the proxy's sake. remotepass is read with ConfigParser interpolation,
-    # so a "%" would be written "%%"; quotes and backslashes are taken literally.
+    # remotepass is read with ConfigParser interpolation, so a "%" would be written "%%";
+    # quotes and backslashes are taken literally.
     config.write_text(f"""\
 [general]
 accounts = main
@@ -401,8 +404,7 @@ remotehost = {HOST}
 remoteport = {proxy.port(mode)}
 remoteuser = {user.name}
 remotepass = {user.password.replace('%', '%%')}
-ssl = {"yes" if mode.implicit else "no"}
-starttls = {"no" if mode.implicit else "yes"}
+ssl = yes
 sslcacertfile = {test_ca.ca_path}
 """)
     env = client_env(tmp_path / "home")
