@@ -63,14 +63,18 @@ class _Api(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(autouse=True)
+def _fresh_api() -> None:
+    _Api.calls = []
+    _Api.seen = []
+    _Api.token = None
+
+
 @pytest.fixture
 def api() -> Iterator[str]:
     server = HTTPServer(("127.0.0.1", 0), _Api)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _Api.calls = []
-    _Api.seen = []
-    _Api.token = None
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
