@@ -188,7 +188,7 @@ class AdminResource(Resource):
             # bad request anyway). An exact match, so a rebound DNS name never passes.
             if len(hosts) != 1 or hosts[0].decode("latin-1").lower() not in self._hosts():
                 _refused(request, "Host is not this listener's address",
-                         host=[h.decode("latin-1") for h in hosts])
+                         [h.decode("latin-1") for h in hosts])
                 # RFC 9110 section 15.5.20: not the server for this authority.
                 return self._reply(request, 421, {
                     "error": f"the Host header must be {self.authority}"},
@@ -281,12 +281,12 @@ def _peer(request: Request) -> str:
     return f"uid {uid} pid {pid}"
 
 
-def _refused(request: Request, reason: str, **fields: Any) -> None:
-    # Never the Authorization header; the Host as repr, since it is the peer's text.
+def _refused(request: Request, reason: str, hosts: list[str] | None = None) -> None:
+    # Never the Authorization header; the peer's own text (path, Host) only as repr.
     what = (request.method + b" " + request.path).decode("latin-1")[:200]
     log.warn("admin: refused {request} from {peer}: {reason}{host}", request=repr(what),
              peer=_peer(request), reason=reason,
-             host=f" (Host {fields['host']!r})" if "host" in fields else "")
+             host=f" (Host {hosts!r})" if hosts is not None else "")
 
 
 def admin_site(registry: Any, clock: Any, *, authority: str | None,

@@ -396,6 +396,15 @@ def test_admin_socket_is_mode_0600_and_no_other_user_connects(store1, store2, ma
         assert idler.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
         assert admin(socket_path, "undrain") == "accepting new sessions again\n"
         login(port, user(mail_users, "bob")).command(b"o", b"LOGOUT")
+        # A browser is refused here too, and the log names the peer by its uid and pid.
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(socket_path))
+            sock.sendall(b"GET /sessions HTTP/1.0\r\nOrigin: http://evil.example\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 403 ")
+        line = wait_for(lambda: [x for x in proxy.log().splitlines() if "admin: refused" in x],
+                        "the refusal in the log")
+        assert "'GET /sessions' from uid 0 pid " in line[0], line
     finally:
         shutil.rmtree(public)
 
