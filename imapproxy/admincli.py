@@ -25,7 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import ConfigError, authority, load, parse_address
+from .config import ConfigError, authority, is_token, load, parse_address
 
 DEFAULT_CONFIG = "/etc/imapproxy/imapproxy.toml"
 #: conf/imapproxy.toml's [admin] address (systemd's RuntimeDirectory=imapproxy)
@@ -78,6 +78,9 @@ def request(address: str, method: str, path: str, timeout: float = TIMEOUT,
         connection.request(method, path, headers=headers)
         response = connection.getresponse()
         body = response.read()
+    except PermissionError as e:
+        # The socket is mode 0600 (operations.py).
+        raise AdminError(f"{address}: {e.strerror} (run as the service user or root)") from None
     except OSError as e:
         raise AdminError(f"{address}: {e}") from None
     finally:
@@ -100,13 +103,12 @@ def read_token(path: str) -> bytes:
         data = Path(path).read_bytes().strip()
     except OSError as e:
         raise AdminError(f"cannot read the token file {path}: {e.strerror} (run as the "
-                         "proxy's user or root)") from None
+                         "service user or root)") from None
     if not data:
         raise AdminError(f"the token file {path} is empty")
-    try:
-        data.decode("ascii")
-    except UnicodeDecodeError:
-        raise AdminError(f"the token file {path} does not hold a token") from None
+    if not is_token(data):
+        raise AdminError(f"the token file {path} does not hold a token (letters, digits "
+                         "and -._~+/)")
     return data
 
 
@@ -138,8 +140,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imapproxy-admin",
         description="List and end the sessions of a running imapproxy; drain it, undrain it.",
-        epilog="With --config, the token comes from [admin] token_file: run as the proxy's "
-               "user or root. A UNIX socket (mode 0600) needs no token unless one is set.")
+        epilog="With --config, the token comes from [admin] token_file: run as the service "
+               "user or root. A UNIX socket (mode 0600) needs no token unless one is set. "
+               "After a drain, undrain lets new sessions in again.")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", help=f"the proxy's config (default {DEFAULT_CONFIG} "
                        f"if it exists, else --address {DEFAULT_ADDRESS})")

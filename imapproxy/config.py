@@ -609,6 +609,12 @@ def _metrics(table: _Table | None) -> MetricsConfig | None:
 
 #: RFC 6750 section 2.1: what a bearer token may hold (b64token), so it fits the header
 _B64TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
+
+
+def is_token(data: bytes) -> bool:
+    """Whether ``data`` can be sent as ``Authorization: Bearer <data>``."""
+    return _B64TOKEN.fullmatch(data) is not None
+
 #: characters an admin token needs at least (`openssl rand -hex 32` gives 64)
 MIN_TOKEN = 16
 
@@ -657,7 +663,7 @@ def _admin_token(table: _Table, path: Path) -> Secret:
                                         "service user or root)") from None
     if not data:
         raise table.error("token_file", f"{path} is empty")
-    if not _B64TOKEN.fullmatch(data):
+    if not is_token(data):
         # Never the token itself in the message.
         raise table.error("token_file", f"{path}: a token is letters, digits and -._~+/ "
                                         "(as from `openssl rand -hex 32`)")

@@ -168,7 +168,8 @@ def test_address_with_a_token_file(api: str, tmp_path: Path,
     assert run(["--address", api, "--token-file", str(token), "kick", "--user", "bob"], out) == 0
     assert out.getvalue() == "kicked 2 sessions (user bob)\n"
     assert _Api.seen[-1] == (api, f"Bearer {ADMIN_TOKEN}")
-    for content, message in (("", "is empty"), ("\xff\xfe", "does not hold a token")):
+    for content, message in (("", "is empty"), ("\xff\xfe", "does not hold a token"),
+                             (ADMIN_TOKEN + "\r\nX-Injected: 1", "does not hold a token")):
         token.write_bytes(content.encode("latin-1"))
         assert admincli.main(["--address", api, "--token-file", str(token), "drain"]) == 1
         assert message in capsys.readouterr().err

@@ -389,6 +389,13 @@ def test_admin_socket_is_mode_0600_and_no_other_user_connects(store1, store2, ma
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
         result = as_nobody("-c", NOBODY_CONNECT, str(socket_path))
         assert result.stdout == "permission denied\n", result.stderr
+        # imapproxy-admin run by nobody says why (a copy of the package nobody may read).
+        shutil.copytree(Path(imapproxy.__file__).parent, public / "imapproxy",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        result = as_nobody("-m", "imapproxy.admincli", "--address", str(socket_path),
+                           "sessions", pythonpath=str(public))
+        assert result.stderr == (f"imapproxy-admin: {socket_path}: Permission denied "
+                                 "(run as the service user or root)\n")
         # The service user (root here) needs no token on it, through the config or the path.
         idler = login(port, user(mail_users, "bob"))
         assert "bob" in admin(proxy, "sessions")
