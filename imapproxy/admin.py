@@ -215,10 +215,10 @@ class AdminResource(Resource):
         return (self.authority,)
 
     def _undrain(self, request: Request) -> bytes:
+        log.info("admin: undrain requested")
         if not self.registry.undrain():
             return self._reply(request, 409, {"error": "the proxy is stopping: it cannot "
                                                        "take new sessions any more"})
-        log.info("admin: undrain requested")
         return self._reply(request, 200, {"pid": os.getpid(), "draining": False,
                                           "ending": len(self.registry.sessions)})
 
