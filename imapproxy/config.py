@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .credentials import Secret
 from .ldapurl import parse_ldap_uri, redact, same_dn
 
 T = TypeVar("T")
@@ -213,6 +216,10 @@ class AdminConfig:
     port: int = 0
     #: set for a UNIX socket ("/run/imapproxy/admin.sock"); host and port are unused then
     socket: Path | None = None
+    #: [admin] token_file: required with a TCP address, optional with a socket
+    token_file: Path | None = None
+    #: the bearer token read from it, which every request must carry (admin.py)
+    token: Secret | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -356,6 +363,12 @@ def parse_address(text: str) -> tuple[str, int]:
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError("port must be a number from 1 to 65535")
     return host, int(port_text)
+
+
+def authority(host: str, port: int) -> str:
+    """The Host header (RFC 9110 section 7.2) for a listener on ``host``:``port``."""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}".lower()
 
 
 def _listener(table: _Table) -> Listener:
@@ -624,13 +637,29 @@ def _metrics(table: _Table | None) -> MetricsConfig | None:
     return MetricsConfig(host, port)
 
 
+#: RFC 6750 section 2.1: what a bearer token may hold (b64token), so it fits the header
+_B64TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
+
+
+def is_token(data: bytes) -> bool:
+    """Whether ``data`` can be sent as ``Authorization: Bearer <data>``."""
+    return _B64TOKEN.fullmatch(data) is not None
+
+#: characters an admin token needs at least (`openssl rand -hex 32` gives 64)
+MIN_TOKEN = 16
+
+
 def _admin(table: _Table | None) -> AdminConfig | None:
     if table is None:
         return None
     text = table.get("address", str, "")
     if text.startswith("/"):
+        token_file = table.file("token_file")
         table.finish()
-        return AdminConfig(text, socket=Path(text))
+        # The socket is made mode 0600 (operations.py): the file system is the
+        # protection; a token, if given, is required on top.
+        token = _admin_token(table, token_file) if token_file is not None else None
+        return AdminConfig(text, socket=Path(text), token_file=token_file, token=token)
     host, port = _address(table, "address")
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -639,8 +668,39 @@ def _admin(table: _Table | None) -> AdminConfig | None:
     if not loopback:
         # Anyone who reaches it can list users and end their sessions.
         raise table.error("address", "must be a loopback address or a UNIX socket path")
+    token_file = table.file("token_file")
+    if token_file is None:
+        # Any local process (another user's, a browser's through DNS rebinding) reaches
+        # a loopback port.
+        raise table.error("token_file", f"is required with a TCP address ({text}): a file "
+                                        "holding a secret token (or give address a UNIX "
+                                        "socket path)")
     table.finish()
-    return AdminConfig(text, host, port)
+    return AdminConfig(text, host, port, token_file=token_file,
+                       token=_admin_token(table, token_file))
+
+
+def _admin_token(table: _Table, path: Path) -> Secret:
+    """The token in ``path``: a file only its owner may read, as ssh wants of its keys."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise table.error("token_file", f"{path} is open to group or others (mode "
+                                            f"{mode:04o}): chmod 600 it")
+        data = path.read_bytes().strip()
+    except OSError as e:
+        raise table.error("token_file", f"cannot read {path}: {e.strerror} (run as the "
+                                        "service user or root)") from None
+    if not data:
+        raise table.error("token_file", f"{path} is empty")
+    if not is_token(data):
+        # Never the token itself in the message.
+        raise table.error("token_file", f"{path}: a token is letters, digits and -._~+/ "
+                                        "(as from `openssl rand -hex 32`)")
+    if len(data) < MIN_TOKEN:
+        raise table.error("token_file", f"{path}: the token is too short ({len(data)} "
+                                        f"characters, at least {MIN_TOKEN})")
+    return Secret(data)
 
 
 def _proxy_protocol(table: _Table | None) -> ProxyProtocolConfig:

@@ -28,7 +28,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, U
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .admin import admin_site
-from .config import Config, Listener
+from .config import Config, Listener, authority
 from .haproxy import ProxyHeaderFactory
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
 from .proxyprotocol import TrustedNetworks
@@ -59,6 +59,16 @@ def admin_endpoint(reactor: Any, config: Config, index: int) -> Any:
         _remove_stale_socket(path)
         return UNIXServerEndpoint(reactor, str(path), mode=0o600)
     return tcp_endpoint(reactor, admin.host, admin.port + index)
+
+
+def admin_authority(config: Config, index: int) -> str | None:
+    """The Host header worker ``index``'s admin API accepts: its own address (the
+    configured port plus the index); None on a UNIX socket, where any Host is fine."""
+    admin = config.admin
+    assert admin is not None
+    if admin.socket is not None:
+        return None
+    return authority(admin.host, admin.port + index)
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -112,7 +122,9 @@ def attach(top: service.MultiService, config: Config, reactor: Any, *, registry:
                                                                  metrics_site(metrics)))
     if config.admin is not None:
         ops.services.append(internet.StreamServerEndpointService(
-            admin_endpoint(reactor, config, worker_index), admin_site(registry, reactor)))
+            admin_endpoint(reactor, config, worker_index),
+            admin_site(registry, reactor, authority=admin_authority(config, worker_index),
+                       token=config.admin.token)))
     for child in ops.services:
         child.setServiceParent(top)
     return ops

@@ -151,7 +151,7 @@ class DrainService(service.Service):
 
     def stopService(self) -> Any:  # noqa: N802
         super().stopService()
-        return self.registry.drain()
+        return self.registry.drain(stopping=True)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:  # noqa: N802

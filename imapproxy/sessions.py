@@ -1,4 +1,4 @@
-"""Every live client session of this process: one timer for all, and graceful drain."""
+"""Every live client session of this process: one timer for all, graceful drain, undrain."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ class SessionRegistry:
         self.sessions: set[Any] = set()
         #: backend connections of ended sessions, closing after our LOGOUT
         self.closing: set[Any] = set()
+        #: new connections are told BYE / -ERR and closed (protocol.py)
         self.draining = False
+        #: the process is going away (the SIGTERM drain): no undrain
+        self.stopping = False
         self._drained: defer.Deferred[None] | None = None
 
     def add(self, session: Any) -> None:
@@ -54,9 +57,14 @@ class SessionRegistry:
             if relay is not None:
                 relay.tick(now, timeouts)
 
-    def drain(self, timeout: float | None = None) -> defer.Deferred[None]:
-        """End every session without losing anything; close what is left after ``timeout``."""
+    def drain(self, timeout: float | None = None, *,
+              stopping: bool = False) -> defer.Deferred[None]:
+        """End every session without losing anything; close what is left after ``timeout``.
+
+        ``stopping``: this is the process's last drain (SIGTERM); undrain() refuses then.
+        """
         self.draining = True
+        self.stopping = self.stopping or stopping
         if timeout is None:
             timeout = self.timeouts.drain
         log.info("draining {count} sessions (at most {timeout:g}s)", count=len(self.sessions),
@@ -66,10 +74,15 @@ class SessionRegistry:
         if self._drained is None:
             self._drained = defer.Deferred()
         done = self._drained
-        for session in list(self.sessions):
+        ending = list(self.sessions)
+        # The deadline is for what this drain ends: its sessions, their backends waiting
+        # for our LOGOUT, and the backends already doing so. After an undrain, sessions
+        # that came in since are none of its business.
+        backends = [*self.closing, *(s.backend for s in ending if s.backend is not None)]
+        for session in ending:
             session.drain()
         if self.sessions or self.closing:
-            deadline = self.clock.callLater(timeout, self._force_close)
+            deadline = self.clock.callLater(timeout, self._force_close, ending, backends)
 
             def stop_deadline(result: object) -> object:
                 if deadline.active():
@@ -79,10 +92,28 @@ class SessionRegistry:
             done.addBoth(stop_deadline)
         return done
 
-    def _force_close(self) -> None:
-        if self.sessions:
-            log.warn("drain timeout: closing {count} sessions", count=len(self.sessions))
-        for session in list(self.sessions):
+    def undrain(self) -> bool:
+        """Accept new sessions again after a drain; False if the process is stopping.
+
+        Sessions the drain ended stay ended, and those still ending keep their deadline
+        (they were told to go: a command in flight finishes, then BYE). Nobody waits for
+        that drain to finish any more: a later drain waits for the sessions of its time.
+        """
+        if self.stopping:
+            return False
+        if self.draining:
+            log.info("undrain: accepting new sessions again ({count} still ending)",
+                     count=len(self.sessions))
+        self.draining = False
+        self._drained = None
+        return True
+
+    def _force_close(self, sessions: list[Any], backends: list[Any]) -> None:
+        left = [session for session in sessions if session in self.sessions]
+        if left:
+            log.warn("drain timeout: closing {count} sessions", count=len(left))
+        for session in left:
             session.close("drain timeout", abort=True)
-        for backend in list(self.closing):
-            backend.close(abort=True)
+        for backend in backends:
+            if backend in self.closing:
+                backend.close(abort=True)

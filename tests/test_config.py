@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from rig.proxy import ADMIN_TOKEN, admin_token_file
 
 from imapproxy.config import (
     BackendConfig,
@@ -44,6 +45,7 @@ def confdir(tmp_path: Path) -> Path:
     (folder / "tls" / "cert.pem").write_text("CERT\n")
     (folder / "tls" / "key.pem").write_text("KEY\n")
     (folder / "ldap.secret").write_text("s3cret\n")
+    admin_token_file(folder)
     return folder
 
 
@@ -523,6 +525,7 @@ address = "127.0.0.1:9143"
 
 [admin]
 address = "127.0.0.1:9144"
+token_file = "admin.token"
 
 [proxy_protocol]
 trusted = ["127.0.0.1/32", "::1/128", "10.1.0.0/16"]
@@ -546,6 +549,10 @@ def test_operations_keys(confdir: Path) -> None:
     assert config.metrics is not None and (config.metrics.host, config.metrics.port) == (
         "127.0.0.1", 9143)
     assert config.admin is not None and config.admin.port == 9144 and config.admin.socket is None
+    assert config.admin.token_file == confdir / "admin.token"
+    assert config.admin.token is not None
+    assert config.admin.token.reveal() == ADMIN_TOKEN.encode()
+    assert ADMIN_TOKEN not in repr(config.admin) and ADMIN_TOKEN not in repr(config)
     assert config.proxy_protocol.trusted[-1] == "10.1.0.0/16"
     assert config.proxy_protocol.timeout == 5
     assert config.backend.forward_client == "proxy-v2"
@@ -565,6 +572,62 @@ def test_operations_defaults(confdir: Path) -> None:
 def test_admin_on_a_unix_socket(confdir: Path) -> None:
     config = load(write(confdir, MINIMAL + '[admin]\naddress = "/run/imapproxy/admin.sock"\n'))
     assert config.admin is not None and str(config.admin.socket) == "/run/imapproxy/admin.sock"
+    assert config.admin.token is None  # the socket's mode 0600 is the protection
+    with_token = load(write(confdir, MINIMAL + '[admin]\naddress = "/run/imapproxy/admin.sock"\n'
+                                               'token_file = "admin.token"\n'))
+    assert with_token.admin is not None and with_token.admin.token is not None
+
+
+def test_admin_tcp_address_needs_a_token_file(confdir: Path) -> None:
+    error = config_error(confdir, MINIMAL + '[admin]\naddress = "127.0.0.1:9144"\n')
+    assert error.key == "admin.token_file"
+    assert "is required with a TCP address (127.0.0.1:9144)" in error.message
+    assert "imapproxy.toml: admin.token_file: is required" in str(error)
+    config = load(write(confdir, MINIMAL + '[admin]\naddress = "[::1]:9144"\n'
+                                           'token_file = "admin.token"\n'))
+    assert config.admin is not None and config.admin.host == "::1"
+
+
+@pytest.mark.parametrize(
+    "mode, content, message",
+    [
+        (0o644, ADMIN_TOKEN, "is open to group or others (mode 0644): chmod 600 it"),
+        (0o640, ADMIN_TOKEN, "(mode 0640)"),
+        (0o604, ADMIN_TOKEN, "(mode 0604)"),
+        (0o620, ADMIN_TOKEN, "(mode 0620)"),  # writable by the group: it could plant one
+        (0o600, " \n\t\n", "is empty"),
+        (0o600, "short-token", "too short (11 characters, at least 16)"),
+        (0o600, "a token with spaces in it", "letters, digits and -._~+/"),
+        (0o600, "ünïcödé-ünïcödé-ünïcödé", "letters, digits and -._~+/"),
+    ],
+)
+def test_admin_token_file_errors(confdir: Path, mode: int, content: str, message: str) -> None:
+    token = confdir / "admin.token"
+    token.write_text(content)
+    token.chmod(mode)
+    text = MINIMAL + '[admin]\naddress = "127.0.0.1:9144"\ntoken_file = "admin.token"\n'
+    error = config_error(confdir, text)
+    assert error.key == "admin.token_file"
+    assert message in error.message and str(token) in error.message
+    assert content.strip() not in str(error) or not content.strip()
+
+
+def test_admin_token_file_missing_or_unreadable(confdir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    text = MINIMAL + '[admin]\naddress = "127.0.0.1:9144"\ntoken_file = "nope.token"\n'
+    error = config_error(confdir, text)
+    assert error.key == "admin.token_file" and "file not found" in error.message
+
+    # Tests run as root, who reads any file: imapproxy-admin run as nobody meets the real
+    # refusal in tests/integration/test_operator.py.
+    def refuse(path: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    error = config_error(confdir, text.replace("nope.token", "admin.token"))
+    assert error.key == "admin.token_file"
+    assert error.message == (f"cannot read {confdir / 'admin.token'}: Permission denied "
+                             "(run as the service user or root)")
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ import pytest_twisted
 from rig.dovecot import Dovecot, make_users
 from rig.endclient import MODES, EndClient, Ending
 from rig.ports import free_port
-from rig.proxy import ProxyProcess
+from rig.proxy import ADMIN_TOKEN, ProxyProcess, admin_token_file
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
@@ -76,6 +76,7 @@ pop3_port = {backend.pop3s_port if implicit else backend.pop3_port}
 
 [admin]
 address = "127.0.0.1:{ports['admin']}"
+token_file = "admin.token"
 
 [limits]
 login_delay = 0
@@ -105,6 +106,7 @@ def proxy_for(tmp_path: Path, backend: Dovecot, test_ca, server_cert):
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
         (workdir / "users.map").write_text("*  127.0.0.1\n")
+        admin_token_file(workdir)
         path = workdir / "imapproxy.toml"
         path.write_text(config_text(backend, ports, leg, str(test_ca.ca_path), server_cert))
         config = load(path)
@@ -166,9 +168,10 @@ def _end_after_login(how: str, client: EndClient, backend: Dovecot, proxy: InPro
     elif how == "backend-dies":
         kill_backend_session(backend, user.name, client.protocol)
     elif how == "kick":
-        admincli.request(proxy.admin, "POST", f"/kick?user={user.name}")
+        admincli.request(proxy.admin, "POST", f"/kick?user={user.name}",
+                         token=ADMIN_TOKEN.encode())
     elif how == "drain":
-        admincli.request(proxy.admin, "POST", "/drain")
+        admincli.request(proxy.admin, "POST", "/drain", token=ADMIN_TOKEN.encode())
     elif how == "timeout":
         pass  # the proxy's own timer ends it
     return client.wait_end()
@@ -264,6 +267,7 @@ def test_sigterm_with_tls_idlers_ends_the_process_in_moments(leg, tmp_path, back
     proxy = ProxyProcess(tmp_path / "proxy",
                          config_text(backend, ports, leg, str(test_ca.ca_path), server_cert),
                          [ports[m] for m in LISTENER_MODES], {"users.map": "*  127.0.0.1\n"})
+    admin_token_file(proxy.workdir)
     proxy.start()
     try:
         ready: list[EndClient] = []
