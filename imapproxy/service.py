@@ -103,18 +103,21 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     factories = []
     header_factories = []
     for listener in config.listeners:
-        factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls,
-                               limiter=limiter, throttle=throttle)
+        # The same certificates, with this listener's ALPN protocol (servertls.py).
+        listener_tls = tls.for_protocol(listener.protocol) if tls is not None else None
+        factory = ProxyFactory(reactor, config, listener, directory, connector, registry,
+                               listener_tls, limiter=limiter, throttle=throttle)
         factories.append(factory)
         served: Any = factory
         if listener.proxy_protocol:
             # PROXY header first, then TLS (implicit) and the proxy: a plain TCP port.
-            listener, served = operations.proxy_listener(reactor, config, listener, factory, tls)
+            listener, served = operations.proxy_listener(reactor, config, listener, factory,
+                                                         listener_tls)
             header_factories.append(served)
         if config.workers > 1:
-            ReusePortService(reactor, listener, served, tls).setServiceParent(top)
+            ReusePortService(reactor, listener, served, listener_tls).setServiceParent(top)
         else:
-            endpoint = listening_endpoint(reactor, listener, tls)
+            endpoint = listening_endpoint(reactor, listener, listener_tls)
             internet.StreamServerEndpointService(endpoint, served).setServiceParent(top)
     pool = None
     if config.workers > 1 and not worker:
