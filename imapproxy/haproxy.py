@@ -9,9 +9,9 @@ does the wrapped protocol (the IMAP/POP3 front end, or the TLS layer of an
 implicit-TLS listener) see the connection: its ``getPeer()`` and ``getHost()``
 are the header's, so whatever logs, limits or forwards the client's address
 uses the real one. A header that names no IP addresses (LOCAL, AF_UNSPEC, AF_UNIX,
-v1 UNKNOWN) leaves the connection's own, as the spec says (section 2.2). Unlike ``HAProxyProtocolWrapper``, the header may arrive in
-any number of pieces, and a peer that never finishes it is closed after
-``[proxy_protocol] timeout``.
+v1 UNKNOWN) leaves the connection's own, as the spec says (section 2.2). Unlike
+``HAProxyProtocolWrapper``, the header may arrive in any number of pieces, and a peer
+that never finishes it is closed after ``[proxy_protocol] timeout``.
 
 Outbound (``[backend] forward_client = "proxy-v2"``): ``HeaderFirstEndpoint``
 writes a v2 header as the first bytes of a backend connection, under TLS if any.
