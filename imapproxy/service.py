@@ -23,7 +23,7 @@ from .protocol import BackendConnector, ProxyFactory
 from .servertls import ServerTLS
 from .sessions import SessionRegistry
 from .throttle import LoginThrottle
-from .tls import backend_client_certificate, backend_trust_root
+from .tls import backend_client_certificate, backend_trust_root, cleartext_warning
 from .workers import BACKLOG, ReusePortService, WorkerPool
 
 log = Logger(namespace="imapproxy")
@@ -84,6 +84,9 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
         log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
                      "and host names are NOT verified; anyone on the path to a backend can "
                      "read every password. Never use this outside a lab.")
+    cleartext = cleartext_warning(config.backend, directory)
+    if cleartext is not None:
+        log.warn("{message}", message=cleartext)
 
     def build_connector(new: Config) -> BackendConnector:
         trust_root = backend_trust_root(new.backend) if new.backend.tls != "none" else None
