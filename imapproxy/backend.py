@@ -1,7 +1,8 @@
 """The proxy's login dialogue with an IMAP backend: sans-IO.
 
-greeting -> [STARTTLS -> TLS] -> [ID] -> LOGIN -> [CAPABILITY] -> logged in.
-ID and LOGIN are pipelined; credentials go as quoted strings when they can, as
+greeting -> [STARTTLS -> TLS -> CAPABILITY] -> [ID] -> LOGIN -> [CAPABILITY] -> logged in.
+ID and LOGIN are pipelined (after STARTTLS, ID goes with the CAPABILITY request and
+LOGIN waits for its answer); credentials go as quoted strings when they can, as
 literals otherwise (non-synchronising when the backend offers LITERAL+, RFC 7888).
 """
 
@@ -37,6 +38,7 @@ _CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
 class Step(Enum):
     GREETING = auto()
     STARTTLS = auto()
+    TLS_CAPABILITY = auto()  # TLS is up; waiting for the capabilities it may have changed
     LOGIN_CONTINUATION = auto()  # waiting for "+" before sending the password literal
     LOGIN = auto()
     CAPABILITY = auto()
@@ -88,9 +90,13 @@ class ImapBackendLogin:
         return actions
 
     def tls_started(self) -> list[BackendAction]:
-        # RFC 3501 section 6.2.1: capabilities seen before TLS no longer count.
+        # RFC 3501 section 6.2.1 (RFC 9051 section 6.2.1 too): capabilities seen before
+        # TLS no longer count, and the client should ask for them again. The LOGIN waits
+        # for them (LITERAL+ decides how a name or password is sent); ID need not.
         self._literal_plus = self._literal_minus = False
-        return self._send_login()
+        self._capabilities = None
+        self.step = Step.TLS_CAPABILITY
+        return [SendToBackend(b"P5 CAPABILITY\r\n" + self._id_command())]
 
     def _fail(self, error: Exception) -> list[BackendAction]:
         self.step = Step.DONE
@@ -133,6 +139,10 @@ class ImapBackendLogin:
                 # be read as if they came over TLS: a man in the middle's injection.
                 return self._fail(BackendProtocolError())
             return [StartBackendTLS()]
+        if self.step is Step.TLS_CAPABILITY and tag == b"P5":
+            if status != b"OK":
+                return self._fail(BackendProtocolError())
+            return self._send_login(with_id=False)
         if tag == b"P2":  # our ID: whatever the answer, login goes on
             return []
         if self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION) and tag == b"P3":
@@ -151,10 +161,11 @@ class ImapBackendLogin:
         self._literal_minus = not self._literal_plus and (b"LITERAL-" in names
                                                           or b"IMAP4REV2" in names)
 
-    def _send_login(self) -> list[BackendAction]:
-        out = bytearray()
-        if self._client_id:
-            out += b"P2 ID " + id_list(self._client_id) + b"\r\n"
+    def _id_command(self) -> bytes:
+        return b"P2 ID " + id_list(self._client_id) + b"\r\n" if self._client_id else b""
+
+    def _send_login(self, with_id: bool = True) -> list[BackendAction]:
+        out = bytearray(self._id_command() if with_id else b"")
         user = self._astring(self._login)
         if user is None:
             # A synchronising literal for the name would cost another round trip; names

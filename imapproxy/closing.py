@@ -145,7 +145,10 @@ class Leg:
 
 
 def _close_notify_sent(tls: TLSMemoryBIOProtocol) -> bool:
+    handle = tls.getHandle()
+    if handle is None:
+        return False  # connection already lost: Twisted has let go of OpenSSL's
     try:
-        return bool(tls.getHandle().get_shutdown() & SSL.SENT_SHUTDOWN)
+        return bool(handle.get_shutdown() & SSL.SENT_SHUTDOWN)
     except SSL.Error:
         return False

@@ -67,6 +67,7 @@ from .penaltygate import LocalGate, LoginsRefused
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
 from .relay import Relay, write_now
+from .servertls import NoApplicationProtocol
 from .sessions import SessionRegistry
 from .tls import backend_client_options
 from .usernames import rewrite, username_problem
@@ -420,7 +421,9 @@ class FrontendProtocol(Protocol):
             else:
                 backend.close()
         if not self.end_reason:
-            self.end_reason = "client closed"
+            # An ALPN refusal (ALPACA) is worth telling apart from a client that left.
+            self.end_reason = ("TLS: no application protocol"
+                               if reason.check(NoApplicationProtocol) else "client closed")
         peer = self.transport.getPeer()
         fields = {"session_id": self.session_id, "client": f"{peer.host}:{peer.port}",
                   "user": self.user or "-",

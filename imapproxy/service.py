@@ -23,7 +23,7 @@ from .penaltygate import process_gate
 from .protocol import BackendConnector, ProxyFactory
 from .servertls import ServerTLS
 from .sessions import SessionRegistry
-from .tls import backend_client_certificate, backend_trust_root
+from .tls import backend_client_certificate, backend_trust_root, cleartext_warning
 from .workers import BACKLOG, ReusePortService, WorkerPool
 
 log = Logger(namespace="imapproxy")
@@ -86,6 +86,9 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
         log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
                      "and host names are NOT verified; anyone on the path to a backend can "
                      "read every password. Never use this outside a lab.")
+    cleartext = cleartext_warning(config.backend, directory)
+    if cleartext is not None:
+        log.warn("{message}", message=cleartext)
 
     def build_connector(new: Config) -> BackendConnector:
         trust_root = backend_trust_root(new.backend) if new.backend.tls != "none" else None
@@ -108,18 +111,21 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     factories = []
     header_factories = []
     for listener in config.listeners:
-        factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls,
-                               limiter=limiter, penalty=penalty)
+        # The same certificates, with this listener's ALPN protocol (servertls.py).
+        listener_tls = tls.for_protocol(listener.protocol) if tls is not None else None
+        factory = ProxyFactory(reactor, config, listener, directory, connector, registry,
+                               listener_tls, limiter=limiter, penalty=penalty)
         factories.append(factory)
         served: Any = factory
         if listener.proxy_protocol:
             # PROXY header first, then TLS (implicit) and the proxy: a plain TCP port.
-            listener, served = operations.proxy_listener(reactor, config, listener, factory, tls)
+            listener, served = operations.proxy_listener(reactor, config, listener, factory,
+                                                         listener_tls)
             header_factories.append(served)
         if config.workers > 1:
-            ReusePortService(reactor, listener, served, tls).setServiceParent(top)
+            ReusePortService(reactor, listener, served, listener_tls).setServiceParent(top)
         else:
-            endpoint = listening_endpoint(reactor, listener, tls)
+            endpoint = listening_endpoint(reactor, listener, listener_tls)
             internet.StreamServerEndpointService(endpoint, served).setServiceParent(top)
     pool = None
     if config.workers > 1 and not worker:

@@ -12,6 +12,8 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from .config import BackendConfig, ConfigError, TlsConfig
+from .directory import StaticDirectory
+from .proxyprotocol import parse_ip
 
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -63,6 +65,41 @@ def server_options(config: TlsConfig, config_path: Path | str) -> ssl.Certificat
         raise ConfigError(config_path, "tls.key", f"key does not match certificate: {e}") \
             from None
     return options
+
+
+def cleartext_warning(config: BackendConfig, directory: object) -> str | None:
+    """The start-up warning for ``[backend] tls = "none"``, or None when none is due.
+
+    Client passwords then go to the backends in clear: fine on this host (or over a
+    private link the operator vouches for). A static map names every backend, so only
+    the ones off this host are named in the warning, and a map of loopback addresses
+    gets none. A directory like LDAP names backends per user at run time, so the warning
+    is given at start all the same: a warning at the first login to a remote backend
+    would come later, from a busy log, and not at all on a quiet test install.
+    """
+    if config.tls != "none":
+        return None
+    if isinstance(directory, StaticDirectory):
+        remote = sorted({server.host for _pattern, servers in directory.rules
+                         for server in servers if not _is_loopback(server.host)})
+        if not remote:
+            return None
+        shown = ", ".join(remote[:3]) + (f" and {len(remote) - 3} more" if len(remote) > 3
+                                         else "")
+        where = f"to {shown}"
+    else:
+        where = "to the backends the directory names (harmless only for backends on this host)"
+    return (f'CLEARTEXT: [backend] tls = "none": client passwords go in clear {where}. '
+            'Use tls = "starttls" or "implicit" unless the link is private.')
+
+
+def _is_loopback(host: str) -> bool:
+    # RFC 6761 section 6.3: "localhost" and names below it are the loopback.
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    address = parse_ip(host)
+    return address is not None and address.is_loopback
 
 
 def backend_trust_root(config: BackendConfig) -> object:

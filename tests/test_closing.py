@@ -7,9 +7,11 @@ from pathlib import Path
 
 from rig.certs import TestCA
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from imapproxy.closing import CLOSE_TIMEOUT, Backpressure, Leg, tls_layer
 from imapproxy.config import TlsConfig
@@ -133,3 +135,16 @@ def test_tls_close_with_a_producer_registered_reaches_tcp_without_the_peers_repl
 
 def test_no_tls_layer_on_plain_transports() -> None:
     assert tls_layer(StringTransport()) is None
+
+
+def test_closing_a_tls_connection_that_is_already_gone_is_harmless(tmp_path: Path) -> None:
+    """The backend's end can close the client after the client's connection was lost
+    (the relay still holds it): Twisted's TLS layer has dropped its OpenSSL connection
+    by then, and no close_notify is due."""
+    served, below, _client, _incoming, _outgoing = tls_server(tmp_path)
+    tls = served.transport
+    tls.connectionLost(Failure(ConnectionDone()))
+    assert tls.getHandle() is None
+    leg = Leg(tls, MemoryReactorClock())
+    leg.close()
+    assert tls_layer(tls) is tls

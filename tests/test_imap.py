@@ -751,3 +751,38 @@ def test_chunking_does_not_change_the_output(data: bytes) -> None:
             return
         start = i + 1
     assert run(session_for(IMPLICIT, H_LIMITS), [data], split=True) == whole
+
+
+# -- HTTP requests (cross-protocol attacks, ALPACA) ----------------------------------------
+
+HTTP_REQUEST = (b"GET / HTTP/1.1\r\nHost: mail.example.org\r\n\r\n"
+                b"<script>alert(document.cookie)</script>\r\n")
+
+
+@pytest.mark.parametrize("first", [
+    b"GET / HTTP/1.1", b"POST /x?a=1 HTTP/1.0", b"HEAD / HTTP/2", b"OPTIONS * HTTP/1.1",
+    b"PUT /a HTTP/1.1", b"DELETE /a HTTP/1.1", b"CONNECT mail:993 HTTP/1.1",
+    b"PATCH /a HTTP/1.1", b"TRACE / HTTP/1.1",
+])
+def test_an_http_request_line_closes_without_any_reply(first: bytes) -> None:
+    """Nothing of the request comes back: a page's script cannot be reflected (ALPACA)."""
+    for listener in (IMPLICIT, STARTTLS, PLAINTEXT_OK):
+        session = check([first + b"\r\n" + HTTP_REQUEST], [Close("HTTP request")], listener)
+        assert session.state is State.CLOSED
+
+
+def test_an_http_request_after_imap_commands_closes_too() -> None:
+    check([b"a NOOP\r\n" + HTTP_REQUEST],
+          [send(b"a OK NOOP completed\r\n"), Close("HTTP request")])
+
+
+@pytest.mark.parametrize("line", [
+    b"GET / HTTP", b"get / HTTP/1.1", b"GET  HTTP/1.1", b"GET / http/1.1", b"a GET / HTTP/1.1",
+    b"GETX / HTTP/1.1",
+])
+def test_lines_that_are_not_http_requests_are_answered_as_usual(line: bytes) -> None:
+    session = session_for(PLAINTEXT_OK)
+    actions = session.receive_data(line + b"\r\n")
+    assert len(actions) == 1 and isinstance(actions[0], SendToClient)
+    assert b" BAD " in actions[0].data
+    assert session.state is State.NOT_AUTHENTICATED

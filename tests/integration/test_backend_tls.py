@@ -6,6 +6,8 @@ import imaplib
 
 import pytest
 from rig.certs import TestCA
+from rig.dovecot import MailUser
+from rig.imapraw import RawImap
 from rig.ports import free_port
 from rig.proxy import imap_config
 
@@ -45,3 +47,25 @@ def test_backend_certificate_from_unknown_ca_is_refused(mode, start_proxy, store
         client.login(alice.name, alice.password)
     client.logout()
     assert alice.password not in proxy.log()
+
+
+def test_non_ascii_login_name_over_backend_starttls(start_proxy, dovecot_factory, test_ca):
+    """After STARTTLS the proxy asks for the capabilities again (RFC 3501 section 6.2.1):
+    with LITERAL+ known over TLS, a non-ASCII name goes as a literal. It failed before,
+    and the backend was marked down."""
+    user = MailUser("jürgen", "jürgens-pw", 4300)
+    dovecot = dovecot_factory(users=[user], name="utf8")
+    port = free_port()
+    extra = (f'[backend]\ntls = "starttls"\nca_file = "{test_ca.ca_path}"\n'
+             f"imap_port = {dovecot.imap_port}\n")
+    proxy = start_proxy(imap_config(port, extra=extra), [port],
+                        {"users.map": "*  localhost\n"})
+    for _ in range(2):  # the second login finds the backend up, not marked down
+        client = RawImap(HOST, proxy.port)
+        login = f'LOGIN "{user.name}" "{user.password}"'.encode()  # UTF-8, as clients send
+        assert client.command(b"a", login)[-1].startswith(b"a OK"), login
+        assert client.command(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
+        assert client.command(b"c", b"LOGOUT")[-1].startswith(b"c OK")
+        client.close()
+    assert "login id=" in proxy.log() and "Traceback" not in proxy.log()
+    assert "Logged out" in dovecot.log_path.read_text(errors="replace")
