@@ -82,7 +82,7 @@ class ImapBackendLogin:
             end = self._buffer.find(b"\n")
             if end < 0 or end > MAX_BACKEND_LINE:
                 if len(self._buffer) > MAX_BACKEND_LINE:
-                    return actions + self._fail(BackendProtocolError())
+                    return actions + self._fail(BackendProtocolError("line too long"))
                 break
             line = bytes(self._buffer[:end]).rstrip(b"\r")
             del self._buffer[: end + 1]
@@ -98,6 +98,12 @@ class ImapBackendLogin:
         self.step = Step.TLS_CAPABILITY
         return [SendToBackend(b"P5 CAPABILITY\r\n" + self._id_command())]
 
+    @property
+    def credentials_sent(self) -> bool:
+        """The LOGIN (with the client's name and password) is on its way: what the
+        backend does now, a closed connection included, is its answer to them."""
+        return self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION)
+
     def _fail(self, error: Exception) -> list[BackendAction]:
         self.step = Step.DONE
         assert isinstance(error, (BackendProtocolError, BackendUnavailable, AuthenticationFailed,
@@ -110,10 +116,10 @@ class ImapBackendLogin:
         status = status.upper()
         if self.step is Step.GREETING:
             if tag != b"*" or status not in (b"OK", b"PREAUTH", b"BYE"):
-                return self._fail(BackendProtocolError())
+                return self._fail(BackendProtocolError("not an IMAP greeting"))
             if status != b"OK":
                 # PREAUTH would log us in as someone unknown; BYE means go away.
-                return self._fail(BackendUnavailable())
+                return self._fail(BackendUnavailable(f"greeted with {status.decode()}"))
             code, _ = parse_status(text)
             self._note_capabilities(capability_list(code))
             if self._starttls:
@@ -129,19 +135,19 @@ class ImapBackendLogin:
             if status == b"CAPABILITY":
                 self._note_capabilities(text)
             elif status == b"BYE":
-                return self._fail(BackendUnavailable())
+                return self._fail(BackendUnavailable("said BYE during the login"))
             return []  # other untagged data (ID replies, ...) is of no interest here
         if self.step is Step.STARTTLS and tag == b"P1":
             if status != b"OK":
-                return self._fail(BackendUnavailable())
+                return self._fail(BackendUnavailable("STARTTLS refused"))
             if self._buffer:
                 # RFC 3501 section 6.2.1: bytes after the OK arrived in plaintext and would
                 # be read as if they came over TLS: a man in the middle's injection.
-                return self._fail(BackendProtocolError())
+                return self._fail(BackendProtocolError("data after the STARTTLS reply"))
             return [StartBackendTLS()]
         if self.step is Step.TLS_CAPABILITY and tag == b"P5":
             if status != b"OK":
-                return self._fail(BackendProtocolError())
+                return self._fail(BackendProtocolError("CAPABILITY refused after STARTTLS"))
             return self._send_login(with_id=False)
         if tag == b"P2":  # our ID: whatever the answer, login goes on
             return []
@@ -149,7 +155,7 @@ class ImapBackendLogin:
             return self._login_reply(status, text)
         if self.step is Step.CAPABILITY and tag == b"P4":
             return self._logged_in()
-        return self._fail(BackendProtocolError())
+        return self._fail(BackendProtocolError(f"unexpected reply in step {self.step.name}"))
 
     def _note_capabilities(self, caps: bytes | None) -> None:
         if caps is None:
@@ -170,7 +176,8 @@ class ImapBackendLogin:
         if user is None:
             # A synchronising literal for the name would cost another round trip; names
             # with control or 8-bit characters are rare, so they need LITERAL+.
-            return self._fail(BackendProtocolError())
+            return self._fail(BackendProtocolError(
+                "the name needs a literal and the backend offers no LITERAL+"))
         password = self._credentials.password.reveal()
         encoded_password = quoted(password)
         if encoded_password is not None:

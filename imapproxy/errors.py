@@ -41,6 +41,11 @@ class BackendProtocolError(ProxyError):
     pop3_code = "SYS/TEMP"
     public_text = "Backend error, try again later"
 
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        #: what went wrong, for the operator's log line (never for the client)
+        self.detail = f"protocol error: {detail}" if detail else "protocol error"
+
 
 class AuthenticationFailed(ProxyError):
     """Wrong credentials, or a user we cannot route: the client sees the same answer."""
@@ -79,6 +84,21 @@ class BackendUnavailable(ProxyError):
     pop3_code = "SYS/TEMP"
     public_text = "Service temporarily unavailable, try again later"
 
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        #: why, for the operator's log line: "connection refused", "connect timed out",
+        #: "TLS: certificate not trusted", ... (never for the client)
+        self.detail = detail
+
+
+class LoginDropped(AuthenticationFailed):
+    """The backend closed the connection on the credentials the client sent (a name
+    Dovecot finds too long, say): a refused login, not a backend failure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detail = "the backend closed the connection on the credentials"
+
 
 class BackendRefused(ProxyError):
     """The backend refused the login with a response code worth passing on (RFC 5530)."""
@@ -105,3 +125,6 @@ class TooManyConnections(ProxyError):
 
 class RoutingLoop(BackendUnavailable):
     """The route leads back to one of the proxy's own listeners (loops.py)."""
+
+    def __init__(self) -> None:
+        super().__init__("routing loop: the route leads back to a proxy")

@@ -50,6 +50,7 @@ from .errors import DirectoryUnavailable, UserNotFound
 from .health import BackendHealth, Clock
 from .ldapfilter import build_filter
 from .ldapurl import LdapUri, parse_ldap_uri
+from .logquote import quoted
 
 T = TypeVar("T")
 
@@ -676,7 +677,7 @@ class LdapDirectory:
         try:
             search_filter = build_filter(self.cfg.filter, user, self.delimiter)
         except ValueError:
-            self.log.info("LDAP: no route for {user!r}: not valid Unicode", user=user)
+            self.log.info("LDAP: no route for {user}: not valid Unicode", user=quoted(user))
             return fail(UserNotFound("login name is not valid Unicode"))
         self._inflight[user] = []
         uris = self.uri_health.order(self.cfg.uris)
@@ -703,7 +704,7 @@ class LdapDirectory:
         if isinstance(result, Failure):
             # A bug, not an outage; still, the client gets a temporary failure and
             # the proxy keeps running.
-            self.log.failure("LDAP search for {user!r} raised", result, user=user)
+            self.log.failure("LDAP search for {user} raised", result, user=quoted(user))
             return self._unavailable(user)
         for uri, reason in result.failures:
             self.uri_health.mark_failed(uri)
@@ -716,11 +717,13 @@ class LdapDirectory:
             dn, attributes = select_entry(user, result.entries)
             entry = parse_entry(dn, attributes, self.cfg)
         except BadEntry as e:
-            self.log.warn("LDAP: no route for {user!r}: {reason}", user=user, reason=str(e))
+            self.log.warn("LDAP: no route for {user}: {reason}", user=quoted(user),
+                          reason=str(e))
             self.cache.put(user, None, str(e))
             raise
         except UserNotFound as e:
-            self.log.info("LDAP: no route for {user!r}: {reason}", user=user, reason=str(e))
+            self.log.info("LDAP: no route for {user}: {reason}", user=quoted(user),
+                          reason=str(e))
             self.cache.put(user, None, str(e))
             raise
         self.cache.put(user, entry)
@@ -732,14 +735,14 @@ class LdapDirectory:
             return None
         entry, age = stale
         self.log.warn(
-            "LDAP unavailable: serving stale cached route for {user!r} ({age:.0f}s old)",
-            user=user, age=age,
+            "LDAP unavailable: serving stale cached route for {user} ({age:.0f}s old)",
+            user=quoted(user), age=age,
         )
         return entry
 
     def _unavailable(self, user: str) -> Entry:
         entry = self._serve_stale(user)
         if entry is None:
-            self.log.error("LDAP unavailable and no cached route for {user!r}", user=user)
+            self.log.error("LDAP unavailable and no cached route for {user}", user=quoted(user))
             raise DirectoryUnavailable(f"no LDAP server answered for {user!r}")
         return entry

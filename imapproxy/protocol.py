@@ -15,6 +15,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
@@ -40,6 +42,7 @@ from .errors import (
     BackendProtocolError,
     BackendUnavailable,
     InvalidUsername,
+    LoginDropped,
     ProxyError,
     RoutingLoop,
     TooManyConnections,
@@ -169,11 +172,39 @@ class BackendProtocol(Protocol):
             self.leg.lost()
         if self.registry is not None:
             self.registry.backend_closed(self)
-        self.dialogue = None
+        dialogue, self.dialogue = self.dialogue, None
         if not self.logged_in.called:
-            self.logged_in.errback(BackendUnavailable())
+            if (dialogue is not None and dialogue.credentials_sent
+                    and reason.check(error.ConnectionDone, error.ConnectionLost)):
+                # Closed on the client's credentials (Dovecot drops a 4 KB name): the
+                # login is refused; the backend is fine.
+                self.logged_in.errback(LoginDropped())
+            else:
+                self.logged_in.errback(BackendUnavailable(why_lost(reason)))
         elif self.relay is not None:
             self.relay.backend_lost()
+
+
+def why_lost(reason: Failure) -> str:
+    """Why a backend connection failed, in words an operator can act on."""
+    if reason.check(VerificationError):
+        return "TLS: certificate name mismatch"
+    if reason.check(SSL.Error):
+        text = str(reason.value)
+        if "certificate verify failed" in text:
+            return "TLS: certificate not trusted"
+        errors = reason.value.args[0] if reason.value.args else []
+        last = errors[-1][-1] if errors and isinstance(errors[-1], tuple) else text
+        return f"TLS: {last or text}"
+    if reason.check(error.ConnectionRefusedError, ConnectionRefusedError):
+        return "connection refused"
+    if reason.check(error.TimeoutError, TimeoutError, defer.CancelledError):
+        return "connect timed out"
+    if reason.check(error.DNSLookupError):
+        return "host name not found"
+    if reason.check(error.ConnectionDone, error.ConnectionLost):
+        return "closed the connection during the login"
+    return reason.getErrorMessage() or reason.type.__name__
 
 
 class _OneConnection(Factory):
@@ -241,12 +272,13 @@ class BackendConnector:
                 self.metrics.backend_failed(str(Server(server.host, self._port(server, protocol))),
                                             type(e).__name__)
                 log.warn("backend {server} unavailable for {user}: {reason}",
-                         server=str(server), user=credentials.username, reason=type(e).__name__)
+                         server=str(server), user=quoted(credentials.username),
+                         user_raw=credentials.username, reason=e.detail or type(e).__name__)
                 continue
             if self.health is not None:
                 self.health.mark_ok(server)
             return backend
-        raise BackendUnavailable()
+        raise BackendUnavailable("no server of the route could be reached")
 
     async def _login_at(self, server: Server, route: Route, protocol: str,
                         credentials: Credentials,
@@ -267,8 +299,8 @@ class BackendConnector:
         backend = BackendProtocol(dialogue, server, tls_creator, self.timeouts, self.reactor)
         try:
             await endpoint.connect(_OneConnection(backend))
-        except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError):
-            raise BackendUnavailable() from None
+        except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError) as e:
+            raise BackendUnavailable(why_lost(Failure(e))) from None
         peer, local = backend.transport.getPeer(), backend.transport.getHost()
         if is_own_listener(self.listeners, getattr(peer, "host", ""), getattr(peer, "port", 0),
                            getattr(local, "host", "")):
@@ -280,7 +312,8 @@ class BackendConnector:
             await logged_in
         except defer.CancelledError:
             backend.close(abort=True)
-            raise BackendUnavailable() from None
+            raise BackendUnavailable(f"no answer to the login within "
+                                     f"{self.config.login_timeout:g}s") from None
         finally:
             if timer.active():
                 timer.cancel()
@@ -399,7 +432,6 @@ class FrontendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # noqa: N802
         self.disconnected = True
-        self.factory.registry.remove(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._answer is not None and self._answer.active():
@@ -420,6 +452,9 @@ class FrontendProtocol(Protocol):
                 backend.leg.close_after(LOGOUT_GRACE)
             else:
                 backend.close()
+        # After the backend is in the closing set: a drain waiting for this session
+        # must also wait for its backend's answer to our LOGOUT.
+        self.factory.registry.remove(self)
         if not self.end_reason:
             # An ALPN refusal (ALPACA) is worth telling apart from a client that left.
             self.end_reason = ("TLS: no application protocol"
@@ -532,14 +567,14 @@ class FrontendProtocol(Protocol):
         except defer.CancelledError:
             return  # the client went away while waiting
         except LoginsRefused as e:
-            self._log_login_failed(credentials.username, "penalty: " + e.reason)
+            self._log_login_failed(credentials.username, type(e).__name__, e.reason)
             factory.metrics.login(factory.listener.protocol, "failed", type(e).__name__)
             factory.metrics.refused("penalty")
             self._login_failed(e)
             return
         finally:
             self._waiting = None
-        if admission.waited > 0:
+        if admission.waited >= 0.001:
             log.info("login delayed id={session_id} client={client} user={user} "
                      "waited={waited:.3f}s", session_id=self.session_id,
                      client=self._client_key(), user=quoted(credentials.username),
@@ -562,8 +597,8 @@ class FrontendProtocol(Protocol):
             guess = isinstance(e, AuthenticationFailed)
             admission.finish(Outcome.FAILURE if guess else Outcome.NEUTRAL,
                              gate.fingerprint(names.lookup, password))
-            self._log_login_failed(credentials.username, getattr(e, "detail", "")
-                                   or type(e).__name__)
+            self._log_login_failed(credentials.username, type(e).__name__,
+                                   getattr(e, "detail", ""))
             factory.metrics.login(factory.listener.protocol, "failed", type(e).__name__)
             # A failure is answered no sooner than login_delay after its check began, so
             # an unknown user (the directory answers at once) and a wrong password (the
@@ -610,10 +645,12 @@ class FrontendProtocol(Protocol):
             return
         self._execute(actions)
 
-    def _log_login_failed(self, username: str, reason: str) -> None:
-        log.info("login failed id={session_id} client={client} user={user} reason={reason}",
-                 session_id=self.session_id, client=self.transport.getPeer().host,
-                 user=quoted(username), user_raw=username, reason=reason)
+    def _log_login_failed(self, username: str, reason: str, detail: str = "") -> None:
+        """``reason`` is the error's name (one word, for parsers); ``detail`` says why."""
+        log.info("login failed id={session_id} client={client} user={user} reason={reason}"
+                 "{why}", session_id=self.session_id, client=self.transport.getPeer().host,
+                 user=quoted(username), user_raw=username, reason=reason,
+                 why=f" ({detail})" if detail else "", detail=detail)
 
     def _client_key(self) -> str:
         if self.ticket is not None:

@@ -25,7 +25,8 @@ class SessionRegistry:
         self.draining = False
         #: the process is going away (the SIGTERM drain): no undrain
         self.stopping = False
-        self._drained: defer.Deferred[None] | None = None
+        #: drains under way: (fires when done, its sessions, their backends)
+        self._drains: list[tuple[defer.Deferred[None], set[Any], set[Any]]] = []
 
     def add(self, session: Any) -> None:
         self.sessions.add(session)
@@ -44,9 +45,11 @@ class SessionRegistry:
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._drained is not None and not self.sessions and not self.closing:
-            drained, self._drained = self._drained, None
-            drained.callback(None)
+        for drain in list(self._drains):
+            done, sessions, backends = drain
+            if not (sessions & self.sessions) and not (backends & self.closing):
+                self._drains.remove(drain)
+                done.callback(None)
 
     def sweep(self) -> None:
         """The one timer: idle/inactivity timeouts and IDLE keepalives for every session."""
@@ -71,17 +74,17 @@ class SessionRegistry:
                  timeout=timeout)
         if not self.sessions and not self.closing:
             return defer.succeed(None)
-        if self._drained is None:
-            self._drained = defer.Deferred()
-        done = self._drained
+        # The drain (and its deadline) is about what it ends: its sessions, their
+        # backends waiting for our LOGOUT, and the backends already doing so. After an
+        # undrain, sessions that came in since are none of its business.
         ending = list(self.sessions)
-        # The deadline is for what this drain ends: its sessions, their backends waiting
-        # for our LOGOUT, and the backends already doing so. After an undrain, sessions
-        # that came in since are none of its business.
         backends = [*self.closing, *(s.backend for s in ending if s.backend is not None)]
+        done: defer.Deferred[None] = defer.Deferred()
+        self._drains.append((done, set(ending), set(backends)))
         for session in ending:
             session.drain()
-        if self.sessions or self.closing:
+        self._check_drained()
+        if not done.called:
             deadline = self.clock.callLater(timeout, self._force_close, ending, backends)
 
             def stop_deadline(result: object) -> object:
@@ -96,8 +99,8 @@ class SessionRegistry:
         """Accept new sessions again after a drain; False if the process is stopping.
 
         Sessions the drain ended stay ended, and those still ending keep their deadline
-        (they were told to go: a command in flight finishes, then BYE). Nobody waits for
-        that drain to finish any more: a later drain waits for the sessions of its time.
+        (they were told to go: a command in flight finishes, then BYE). A later drain
+        waits for the sessions of its own time.
         """
         if self.stopping:
             return False
@@ -105,7 +108,6 @@ class SessionRegistry:
             log.info("undrain: accepting new sessions again ({count} still ending)",
                      count=len(self.sessions))
         self.draining = False
-        self._drained = None
         return True
 
     def _force_close(self, sessions: list[Any], backends: list[Any]) -> None:

@@ -313,8 +313,10 @@ def test_a_drain_after_an_undrain_works_again() -> None:
     busy.dataReceived(b"s SELECT INBOX\r\n")
     drained = h.registry.drain(timeout=10)
     assert h.registry.draining and not drained.called
-    busy_backend.dataReceived(b"s OK done\r\n")  # now quiet: BYE, and the drain is over
-    assert closed(busy_transport) and drained.called
+    busy_backend.dataReceived(b"s OK done\r\n")  # now quiet: BYE to the client, LOGOUT
+    assert closed(busy_transport) and not drained.called
+    busy_backend.connectionLost()  # the backend answered our LOGOUT: the drain is over
+    assert drained.called
     assert drain_deadlines(h) == []  # its deadline went with it
 
 

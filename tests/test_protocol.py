@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
+from twisted.logger import capturedLogs, formatEvent
 
 from imapproxy.config import Limits, Timeouts
+from imapproxy.health import BackendHealth
 
 
 def closed(transport: object) -> bool:
@@ -444,3 +446,33 @@ def test_a_name_that_leads_back_to_our_own_listener_is_refused_once_connected() 
     client.dataReceived(b"a1 LOGIN alice secret\r\n")
     assert len(h.backends) == 1 and closed(h.backends[0].transport)
     assert transport.value().startswith(b"a1 NO [UNAVAILABLE] ")
+
+
+def test_a_backend_that_drops_the_login_refuses_it_and_is_not_marked_down() -> None:
+    """Dovecot closes the connection on a name it finds too long: the client sent that,
+    so it is a refused login, not a backend failure (no failover, no circuit breaker)."""
+    h = Harness()
+    h.factory.connector.health = BackendHealth(h.reactor, 30)
+    client, transport = h.connect_client()
+    transport.clear()
+    with capturedLogs() as events:
+        client.dataReceived(b"a1 LOGIN alice secret\r\n")
+        backend = h.backends[-1]
+        backend.dataReceived(DOVECOT_GREETING)  # the proxy sends LOGIN now
+        backend.transport.loseConnection()
+        h.reactor.advance(2)
+    assert transport.value() == REFUSED_NO
+    assert h.factory.connector.health.down() == []
+    assert not [e for e in events if "unavailable for" in formatEvent(e)]
+
+
+def test_a_backend_gone_before_the_login_is_a_backend_failure_with_its_reason() -> None:
+    h = Harness()
+    h.factory.connector.health = BackendHealth(h.reactor, 30)
+    client, transport = h.connect_client()
+    with capturedLogs() as events:
+        client.dataReceived(b"a1 LOGIN alice secret\r\n")
+        h.backends[-1].transport.loseConnection()  # before its greeting
+    assert [s.host for s in h.factory.connector.health.down()] == ["10.0.0.1"]
+    lines = [formatEvent(e) for e in events if "unavailable for" in formatEvent(e)]
+    assert lines and lines[0].endswith(": closed the connection during the login")

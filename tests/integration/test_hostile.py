@@ -372,7 +372,8 @@ def test_half_open_connections(proxy: Proxy) -> None:
         data = read_until_closed(sock, timeout=PREAUTH_TIMEOUT + 15)
         assert data.endswith((b"* BYE Autologout; idle for too long\r\n",
                               b"-ERR Autologout; idle for too long\r\n"))
-    assert time.monotonic() - started >= PREAUTH_TIMEOUT  # not closed before their time
+    # Not closed before their time (less the reactor's timer slack, a few ms).
+    assert time.monotonic() - started >= PREAUTH_TIMEOUT - 0.1
     assert_serves(proxy)
 
 

@@ -317,7 +317,7 @@ async def test_stale_cache_then_unavailable_then_recovery(
     server.stop()
     clock.advance(10)  # no longer fresh: the directory is asked, and is down
     assert await directory.lookup("amy", "imap") == fresh
-    assert "serving stale cached route for 'amy' (10s old)" in log_text(logged)
+    assert "serving stale cached route for <amy> (10s old)" in log_text(logged)
     # Nothing cached for ben: a temporary failure, never a guess.
     assert isinstance(await outcome(directory.lookup("ben", "imap")), DirectoryUnavailable)
     clock.advance(90)  # stale_ttl reached

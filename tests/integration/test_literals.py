@@ -51,18 +51,19 @@ def read_until(reader: object, prefix: bytes) -> list[bytes]:
 def test_refused_literal_then_idle_then_kick_ends_gracefully(
         dovecot_factory: Callable[..., Dovecot], tmp_path: object) -> None:
     dovecot = dovecot_factory(users=[USER], name="literals", tls=False)
-    port, admin_port = free_port(), free_port()
+    port = free_port()
+    address = str(tmp_path / "admin.sock")  # type: ignore[operator]
     config = imap_config(port, extra=f"""
 [backend]
 imap_port = {dovecot.imap_port}
 
 [admin]
-address = "{HOST}:{admin_port}"
+address = "{address}"
 
 [timeouts]
 drain = 5
 """)
-    proxy = ProxyProcess(tmp_path / "proxy", config, [port, admin_port],  # type: ignore[operator]
+    proxy = ProxyProcess(tmp_path / "proxy", config, [port],  # type: ignore[operator]
                          {"users.map": "*  127.0.0.1\n"})
     proxy.start()
     try:
@@ -77,7 +78,6 @@ drain = 5
             assert refused.startswith(b"b NO [TRYCREATE]"), refused
             sock.sendall(b"c IDLE\r\n")
             assert reader.readline().startswith(b"+ ")
-            address = f"{HOST}:{admin_port}"
 
             def idle_at_the_proxy() -> bool:
                 listed = [json.loads(line) for line in
