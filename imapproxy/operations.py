@@ -98,7 +98,8 @@ def attach(top: service.MultiService, config: Config, reactor: Any, *, registry:
     """Add metrics, admin and reload to the tree ``top`` that service.py built."""
     metrics: NullMetrics = NULL_METRICS
     if config.metrics is not None:
-        metrics = Metrics(lambda: registry.sessions)
+        metrics = Metrics(lambda: registry.sessions, draining=lambda: registry.draining,
+                          certificates=lambda: dict(server_tls.expiry) if server_tls else {})
     timed = metrics.timed_directory(directory, reactor)
     _instrument(metrics, reactor, factories, connector, header_factories, timed)
 

@@ -442,6 +442,10 @@ class FrontendProtocol(Protocol):
             self.leg.lost()
         if self.ticket is not None:
             self.ticket.release()
+        if not self.end_reason:
+            # An ALPN refusal (ALPACA) is worth telling apart from a client that left.
+            self.end_reason = ("TLS: no application protocol"
+                               if reason.check(NoApplicationProtocol) else "client closed")
         backend = self.backend
         if backend is not None:
             if self.relay is not None and self.relay.logout_sent:
@@ -455,10 +459,6 @@ class FrontendProtocol(Protocol):
         # After the backend is in the closing set: a drain waiting for this session
         # must also wait for its backend's answer to our LOGOUT.
         self.factory.registry.remove(self)
-        if not self.end_reason:
-            # An ALPN refusal (ALPACA) is worth telling apart from a client that left.
-            self.end_reason = ("TLS: no application protocol"
-                               if reason.check(NoApplicationProtocol) else "client closed")
         peer = self.transport.getPeer()
         fields = {"session_id": self.session_id, "client": f"{peer.host}:{peer.port}",
                   "user": self.user or "-",

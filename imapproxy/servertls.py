@@ -21,6 +21,7 @@ POP3; a client that offers no ALPN is served as before.
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .config import ConfigError, TlsConfig
-from .tls import server_options
+from .tls import read_pem_certificates, server_options
 
 log = Logger(namespace="imapproxy")
 
@@ -89,16 +90,31 @@ def _context(config: TlsConfig, config_path: Path | str, key_prefix: str) -> SSL
     return context
 
 
+def _not_after(path: Path | None) -> float:
+    """When the (first) certificate in a PEM file stops being valid (Unix time)."""
+    if path is None:
+        return 0.0
+    certificates = read_pem_certificates(path)
+    stamp = certificates[0].get_notAfter() if certificates else None
+    if not stamp:
+        return 0.0
+    when = datetime.datetime.strptime(stamp.decode("ascii"), "%Y%m%d%H%M%SZ")
+    return when.replace(tzinfo=datetime.UTC).timestamp()
+
+
 class _Contexts:
     """One immutable generation of contexts: the default one and those by SNI name."""
 
-    __slots__ = ("default", "exact", "wildcard")
+    __slots__ = ("default", "exact", "wildcard", "expiry")
 
     def __init__(self, config: TlsConfig, config_path: Path | str) -> None:
         assert config.certificate is not None
         self.default = _context(config, config_path, "tls")
         self.exact: dict[str, SSL.Context] = {}
         self.wildcard: dict[str, SSL.Context] = {}
+        #: certificate (the default one as "default", the others by SNI domain) -> the
+        #: Unix time its validity ends (for the metrics: renewals that did not happen)
+        self.expiry: dict[str, float] = {"default": _not_after(config.certificate)}
         for i, entry in enumerate(config.sni):
             per_name = TlsConfig(certificate=entry.certificate, key=entry.key,
                                  min_version=config.min_version, ciphers=config.ciphers)
@@ -107,6 +123,7 @@ class _Contexts:
                 self.wildcard[entry.domain[2:]] = context
             else:
                 self.exact[entry.domain] = context
+            self.expiry[entry.domain] = _not_after(entry.certificate)
 
     def lookup(self, name: str) -> SSL.Context | None:
         """An exact name first, then "*.parent" for one label (RFC 6125 section 6.4.3)."""
@@ -126,6 +143,11 @@ class ServerTLS:
         self.config = config
         self.config_path = config_path
         self._contexts = self._build(config)
+
+    @property
+    def expiry(self) -> dict[str, float]:
+        """Certificate -> when it expires (Unix time), as loaded now."""
+        return self._contexts.expiry
 
     def _build(self, config: TlsConfig) -> _Contexts:
         contexts = _Contexts(config, self.config_path)

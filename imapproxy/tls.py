@@ -18,7 +18,7 @@ from .proxyprotocol import parse_ip
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def _read_pem_certificates(path: Path) -> list[crypto.X509]:
+def read_pem_certificates(path: Path) -> list[crypto.X509]:
     data = path.read_bytes()
     certificates = []
     marker = b"-----BEGIN CERTIFICATE-----"
@@ -31,7 +31,7 @@ def server_options(config: TlsConfig, config_path: Path | str) -> ssl.Certificat
     """Options for client-facing TLS: the certificate with its chain, TLS 1.2 minimum."""
     assert config.certificate is not None and config.key is not None
     try:
-        chain = _read_pem_certificates(config.certificate)
+        chain = read_pem_certificates(config.certificate)
         if not chain:
             raise ConfigError(config_path, "tls.certificate", "no PEM certificate in file")
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, config.key.read_bytes())
@@ -106,7 +106,7 @@ def backend_trust_root(config: BackendConfig) -> object:
     """The CAs that backend certificates are checked against: ca_file or the system's."""
     if config.ca_file is None:
         return ssl.platformTrust()
-    certificates = [ssl.Certificate(c) for c in _read_pem_certificates(config.ca_file)]
+    certificates = [ssl.Certificate(c) for c in read_pem_certificates(config.ca_file)]
     return ssl.trustRootFromCertificates(certificates)
 
 
@@ -116,7 +116,7 @@ def backend_client_certificate(config: BackendConfig,
     if config.client_certificate is None or config.client_key is None:
         return None
     try:
-        chain = _read_pem_certificates(config.client_certificate)
+        chain = read_pem_certificates(config.client_certificate)
         if not chain:
             raise ConfigError(config_path, "backend.client_certificate",
                               "no PEM certificate in file")

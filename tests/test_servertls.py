@@ -263,3 +263,16 @@ def test_the_refusal_reads_as_openssl_errors_do_and_leaves_none_behind(
     fresh.set_accept_state()
     with pytest.raises(SSL.WantReadError):
         fresh.do_handshake()
+
+
+def test_expiry_of_each_certificate_for_the_metrics(certs: dict[str, tuple[Path, Path]],
+                                                    tmp_path: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+
+    tls = ServerTLS(sni_config(certs), tmp_path / "imapproxy.toml")
+    default = x509.load_pem_x509_certificate(certs["default.example.com"][0].read_bytes())
+    expected = default.not_valid_after.replace(tzinfo=datetime.UTC).timestamp()
+    assert tls.expiry["default"] == expected
+    assert set(tls.expiry) == {"default", "mail.example.org", "*.example.net"}
