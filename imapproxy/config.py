@@ -172,7 +172,7 @@ class Limits:
     penalty_exempt: tuple[str, ...] = ()
     #: logins checked at once from one address without recent failures (a penalised
     #: address: one at a time); more wait their turn
-    max_parallel_logins_per_ip: int = 4
+    max_parallel_logins_per_ip: int = 32
     #: seconds an address stays "known" for a user after a successful login there: from
     #: a known address the user penalty does not apply (the owner is never locked out)
     known_address_memory: float = 30 * 86400.0
@@ -564,7 +564,7 @@ def _limits(table: _Table | None) -> Limits:
         login_delay_max=table.number("login_delay_max", 15.0),
         login_failure_memory=table.number("login_failure_memory", 900.0),
         penalty_exempt=_networks(table, "penalty_exempt", ()),
-        max_parallel_logins_per_ip=table.integer("max_parallel_logins_per_ip", 4, minimum=1),
+        max_parallel_logins_per_ip=table.integer("max_parallel_logins_per_ip", 32, minimum=1),
         known_address_memory=table.number("known_address_memory", 30 * 86400.0),
         max_username=table.integer("max_username", 320, minimum=1, maximum=65536),
     )

@@ -8,8 +8,8 @@ reports the outcome back.
 
 Per client address (IPv6: its network, limits.client_key):
 - An address without recent failures may have ``parallel`` checks running at once
-  (carriers put thousands of phones behind one address, and a reconnect storm must
-  not queue behind itself); more wait their turn.
+  (32: carriers put thousands of phones behind one address, and a reconnect storm must
+  flow); more wait their turn, and are never refused for it.
 - An address with recent failures is *penalised*: its attempts wait in one queue and
   are checked one at a time, each starting no sooner than ``delay(n)`` after the
   previous one ended, where n is the number of distinct failures: 2, 4, 8, 15 s by
@@ -25,10 +25,11 @@ Per client address (IPv6: its network, limits.client_key):
 
 Per user (a guesser spreading one user's guesses over many addresses):
 - Attempts from addresses where this user has NOT logged in successfully lately
-  (``known_memory``) also go through a queue of the user's: ``parallel`` checks at
-  once while the user has no recent failures (so a burst from many addresses is not
-  all checked at once), and once it has, one at a time, each after the penalty of the
-  user's distinct failures from anywhere, with the same doubling.
+  (``known_memory``) also go through a queue of the user's: ``USER_PARALLEL`` (4)
+  checks at once while the user has no recent failures (so a burst of guesses for one
+  user, from one address or many, is not all checked at once), and once it has, one at
+  a time, each after the penalty of the user's distinct failures from anywhere, with
+  the same doubling.
 - The owner logging in from an address they used before is not held back by the
   user penalty at all, however hard the account is attacked from elsewhere. From a
   new address, while the account is attacked, they wait their turn behind at most
@@ -40,10 +41,12 @@ For both: the same wrong password again (a phone with a stale password) is not a
 failure: only a keyed hash of (user, password) is kept, never the password, under a
 random key made at start-up. Addresses in ``exempt`` (webmail hosts, trusted
 callers; CIDR) are neither held back nor counted. Failures are forgotten ``memory``
-seconds after they happened. Queues are bounded (``MAX_WAITING``): an attempt over the
-bound is refused at once, unchecked. The tables are bounded in bytes: users are kept
-by a keyed hash of their name (fixed size, whatever the client sent), and idle
-entries are evicted least recently used first past ``max_bytes``.
+seconds after they happened. A penalised queue is bounded (``MAX_WAITING``,
+``MAX_WAITING_USER``): an attempt over the bound is refused at once, unchecked; others
+are bounded by the connection limits (and the pre-auth timeout). The tables are
+bounded in bytes: users are kept by a keyed hash of their name (fixed size, whatever
+the client sent), and idle entries are evicted least recently used first past
+``max_bytes``.
 
 No I/O and no Twisted: the clock is injected; admissions are returned as attempt ids.
 """
@@ -74,6 +77,9 @@ MAX_WAITING = 16
 #: lately). Small, so that the owner on a new network waits at most about a minute
 #: behind a guesser's attempts (or is told to come back later) while the attack lasts.
 MAX_WAITING_USER = 4
+#: Checks at once for one user from addresses it has not logged in from lately, while
+#: the user has no recent failures (a guesser's burst for one user gets no further).
+USER_PARALLEL = 4
 #: Bytes the tables may hold (an estimate per entry, see _Lane.weight).
 MAX_BYTES = 64 * 1024 * 1024
 
@@ -165,7 +171,8 @@ class Penalty:
     """Admits login attempts; see the module docstring for the policy."""
 
     def __init__(self, clock: Callable[[], float], *, base: float = 2.0, cap: float = 15.0,
-                 memory: float = 900.0, parallel: int = 4, known_memory: float = 30 * 86400.0,
+                 memory: float = 900.0, parallel: int = 32,
+                 known_memory: float = 30 * 86400.0,
                  exempt: Iterable[str] = (), max_bytes: int = MAX_BYTES,
                  key: bytes | None = None) -> None:
         self.clock = clock
@@ -245,10 +252,12 @@ class Penalty:
         # phone that uses it.
         in_user_lane = not exempt and not known
         in_address_lane = not exempt and not (known and not user_failures)
+        # Only a penalised queue is bounded: one without failures holds a reconnect storm
+        # (the connection limits bound it), never refused for being busy.
         for queue, name, bound in ((lane if in_address_lane else None, "address", MAX_WAITING),
                                    (user_lane if in_user_lane else None, "user",
                                     MAX_WAITING_USER)):
-            if queue is not None and len(queue.waiting) >= bound:
+            if queue is not None and queue.failures and len(queue.waiting) >= bound:
                 return Refused(f"too many login attempts waiting for this {name}")
         if in_user_lane:
             user_lane = self._lane(self._users, ukey, now)
@@ -397,7 +406,7 @@ class Penalty:
             self._schedule("a", state.address, lane)  # type: ignore[arg-type]
             return []
         if user_lane is not None and not self._may_start(user_lane, attempt, now,
-                                                         self.parallel):
+                                                         USER_PARALLEL):
             self._schedule("u", state.user, user_lane)
             return []
         state.running = True

@@ -58,7 +58,8 @@ def test_cancelling_leaves_the_queue() -> None:
 
 def test_a_full_queue_is_refused_unchecked() -> None:
     g, _clock = gate(parallel=1)
-    g.enter("192.0.2.7", g.user_key("alice"))
+    g.enter("192.0.2.7", g.user_key("x")).result.finish(
+        Outcome.FAILURE, g.fingerprint("x", b"typo"))  # penalised: its queue is bounded
     queued = [g.enter("192.0.2.7", g.user_key(f"user{i}")) for i in range(16)]
     refused = g.enter("192.0.2.7", g.user_key("user99"))
     failures: list[object] = []
