@@ -87,13 +87,15 @@ class Leg:
     it, and how it ends. Every close of a session's connection goes through ``close()``.
     """
 
-    __slots__ = ("transport", "clock", "producer", "_closing")
+    __slots__ = ("transport", "clock", "producer", "gone", "_closing")
 
     def __init__(self, transport: Any, clock: Any) -> None:
         self.transport = transport
         self.clock = clock
         #: the IPushProducer registered on this transport by us, if any
         self.producer: Any = None
+        #: the connection is lost: nothing more to close
+        self.gone = False
         self._closing: Any = None
 
     def register(self, producer: Any) -> None:
@@ -109,6 +111,8 @@ class Leg:
 
     def close(self, abort: bool = False) -> None:
         """Close now, after flushing what was written (unless ``abort``); see the module."""
+        if self.gone:
+            return
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
         # Nothing may hold the close back: no producer stays registered on this leg.
@@ -117,16 +121,20 @@ class Leg:
         if abort:
             transport.abortConnection()
             return
+        # The deadline first: a transport may report the connection lost within
+        # loseConnection() itself, and lost() must find the deadline to cancel it.
+        self._closing = self.clock.callLater(CLOSE_TIMEOUT, self._abort)
         transport.loseConnection()
         tls = tls_layer(transport)
         if tls is not None and tls.transport is not None and _close_notify_sent(tls):
             # Our close_notify is written to the TCP layer; that layer now flushes it
             # (and everything before it) and closes, without waiting for the peer's reply.
             tls.transport.loseConnection()
-        self._closing = self.clock.callLater(CLOSE_TIMEOUT, self._abort)
 
     def close_after(self, seconds: float) -> None:
         """Let the peer close first; close ourselves if it has not within ``seconds``."""
+        if self.gone:
+            return
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
         self.unregister()
@@ -134,6 +142,7 @@ class Leg:
 
     def lost(self) -> None:
         """The connection is gone: no abort is due any more."""
+        self.gone = True
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
         self._closing = None

@@ -216,6 +216,8 @@ class Penalty:
         return hmac.new(self.key, message, hashlib.sha256).digest()[:16]
 
     def is_exempt(self, address: str) -> bool:
+        if not self.exempt:
+            return False
         try:
             ip = ipaddress.ip_address(address.split("/", 1)[0])
         except ValueError:

@@ -30,11 +30,22 @@ _MULTI_ALWAYS = frozenset({b"RETR", b"TOP", b"CAPA"})
 _MULTI_WITHOUT_ARGUMENT = frozenset({b"LIST", b"UIDL", b"AUTH"})
 
 
+def _dot_line_end(buffer: bytes, at: int) -> int | None:
+    """Where a "." line ends, if one starts after the LF at ``at`` (None if not, or if
+    ``buffer`` stops before it can be told)."""
+    after = buffer[at + 2:at + 4]
+    if after[:1] == b"\n":
+        return at + 3
+    if after == b"\r\n":
+        return at + 4
+    return None
+
+
 class Pop3Tracker:
     """Both directions of one POP3 session; feed it every byte, in order."""
 
     __slots__ = ("pending", "logout_sent", "_c_head", "_c_partial", "_s_head",
-                 "_s_partial", "_s_body", "overflowed")
+                 "_s_partial", "_s_body", "_s_tail", "overflowed")
 
     #: interface of tracker.SessionTracker: POP3 has none of these
     opaque = False
@@ -53,6 +64,8 @@ class Pop3Tracker:
         self._s_partial = False
         #: inside a multi-line reply, up to its "." line
         self._s_body = False
+        #: the last bytes of a body seen so far, to find its end across two reads
+        self._s_tail = b""
 
     @property
     def in_flight(self) -> int:
@@ -95,16 +108,66 @@ class Pop3Tracker:
     # -- server stream -------------------------------------------------------------------
 
     def from_server(self, data: bytes) -> None:
-        self._s_head, self._s_partial = self._lines(data, self._s_head, self._s_partial,
-                                                    self._server_line)
+        while data:
+            if self._s_body:
+                data = self._body(data)
+                continue
+            before = self._s_body
+            self._s_head, self._s_partial, data = self._status_lines(data)
+            if self._s_body == before:
+                return
+
+    def _body(self, data: bytes) -> bytes:
+        """Skip a multi-line reply's body at C speed (a RETR is megabytes of lines): it
+        ends at a line that is just "." (RFC 1939 section 3; ".." is a stuffed dot).
+        Returns what follows the body in ``data``."""
+        tail = self._s_tail
+        # A "\n." line start may straddle the previous read: the junction first (a few
+        # bytes), then every "\n." of this read (rare in a body: dot-stuffed lines).
+        junction = tail + data[:3]
+        at = junction.find(b"\n.")
+        while 0 <= at < len(tail):
+            end = _dot_line_end(junction, at)
+            if end is not None:
+                return self._body_ended(data[end - len(tail):])
+            at = junction.find(b"\n.", at + 1)
+        at = data.find(b"\n.")
+        while at >= 0:
+            end = _dot_line_end(data, at)
+            if end is not None:
+                return self._body_ended(data[end:])
+            at = data.find(b"\n.", at + 1)
+        self._s_tail = (tail + data)[-3:]
+        return b""
+
+    def _body_ended(self, rest: bytes) -> bytes:
+        self._s_body = False
+        self._s_tail = b""
+        self._answered()
+        return rest
+
+    def _status_lines(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        """Status lines up to the start of a body (returned, with the state of the line)."""
+        head, pos, end = self._s_head, 0, len(data)
+        while pos < end:
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                if len(head) < HEAD:
+                    head += data[pos:pos + HEAD - len(head)]
+                return head, True, b""
+            if len(head) < HEAD:
+                head += data[pos:min(newline, pos + HEAD - len(head))]
+            self._server_line(head)
+            head, pos = b"", newline + 1
+            if self._s_body:
+                # The body starts after the status line's line end: keep that LF, so
+                # that an empty body's "." line is found too.
+                self._s_tail = b"\n"
+                return b"", False, data[pos:]
+        return head, self._s_partial and pos == 0, b""
 
     def _server_line(self, head: bytes) -> None:
         line = head.rstrip(b"\r")
-        if self._s_body:
-            if line == b".":  # the end of a multi-line reply; ".." is a stuffed dot
-                self._s_body = False
-                self._answered()
-            return
         status = line.split(b" ", 1)[0].upper()
         if status == b"+OK":
             if self.pending and self.pending[0]:

@@ -89,3 +89,23 @@ def test_split_anywhere_gives_the_same_state() -> None:
         t.from_server(stream[:cut])
         t.from_server(stream[cut:])
         assert t.quiet, cut
+
+
+def test_a_retr_body_ends_only_at_its_own_dot_line_split_anywhere() -> None:
+    body = b"+OK 60 octets\r\nSubject: x\r\n\r\n..stuffed\r\n.\r\n"
+    stream = body + b"+OK 1 60\r\n" + b"+OK\r\n.\r\n"  # RETR, then LIST 1, then an empty UIDL
+    for cut in range(len(stream) + 1):
+        for second in (cut, min(cut + 3, len(stream))):
+            t = Pop3Tracker()
+            t.from_client(b"RETR 1\r\nLIST 1\r\nUIDL\r\n")
+            t.from_server(stream[:cut])
+            t.from_server(stream[cut:second])
+            t.from_server(stream[second:])
+            assert t.quiet, (cut, second)
+
+
+def test_bare_lf_dot_line_ends_a_body_too() -> None:
+    t = Pop3Tracker()
+    t.from_client(b"TOP 1 0\n")
+    t.from_server(b"+OK\nHeader: a\n\n.\n")
+    assert t.quiet
