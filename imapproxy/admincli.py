@@ -24,6 +24,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import __version__
 from .config import ConfigError, load, parse_address
 
 DEFAULT_CONFIG = "/etc/imapproxy/imapproxy.toml"
@@ -114,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
                        f"if it exists, else --address {DEFAULT_ADDRESS})")
     where.add_argument("--address", "-a", help="the [admin] address: HOST:PORT or a socket path")
     p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per request")
+    p.add_argument("--version", action="version", version=f"imapproxy-admin {__version__}")
     commands = p.add_subparsers(dest="command", required=True)
     sessions = commands.add_parser("sessions", help="list sessions")
     sessions.add_argument("--user", help="only this user's")
