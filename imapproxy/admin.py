@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_admin -*-
-"""The local admin API on ``[admin] address``: list sessions, kick them, drain.
+"""The local admin API on ``[admin] address``: list sessions, kick them, drain, undrain.
 
-HTTP with JSON bodies, on a loopback address or a UNIX socket (the config refuses
+HTTP with JSON bodies, on a UNIX socket (the default: mode 0600, so only the service
+user and root reach it) or a loopback address with a bearer token (the config refuses
 anything else: whoever reaches it can end anyone's session). The CLI
 ``imapproxy-admin`` (admincli.py) is its client.
 
@@ -9,6 +10,7 @@ anything else: whoever reaches it can end anyone's session). The CLI
     POST /kick?user=alice             end alice's sessions
     POST /kick?backend=host:port      end every session on that backend
     POST /drain                       end every session gracefully, refuse new ones
+    POST /undrain                     accept new sessions again (409 while stopping)
 
 Moving a user between stores: change the directory, then kick the user; the
 client reconnects and lands on the new store. A kick ends the session the way a
@@ -16,14 +18,24 @@ drain does (at a command boundary: an APPEND in flight completes; IDLE gets DONE
 and LOGOUT), with ``* BYE`` to the client, and closes what is left after
 ``[timeouts] drain``.
 
-A browser on the same host must not be a way in (DNS rebinding, a form posting to
-127.0.0.1): requests carrying an Origin header are refused.
+Who may ask, checked on every request before anything else:
+
+- a request with an Origin header is refused (403): a browser page is no admin;
+- on TCP, the Host header must be this listener's own address, as configured (421
+  otherwise): a page that rebinds its own DNS name to 127.0.0.1 sends its own name
+  as Host, and so never reads /sessions;
+- with ``[admin] token_file`` (required on TCP), ``Authorization: Bearer <token>``
+  (RFC 6750 section 2.1), compared in constant time (401 otherwise). The token is
+  never logged; refusals are, with the peer.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import socket
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +44,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .config import parse_address
+from .credentials import Secret
 from .metrics import QuietSite, session_protocol, session_state
 
 log = Logger(namespace="imapproxy")
@@ -108,9 +121,6 @@ def kick(session: Any, clock: Any, grace: float) -> None:
     if relay is None:
         session.close("kicked")
         return
-    if relay.tracker is None:
-        relay.end("kicked")  # POP3: nothing to wait for; the backend gets no QUIT
-        return
     relay.drain()
     if not session.disconnected:
         clock.callLater(grace, _force_close, session)
@@ -121,19 +131,33 @@ def _force_close(session: Any) -> None:
         session.close("kicked", abort=True)
 
 
+#: what a 404 suggests
+ROUTES = ["GET /sessions", "POST /kick?user=U", "POST /kick?backend=HOST:PORT", "POST /drain",
+          "POST /undrain"]
+
+
 class AdminResource(Resource):
-    """The admin API over a SessionRegistry."""
+    """The admin API over a SessionRegistry.
+
+    ``authority``: the Host header every request must carry ("127.0.0.1:9144"), or None
+    on a UNIX socket, which no browser reaches. ``token``: the bearer token every request
+    must carry, or None (a UNIX socket without ``token_file``).
+    """
 
     isLeaf = True
 
-    def __init__(self, registry: Any, clock: Any) -> None:
+    def __init__(self, registry: Any, clock: Any, *, authority: str | None,
+                 token: Secret | None) -> None:
         super().__init__()
         self.registry = registry
         self.clock = clock
+        self.authority = authority
+        self.token = token
 
     def render(self, request: Request) -> bytes:
-        if request.getHeader(b"origin") is not None:
-            return self._reply(request, 403, {"error": "browsers are not admins"})
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         path = request.path.rstrip(b"/")
         method = request.method
         if path == b"/sessions" and method == b"GET":
@@ -147,12 +171,56 @@ class AdminResource(Resource):
             log.info("admin: drain requested ({count} sessions)", count=count)
             self.registry.drain()
             return self._reply(request, 200, {"pid": os.getpid(), "draining": count})
-        if path in (b"/sessions", b"/kick", b"/drain"):
+        if path == b"/undrain" and method == b"POST":
+            return self._undrain(request)
+        if path in (b"/sessions", b"/kick", b"/drain", b"/undrain"):
             return self._reply(request, 405, {"error": "method not allowed"})
-        return self._reply(request, 404, {"error": "not found",
-                                          "try": ["GET /sessions", "POST /kick?user=U",
-                                                  "POST /kick?backend=HOST:PORT",
-                                                  "POST /drain"]})
+        return self._reply(request, 404, {"error": "not found", "try": ROUTES})
+
+    def _refusal(self, request: Request) -> bytes | None:
+        """The answer to a request that may not be served, or None if it may."""
+        if request.getHeader(b"origin") is not None:
+            _refused(request, "an Origin header (a browser)")
+            return self._reply(request, 403, {"error": "browsers are not admins"})
+        if self.authority is not None:
+            hosts = request.requestHeaders.getRawHeaders(b"host") or []
+            # One Host, naming this listener (RFC 9112 section 3.2: none or several is a
+            # bad request anyway). An exact match, so a rebound DNS name never passes.
+            if len(hosts) != 1 or hosts[0].decode("latin-1").lower() not in self._hosts():
+                _refused(request, "Host is not this listener's address",
+                         [h.decode("latin-1") for h in hosts])
+                # RFC 9110 section 15.5.20: not the server for this authority.
+                return self._reply(request, 421, {
+                    "error": f"the Host header must be {self.authority}"},
+                    b"Misdirected Request")
+        if self.token is not None:
+            given = _bearer(request.getHeader(b"authorization"))
+            if given is None or not hmac.compare_digest(given, self.token.reveal()):
+                reason = "no bearer token" if given is None else "a wrong bearer token"
+                _refused(request, reason)
+                # RFC 6750 section 3: the challenge, with error= when a token was wrong.
+                challenge = b'Bearer realm="imapproxy-admin"'
+                if given is not None:
+                    challenge += b', error="invalid_token"'
+                request.setHeader(b"www-authenticate", challenge)
+                return self._reply(request, 401, {
+                    "error": f"{reason}: send Authorization: Bearer <the [admin] token_file>"})
+        return None
+
+    def _hosts(self) -> tuple[str, ...]:
+        assert self.authority is not None
+        # A client may leave out the default port 80 (RFC 9110 section 7.2).
+        if self.authority.endswith(":80"):
+            return (self.authority, self.authority[:-3])
+        return (self.authority,)
+
+    def _undrain(self, request: Request) -> bytes:
+        log.info("admin: undrain requested")
+        if not self.registry.undrain():
+            return self._reply(request, 409, {"error": "the proxy is stopping: it cannot "
+                                                       "take new sessions any more"})
+        return self._reply(request, 200, {"pid": os.getpid(), "draining": False,
+                                          "ending": len(self.registry.sessions)})
 
     def _kick(self, request: Request) -> bytes:
         args = request.args or {}
@@ -179,13 +247,48 @@ class AdminResource(Resource):
                                           "ids": [s.session_id for s in chosen]})
 
     @staticmethod
-    def _reply(request: Request, code: int, body: dict[str, Any]) -> bytes:
-        request.setResponseCode(code)
+    def _reply(request: Request, code: int, body: dict[str, Any],
+               message: bytes | None = None) -> bytes:
+        request.setResponseCode(code, message)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode("utf-8") + b"\n"
 
 
-def admin_site(registry: Any, clock: Any) -> QuietSite:
-    site = QuietSite(AdminResource(registry, clock))
-    return site
+def _bearer(header: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header (RFC 6750 section 2.1;
+    the scheme is case-insensitive, RFC 9110 section 11.1), else None."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+def _peer(request: Request) -> str:
+    """Who sent a request: host:port, or on a UNIX socket the uid and pid (SO_PEERCRED)."""
+    address = request.getClientAddress()
+    if getattr(address, "host", None) is not None:
+        return _address(address)
+    try:
+        handle = request.channel.transport.getHandle()  # type: ignore[union-attr]
+        pid, uid, _ = struct.unpack("3i", handle.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (AttributeError, OSError):
+        return "a local peer"
+    return f"uid {uid} pid {pid}"
+
+
+def _refused(request: Request, reason: str, hosts: list[str] | None = None) -> None:
+    # Never the Authorization header; the peer's own text (path, Host) only as repr.
+    what = (request.method + b" " + request.path).decode("latin-1")[:200]
+    log.warn("admin: refused {request} from {peer}: {reason}{host}", request=repr(what),
+             peer=_peer(request), reason=reason,
+             host=f" (Host {hosts!r})" if hosts is not None else "")
+
+
+def admin_site(registry: Any, clock: Any, *, authority: str | None,
+               token: Secret | None) -> QuietSite:
+    return QuietSite(AdminResource(registry, clock, authority=authority, token=token))

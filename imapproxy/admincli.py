@@ -5,11 +5,12 @@
     imapproxy-admin kick --user U
     imapproxy-admin kick --backend HOST:PORT
     imapproxy-admin drain
+    imapproxy-admin undrain
 
-It finds the API through ``--config FILE`` ([admin] address; with ``workers = N``
-it asks every worker, each listening on the port plus its index) or
-``--address HOST:PORT`` / ``--address /path/to/admin.sock``. Plain stdlib: no
-Twisted, so it starts fast and works while the proxy is busy.
+It finds the API through ``--config FILE`` ([admin] address and token_file; with
+``workers = N`` it asks every worker, each listening on the port plus its index) or
+``--address /path/to/admin.sock`` / ``--address HOST:PORT --token-file FILE``. Plain
+stdlib: no Twisted, so it starts fast and works while the proxy is busy.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .config import ConfigError, load, parse_address
+from .config import ConfigError, authority, is_token, load, parse_address
 
 DEFAULT_CONFIG = "/etc/imapproxy/imapproxy.toml"
-DEFAULT_ADDRESS = "127.0.0.1:9144"
+#: conf/imapproxy.toml's [admin] address (systemd's RuntimeDirectory=imapproxy)
+DEFAULT_ADDRESS = "/run/imapproxy/admin.sock"
 TIMEOUT = 10.0
 
 
@@ -59,17 +61,27 @@ def worker_addresses(address: str, workers: int) -> list[str]:
     return [f"{host}:{port + i}" for i in range(workers)]
 
 
-def request(address: str, method: str, path: str, timeout: float = TIMEOUT) -> Any:
+def request(address: str, method: str, path: str, timeout: float = TIMEOUT,
+            token: bytes | None = None) -> Any:
     """One API call; the decoded JSON answer."""
+    headers = {}
     if address.startswith("/"):
         connection: http.client.HTTPConnection = _UnixHTTPConnection(address, timeout)
     else:
         host, port = parse_address(address)
         connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        # The API takes only its own address as Host (admin.py), written as in the
+        # config; http.client would leave out a port 80.
+        headers["Host"] = authority(host, port)
+    if token is not None:
+        headers["Authorization"] = "Bearer " + token.decode("ascii")
     try:
-        connection.request(method, path)
+        connection.request(method, path, headers=headers)
         response = connection.getresponse()
         body = response.read()
+    except PermissionError as e:
+        # The socket is mode 0600 (operations.py).
+        raise AdminError(f"{address}: {e.strerror} (run as the service user or root)") from None
     except OSError as e:
         raise AdminError(f"{address}: {e}") from None
     finally:
@@ -79,7 +91,25 @@ def request(address: str, method: str, path: str, timeout: float = TIMEOUT) -> A
     except ValueError:
         raise AdminError(f"{address}: not a JSON answer (HTTP {response.status})") from None
     if response.status != 200:
-        raise AdminError(f"{address}: {data.get('error', response.status)}")
+        message = data.get("error", response.status)
+        if response.status == 401 and token is None:
+            message = f"{message} (give --config, or --token-file with --address)"
+        raise AdminError(f"{address}: {message}")
+    return data
+
+
+def read_token(path: str) -> bytes:
+    """The token in a token file, as the proxy reads it (stripped)."""
+    try:
+        data = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise AdminError(f"cannot read the token file {path}: {e.strerror} (run as the "
+                         "service user or root)") from None
+    if not data:
+        raise AdminError(f"the token file {path} is empty")
+    if not is_token(data):
+        raise AdminError(f"the token file {path} does not hold a token (letters, digits "
+                         "and -._~+/)")
     return data
 
 
@@ -108,12 +138,18 @@ def format_sessions(sessions: list[dict[str, Any]], now: float) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imapproxy-admin",
-                                description="List and end the sessions of a running imapproxy.")
+    p = argparse.ArgumentParser(
+        prog="imapproxy-admin",
+        description="List and end the sessions of a running imapproxy; drain it, undrain it.",
+        epilog="With --config, the token comes from [admin] token_file: run as the service "
+               "user or root. A UNIX socket (mode 0600) needs no token unless one is set. "
+               "After a drain, undrain lets new sessions in again.")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", help=f"the proxy's config (default {DEFAULT_CONFIG} "
                        f"if it exists, else --address {DEFAULT_ADDRESS})")
-    where.add_argument("--address", "-a", help="the [admin] address: HOST:PORT or a socket path")
+    where.add_argument("--address", "-a", help="the [admin] address: a socket path or HOST:PORT")
+    p.add_argument("--token-file", help="with --address: the file holding the [admin] token "
+                   "(required for HOST:PORT)")
     p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per request")
     p.add_argument("--version", action="version", version=f"imapproxy-admin {__version__}")
     commands = p.add_subparsers(dest="command", required=True)
@@ -124,17 +160,24 @@ def parser() -> argparse.ArgumentParser:
     which = kick.add_mutually_exclusive_group(required=True)
     which.add_argument("--user", help="every session of this user")
     which.add_argument("--backend", help="every session on this backend (HOST:PORT or HOST)")
-    commands.add_parser("drain", help="end every session gracefully and refuse new ones")
+    commands.add_parser("drain", help="end every session gracefully and refuse new ones "
+                        "(until undrain)")
+    commands.add_parser("undrain", help="accept new sessions again after a drain (sessions "
+                        "the drain ended stay ended; refused while the proxy is stopping)")
     return p
 
 
-def addresses(args: argparse.Namespace) -> list[str]:
+def targets(args: argparse.Namespace) -> tuple[list[str], bytes | None]:
+    """The admin address of every worker, and the token to send them."""
     if args.address:
-        return [args.address]
+        token = read_token(args.token_file) if args.token_file else None
+        return [args.address], token
+    if args.token_file:
+        raise AdminError("--token-file goes with --address (--config reads [admin] token_file)")
     config_path = args.config
     if config_path is None:
         if not Path(DEFAULT_CONFIG).exists():
-            return [DEFAULT_ADDRESS]
+            return [DEFAULT_ADDRESS], None
         config_path = DEFAULT_CONFIG
     try:
         config = load(config_path)
@@ -142,16 +185,21 @@ def addresses(args: argparse.Namespace) -> list[str]:
         raise AdminError(f"config error: {e}") from None
     if config.admin is None:
         raise AdminError(f"{config.path}: no [admin] address: the admin API is off")
-    return worker_addresses(config.admin.address, config.workers)
+    token = config.admin.token.reveal() if config.admin.token is not None else None
+    return worker_addresses(config.admin.address, config.workers), token
 
 
 def run(argv: list[str], out: TextIO, now: float | None = None) -> int:
     args = parser().parse_args(argv)
-    targets = addresses(args)
+    addresses, token = targets(args)
+
+    def ask(address: str, method: str, path: str) -> Any:
+        return request(address, method, path, args.timeout, token)
+
     if args.command == "sessions":
         sessions: list[dict[str, Any]] = []
-        for address in targets:
-            sessions += request(address, "GET", "/sessions", args.timeout)["sessions"]
+        for address in addresses:
+            sessions += ask(address, "GET", "/sessions")["sessions"]
         if args.user:
             sessions = [s for s in sessions if s["user"].lower() == args.user.lower()]
         if args.json:
@@ -162,12 +210,15 @@ def run(argv: list[str], out: TextIO, now: float | None = None) -> int:
     if args.command == "kick":
         key, value = ("user", args.user) if args.user else ("backend", args.backend)
         query = urllib.parse.urlencode({key: value})
-        total = sum(request(address, "POST", f"/kick?{query}", args.timeout)["kicked"]
-                    for address in targets)
+        total = sum(ask(address, "POST", f"/kick?{query}")["kicked"] for address in addresses)
         out.write(f"kicked {total} session{'s' if total != 1 else ''} ({key} {value})\n")
         return 0
-    total = sum(request(address, "POST", "/drain", args.timeout)["draining"]
-                for address in targets)
+    if args.command == "undrain":
+        for address in addresses:
+            ask(address, "POST", "/undrain")
+        out.write("accepting new sessions again\n")
+        return 0
+    total = sum(ask(address, "POST", "/drain")["draining"] for address in addresses)
     out.write(f"draining {total} session{'s' if total != 1 else ''}\n")
     return 0
 

@@ -1,7 +1,8 @@
 """The proxy's login dialogue with an IMAP backend: sans-IO.
 
-greeting -> [STARTTLS -> TLS] -> [ID] -> LOGIN -> [CAPABILITY] -> logged in.
-ID and LOGIN are pipelined; credentials go as quoted strings when they can, as
+greeting -> [STARTTLS -> TLS -> CAPABILITY] -> [ID] -> LOGIN -> [CAPABILITY] -> logged in.
+ID and LOGIN are pipelined (after STARTTLS, ID goes with the CAPABILITY request and
+LOGIN waits for its answer); credentials go as quoted strings when they can, as
 literals otherwise (non-synchronising when the backend offers LITERAL+, RFC 7888).
 """
 
@@ -37,6 +38,7 @@ _CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
 class Step(Enum):
     GREETING = auto()
     STARTTLS = auto()
+    TLS_CAPABILITY = auto()  # TLS is up; waiting for the capabilities it may have changed
     LOGIN_CONTINUATION = auto()  # waiting for "+" before sending the password literal
     LOGIN = auto()
     CAPABILITY = auto()
@@ -80,7 +82,7 @@ class ImapBackendLogin:
             end = self._buffer.find(b"\n")
             if end < 0 or end > MAX_BACKEND_LINE:
                 if len(self._buffer) > MAX_BACKEND_LINE:
-                    return actions + self._fail(BackendProtocolError())
+                    return actions + self._fail(BackendProtocolError("line too long"))
                 break
             line = bytes(self._buffer[:end]).rstrip(b"\r")
             del self._buffer[: end + 1]
@@ -88,9 +90,19 @@ class ImapBackendLogin:
         return actions
 
     def tls_started(self) -> list[BackendAction]:
-        # RFC 3501 section 6.2.1: capabilities seen before TLS no longer count.
+        # RFC 3501 section 6.2.1 (RFC 9051 section 6.2.1 too): capabilities seen before
+        # TLS no longer count, and the client should ask for them again. The LOGIN waits
+        # for them (LITERAL+ decides how a name or password is sent); ID need not.
         self._literal_plus = self._literal_minus = False
-        return self._send_login()
+        self._capabilities = None
+        self.step = Step.TLS_CAPABILITY
+        return [SendToBackend(b"P5 CAPABILITY\r\n" + self._id_command())]
+
+    @property
+    def credentials_sent(self) -> bool:
+        """The LOGIN (with the client's name and password) is on its way: what the
+        backend does now, a closed connection included, is its answer to them."""
+        return self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION)
 
     def _fail(self, error: Exception) -> list[BackendAction]:
         self.step = Step.DONE
@@ -104,10 +116,10 @@ class ImapBackendLogin:
         status = status.upper()
         if self.step is Step.GREETING:
             if tag != b"*" or status not in (b"OK", b"PREAUTH", b"BYE"):
-                return self._fail(BackendProtocolError())
+                return self._fail(BackendProtocolError("not an IMAP greeting"))
             if status != b"OK":
                 # PREAUTH would log us in as someone unknown; BYE means go away.
-                return self._fail(BackendUnavailable())
+                return self._fail(BackendUnavailable(f"greeted with {status.decode()}"))
             code, _ = parse_status(text)
             self._note_capabilities(capability_list(code))
             if self._starttls:
@@ -123,23 +135,27 @@ class ImapBackendLogin:
             if status == b"CAPABILITY":
                 self._note_capabilities(text)
             elif status == b"BYE":
-                return self._fail(BackendUnavailable())
+                return self._fail(BackendUnavailable("said BYE during the login"))
             return []  # other untagged data (ID replies, ...) is of no interest here
         if self.step is Step.STARTTLS and tag == b"P1":
             if status != b"OK":
-                return self._fail(BackendUnavailable())
+                return self._fail(BackendUnavailable("STARTTLS refused"))
             if self._buffer:
                 # RFC 3501 section 6.2.1: bytes after the OK arrived in plaintext and would
                 # be read as if they came over TLS: a man in the middle's injection.
-                return self._fail(BackendProtocolError())
+                return self._fail(BackendProtocolError("data after the STARTTLS reply"))
             return [StartBackendTLS()]
+        if self.step is Step.TLS_CAPABILITY and tag == b"P5":
+            if status != b"OK":
+                return self._fail(BackendProtocolError("CAPABILITY refused after STARTTLS"))
+            return self._send_login(with_id=False)
         if tag == b"P2":  # our ID: whatever the answer, login goes on
             return []
         if self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION) and tag == b"P3":
             return self._login_reply(status, text)
         if self.step is Step.CAPABILITY and tag == b"P4":
             return self._logged_in()
-        return self._fail(BackendProtocolError())
+        return self._fail(BackendProtocolError(f"unexpected reply in step {self.step.name}"))
 
     def _note_capabilities(self, caps: bytes | None) -> None:
         if caps is None:
@@ -151,15 +167,17 @@ class ImapBackendLogin:
         self._literal_minus = not self._literal_plus and (b"LITERAL-" in names
                                                           or b"IMAP4REV2" in names)
 
-    def _send_login(self) -> list[BackendAction]:
-        out = bytearray()
-        if self._client_id:
-            out += b"P2 ID " + id_list(self._client_id) + b"\r\n"
+    def _id_command(self) -> bytes:
+        return b"P2 ID " + id_list(self._client_id) + b"\r\n" if self._client_id else b""
+
+    def _send_login(self, with_id: bool = True) -> list[BackendAction]:
+        out = bytearray(self._id_command() if with_id else b"")
         user = self._astring(self._login)
         if user is None:
             # A synchronising literal for the name would cost another round trip; names
             # with control or 8-bit characters are rare, so they need LITERAL+.
-            return self._fail(BackendProtocolError())
+            return self._fail(BackendProtocolError(
+                "the name needs a literal and the backend offers no LITERAL+"))
         password = self._credentials.password.reveal()
         encoded_password = quoted(password)
         if encoded_password is not None:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .credentials import Secret
+from .ldapurl import parse_ldap_uri, redact, same_dn
 
 T = TypeVar("T")
 
@@ -154,12 +159,25 @@ class Limits:
     #: logged-in sessions per user from one client address (Dovecot's
     #: mail_max_userip_connections is 10 and counts per protocol); 0 = off
     max_connections_per_user_ip: int = 20
-    #: seconds before answering the first failed login; doubles per distinct failure of
-    #: the client address or the username (2, 4, 8, ...); 0 = off
+    #: the brute-force penalty (penalty.py), paid before the password is checked: an
+    #: address (or, from addresses it has not used lately, a user) with recent failures
+    #: waits this long before its next check, doubling per distinct failure (2, 4, 8,
+    #: 15 s); also the least time before a failed login is answered; 0 = off
     login_delay: float = 2.0
-    login_delay_max: float = 30.0
-    #: seconds a failed login is remembered for the delay
+    #: the penalty's cap (Dovecot's anvil caps at 15 s too)
+    login_delay_max: float = 15.0
+    #: seconds a failed login is remembered for the penalty
     login_failure_memory: float = 900.0
+    #: CIDR networks never penalised nor counted (webmail hosts, other trusted callers)
+    penalty_exempt: tuple[str, ...] = ()
+    #: logins checked at once from one address without recent failures (a penalised
+    #: address: one at a time); more wait their turn
+    max_parallel_logins_per_ip: int = 4
+    #: seconds an address stays "known" for a user after a successful login there: from
+    #: a known address the user penalty does not apply (the owner is never locked out)
+    known_address_memory: float = 30 * 86400.0
+    #: longest username in bytes (RFC 5321: 64 + 1 + 255); longer is a failed login
+    max_username: int = 320
 
 
 @dataclass(frozen=True)
@@ -198,6 +216,10 @@ class AdminConfig:
     port: int = 0
     #: set for a UNIX socket ("/run/imapproxy/admin.sock"); host and port are unused then
     socket: Path | None = None
+    #: [admin] token_file: required with a TCP address, optional with a socket
+    token_file: Path | None = None
+    #: the bearer token read from it, which every request must carry (admin.py)
+    token: Secret | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -343,6 +365,12 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def authority(host: str, port: int) -> str:
+    """The Host header (RFC 9110 section 7.2) for a listener on ``host``:``port``."""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}".lower()
+
+
 def _listener(table: _Table) -> Listener:
     protocol = table.choice("protocol", PROTOCOLS, "imap")
     address = table.get("address", str, "")
@@ -396,14 +424,40 @@ def _sni(table: _Table) -> SniCertificate:
     return SniCertificate(domain, cert, key)
 
 
-def _ldap(table: _Table) -> LdapConfig:
+def _ldap_uris_and_base(table: _Table) -> tuple[list[str], str]:
+    """The URIs, each checked (kept as written: they name the servers in logs), and
+    the search base: the ``base`` key, else the DN part the URIs agree on."""
     uris = table.get("uris", list, ["ldap://127.0.0.1:389"])
-    if not uris or not all(isinstance(u, str) and u.startswith(("ldap://", "ldaps://"))
-                           for u in uris):
-        raise table.error("uris", "must be a non-empty list of ldap:// or ldaps:// URIs")
+    if not uris:
+        raise table.error("uris", "must be a non-empty list of LDAP URIs")
+    dns: list[tuple[int, str]] = []
+    for i, text in enumerate(uris):
+        if not isinstance(text, str):
+            raise table.error(f"uris[{i}]", f"expected a string, got {type(text).__name__}")
+        try:
+            uri = parse_ldap_uri(text)
+        except ValueError as e:
+            raise table.error(f"uris[{i}]", f"{redact(text)!r} {e}") from None
+        if uri.dn:
+            dns.append((i, uri.dn))
     base = table.get("base", str, "")
+    if not base and not dns:
+        raise table.error("base", "is required (or give it as the DN part of the URIs, "
+                                  "as in ldap://ldap.example.org/ou=people,dc=example,dc=org)")
+    # One search base serves every URI (they are the same directory, tried in turn).
+    source = "base is"
     if not base:
-        raise table.error("base", "is required")
+        first, base = dns[0]
+        source = f"uris[{first}] has"
+    for i, dn in dns:
+        if not same_dn(dn, base):
+            raise table.error(f"uris[{i}]", f"has DN part {dn!r}, but {source} {base!r}; "
+                                            "give the search base once")
+    return uris, base
+
+
+def _ldap(table: _Table) -> LdapConfig:
+    uris, base = _ldap_uris_and_base(table)
     scope = table.choice("scope", LDAP_SCOPES, "sub")
     search_filter = table.get("filter", str, "(uid={user})")
     if not (search_filter.startswith("(") and search_filter.endswith(")")):
@@ -507,11 +561,28 @@ def _limits(table: _Table | None) -> Limits:
         max_connections_per_user_ip=table.integer("max_connections_per_user_ip", 20,
                                                   minimum=0),
         login_delay=table.number("login_delay", 2.0),
-        login_delay_max=table.number("login_delay_max", 30.0),
+        login_delay_max=table.number("login_delay_max", 15.0),
         login_failure_memory=table.number("login_failure_memory", 900.0),
+        penalty_exempt=_networks(table, "penalty_exempt", ()),
+        max_parallel_logins_per_ip=table.integer("max_parallel_logins_per_ip", 4, minimum=1),
+        known_address_memory=table.number("known_address_memory", 30 * 86400.0),
+        max_username=table.integer("max_username", 320, minimum=1, maximum=65536),
     )
     table.finish()
     return config
+
+
+def _networks(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of CIDR networks ("192.0.2.0/24", "2001:db8::/32", a bare address)."""
+    items = table.get(name, list, list(default))
+    for item in items:
+        if not isinstance(item, str):
+            raise table.error(name, "must be a list of CIDR networks as strings")
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as e:
+            raise table.error(name, f"{item!r}: {e}") from None
+    return tuple(items)
 
 
 def _timeouts(table: _Table | None) -> Timeouts:
@@ -566,13 +637,29 @@ def _metrics(table: _Table | None) -> MetricsConfig | None:
     return MetricsConfig(host, port)
 
 
+#: RFC 6750 section 2.1: what a bearer token may hold (b64token), so it fits the header
+_B64TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*")
+
+
+def is_token(data: bytes) -> bool:
+    """Whether ``data`` can be sent as ``Authorization: Bearer <data>``."""
+    return _B64TOKEN.fullmatch(data) is not None
+
+#: characters an admin token needs at least (`openssl rand -hex 32` gives 64)
+MIN_TOKEN = 16
+
+
 def _admin(table: _Table | None) -> AdminConfig | None:
     if table is None:
         return None
     text = table.get("address", str, "")
     if text.startswith("/"):
+        token_file = table.file("token_file")
         table.finish()
-        return AdminConfig(text, socket=Path(text))
+        # The socket is made mode 0600 (operations.py): the file system is the
+        # protection; a token, if given, is required on top.
+        token = _admin_token(table, token_file) if token_file is not None else None
+        return AdminConfig(text, socket=Path(text), token_file=token_file, token=token)
     host, port = _address(table, "address")
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -581,23 +668,46 @@ def _admin(table: _Table | None) -> AdminConfig | None:
     if not loopback:
         # Anyone who reaches it can list users and end their sessions.
         raise table.error("address", "must be a loopback address or a UNIX socket path")
+    token_file = table.file("token_file")
+    if token_file is None:
+        # Any local process (another user's, a browser's through DNS rebinding) reaches
+        # a loopback port.
+        raise table.error("token_file", f"is required with a TCP address ({text}): a file "
+                                        "holding a secret token (or give address a UNIX "
+                                        "socket path)")
     table.finish()
-    return AdminConfig(text, host, port)
+    return AdminConfig(text, host, port, token_file=token_file,
+                       token=_admin_token(table, token_file))
+
+
+def _admin_token(table: _Table, path: Path) -> Secret:
+    """The token in ``path``: a file only its owner may read, as ssh wants of its keys."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise table.error("token_file", f"{path} is open to group or others (mode "
+                                            f"{mode:04o}): chmod 600 it")
+        data = path.read_bytes().strip()
+    except OSError as e:
+        raise table.error("token_file", f"cannot read {path}: {e.strerror} (run as the "
+                                        "service user or root)") from None
+    if not data:
+        raise table.error("token_file", f"{path} is empty")
+    if not is_token(data):
+        # Never the token itself in the message.
+        raise table.error("token_file", f"{path}: a token is letters, digits and -._~+/ "
+                                        "(as from `openssl rand -hex 32`)")
+    if len(data) < MIN_TOKEN:
+        raise table.error("token_file", f"{path}: the token is too short ({len(data)} "
+                                        f"characters, at least {MIN_TOKEN})")
+    return Secret(data)
 
 
 def _proxy_protocol(table: _Table | None) -> ProxyProtocolConfig:
     if table is None:
         return ProxyProtocolConfig()
-    trusted = table.get("trusted", list, list(ProxyProtocolConfig.trusted))
-    for item in trusted:
-        if not isinstance(item, str):
-            raise table.error("trusted", "must be a list of CIDR networks as strings")
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError as e:
-            raise table.error("trusted", f"{item!r}: {e}") from None
     config = ProxyProtocolConfig(
-        trusted=tuple(trusted),
+        trusted=_networks(table, "trusted", ProxyProtocolConfig.trusted),
         timeout=table.number("timeout", 10.0, minimum=0.1),
     )
     table.finish()

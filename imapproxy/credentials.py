@@ -48,14 +48,10 @@ class Credentials:
 
 
 def decode_username(raw: bytes) -> str:
-    """Usernames must be UTF-8 (RFC 9051 allows UTF-8 in LOGIN); anything else is refused."""
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ClientProtocolError("Username is not valid UTF-8") from None
-    if not name or any(ord(ch) < 0x20 or ch == "\x7f" for ch in name):
-        raise ClientProtocolError("Invalid username")
-    return name
+    """A username as text. RFC 9051 allows UTF-8 in LOGIN; bytes that are not UTF-8 are
+    kept as surrogates, so that usernames.username_problem() refuses the name as a
+    failed login (counted by the penalty) rather than as a protocol error here."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def decode_sasl_plain(encoded: bytes, mechanism: str = "PLAIN") -> Credentials:

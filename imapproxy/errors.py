@@ -41,6 +41,11 @@ class BackendProtocolError(ProxyError):
     pop3_code = "SYS/TEMP"
     public_text = "Backend error, try again later"
 
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        #: what went wrong, for the operator's log line (never for the client)
+        self.detail = f"protocol error: {detail}" if detail else "protocol error"
+
 
 class AuthenticationFailed(ProxyError):
     """Wrong credentials, or a user we cannot route: the client sees the same answer."""
@@ -52,6 +57,16 @@ class AuthenticationFailed(ProxyError):
 
 class UserNotFound(AuthenticationFailed):
     """No route for this user. Answered exactly like a wrong password (no enumeration)."""
+
+
+class InvalidUsername(AuthenticationFailed):
+    """A name no mailbox can have (too long, control characters): refused before any
+    lookup, and answered like a wrong password."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        #: for the log line, never for the client
+        self.detail = detail
 
 
 class DirectoryUnavailable(ProxyError):
@@ -68,6 +83,21 @@ class BackendUnavailable(ProxyError):
     imap_code = "UNAVAILABLE"
     pop3_code = "SYS/TEMP"
     public_text = "Service temporarily unavailable, try again later"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        #: why, for the operator's log line: "connection refused", "connect timed out",
+        #: "TLS: certificate not trusted", ... (never for the client)
+        self.detail = detail
+
+
+class LoginDropped(AuthenticationFailed):
+    """The backend closed the connection on the credentials the client sent (a name
+    Dovecot finds too long, say): a refused login, not a backend failure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detail = "the backend closed the connection on the credentials"
 
 
 class BackendRefused(ProxyError):
@@ -95,3 +125,6 @@ class TooManyConnections(ProxyError):
 
 class RoutingLoop(BackendUnavailable):
     """The route leads back to one of the proxy's own listeners (loops.py)."""
+
+    def __init__(self) -> None:
+        super().__init__("routing loop: the route leads back to a proxy")

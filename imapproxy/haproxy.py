@@ -8,9 +8,10 @@ header is parsed with ``twisted.protocols.haproxy``'s v1/v2 parsers, and only th
 does the wrapped protocol (the IMAP/POP3 front end, or the TLS layer of an
 implicit-TLS listener) see the connection: its ``getPeer()`` and ``getHost()``
 are the header's, so whatever logs, limits or forwards the client's address
-uses the real one. Unlike ``HAProxyProtocolWrapper``, the header may arrive in
-any number of pieces, and a peer that never finishes it is closed after
-``[proxy_protocol] timeout``.
+uses the real one. A header that names no IP addresses (LOCAL, AF_UNSPEC, AF_UNIX,
+v1 UNKNOWN) leaves the connection's own, as the spec says (section 2.2). Unlike
+``HAProxyProtocolWrapper``, the header may arrive in any number of pieces, and a peer
+that never finishes it is closed after ``[proxy_protocol] timeout``.
 
 Outbound (``[backend] forward_client = "proxy-v2"``): ``HeaderFirstEndpoint``
 writes a v2 header as the first bytes of a backend connection, under TLS if any.
@@ -33,7 +34,17 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from .proxyprotocol import V1_MAX, Kind, TrustedNetworks, parse_ip, sniff
+from .proxyprotocol import (
+    FAMILY_UNIX,
+    FAMILY_UNSPEC,
+    V1_MAX,
+    V2_LOCAL,
+    V2_PROXY,
+    Kind,
+    TrustedNetworks,
+    parse_ip,
+    sniff,
+)
 
 log = Logger(namespace="imapproxy")
 
@@ -50,7 +61,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def __init__(self, factory: ProxyHeaderFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol)
         self._buffer = b""
-        self._info: Any = None
+        self._header_read = False
         self._source: Any = None
         self._destination: Any = None
         self._timer: Any = None
@@ -72,7 +83,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._timer = self.factory.clock.callLater(self.factory.timeout, self._timed_out)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if self._info is not None:
+        if self._header_read:
             self.wrappedProtocol.dataReceived(data)
             return
         if self._refused:
@@ -92,7 +103,6 @@ class ProxyHeaderProtocol(ProtocolWrapper):
                     self._refuse("PROXY header too long")
                 return
             header, remaining = buffer[:end + 2], buffer[end + 2:]
-            parse: Any = V1Parser.parse
         else:
             if len(buffer) < 16:
                 return
@@ -103,22 +113,23 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             if len(buffer) < size:
                 return
             header, remaining = buffer[:size], buffer[size:]
-            parse = V2Parser.parse
         self._buffer = b""
         try:
-            info = parse(header[:-2] if kind is Kind.V1 else header)
-        except InvalidProxyHeader as e:
+            addresses = _ip_addresses(kind, header)
+        except (InvalidProxyHeader, ValueError) as e:
+            # ValueError: what Twisted's parsers let through (a port that is no number,
+            # bytes that are not UTF-8), and addresses that are not IP addresses.
             self._refuse(f"invalid PROXY header ({type(e).__name__})")
             return
-        self._header_done(info, remaining)
+        self._header_done(addresses, remaining)
 
-    def _header_done(self, info: Any, remaining: bytes) -> None:
+    def _header_done(self, addresses: tuple[Any, Any] | None, remaining: bytes) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._source = _normal(info.source)
-        self._destination = _normal(info.destination)
-        self._info = info
+        # None: the header names no IP addresses, so the connection's own stand (getPeer).
+        self._source, self._destination = addresses or (None, None)
+        self._header_read = True
         self.wrappedProtocol.makeConnection(self)
         if remaining and self.wrappedProtocol is not None and self.connected:
             self.wrappedProtocol.dataReceived(remaining)
@@ -143,7 +154,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._timer = None
         self.factory.protocols.pop(self, None)
         wrapped, self.wrappedProtocol = self.wrappedProtocol, None
-        if self._info is not None and wrapped is not None:
+        if self._header_read and wrapped is not None:
             wrapped.connectionLost(reason)
 
     # -- addresses -------------------------------------------------------------------------
@@ -165,17 +176,45 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         return self.transport.getPeer()
 
 
-def _normal(address: Any) -> Any:
-    """Twisted's v2 parser writes IPv6 uncompressed ("2001:db8:0:0:0:0:0:7"); log and
-    forward the usual form, and an IPv4-mapped address as the IPv4 one it is."""
-    if not isinstance(address, IPv6Address):
-        return address
+def _ip_addresses(kind: Kind, header: bytes) -> tuple[Any, Any] | None:
+    """The header's source and destination when they are IP addresses; None when it
+    carries none to use (section 2.2: LOCAL, UNSPEC and AF_UNIX, and v1 UNKNOWN, mean
+    "use the real connection's addresses"). Raises InvalidProxyHeader or ValueError."""
+    if kind is Kind.V1:
+        # Section 2.1: after UNKNOWN the receiver ignores everything up to the CRLF, which
+        # may follow at once (Twisted's parser wants a space there).
+        if header[6:13] == b"UNKNOWN" and header[13:14] in (b" ", b"\r"):
+            return None
+        info = V1Parser.parse(header[:-2])
+    else:
+        command, family = header[12], header[13]
+        # Section 2.2: a LOCAL command's addresses are to be ignored, and UNSPEC and UNIX
+        # ones name no IP address; Twisted's parser is not asked to decode UNIX paths
+        # (it fails on non-UTF-8 ones).
+        if command == V2_LOCAL or (command == V2_PROXY and family & 0x0F <= 2
+                                   and family >> 4 in (FAMILY_UNSPEC, FAMILY_UNIX)):
+            return None
+        info = V2Parser.parse(header)
+    source, destination = _ip(info.source), _ip(info.destination)
+    if source is None or destination is None:
+        return None  # e.g. AF_INET with an unspecified transport: no addresses parsed
+    return source, destination
+
+
+def _ip(address: Any) -> IPv4Address | IPv6Address | None:
+    """An IP address of the header, checked (Twisted's v1 parser takes any text and any
+    number), in the usual form (its v2 parser writes IPv6 uncompressed), and an IPv4-mapped
+    address as the IPv4 one it is."""
+    if not isinstance(address, IPv4Address | IPv6Address):
+        return None
     ip = parse_ip(address.host)
-    if ip is None:
-        return address
+    if ip is None or "%" in address.host:
+        raise ValueError("not an IP address")
+    if not 0 <= address.port <= 65535:
+        raise ValueError("port out of range")
     if ip.version == 4:
-        return IPv4Address(address.type, str(ip), address.port)
-    return IPv6Address(address.type, str(ip), address.port)
+        return IPv4Address("TCP", str(ip), address.port)
+    return IPv6Address("TCP", str(ip), address.port)
 
 
 class ProxyHeaderFactory(WrappingFactory):

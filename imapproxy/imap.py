@@ -13,6 +13,7 @@ from enum import Enum, auto
 from . import imapwire
 from .config import Limits
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
+from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
 from .events import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .imapwire import ArgumentReader, CommandReceived, LiteralRejected, NeedContinuation, response
@@ -205,6 +206,10 @@ class ImapSession:
         return reply
 
     def _command(self, command: CommandReceived) -> list[Action]:
+        if is_http_request_line(command.segments[0]):
+            # A browser sent here (ALPACA): close without echoing a byte of it, not even
+            # the tag a BAD would repeat, and read nothing more.
+            return [self._close("HTTP request")]
         args = ArgumentReader(command.segments)
         tag = command.tag
         if tag == b"*":

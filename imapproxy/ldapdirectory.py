@@ -16,7 +16,9 @@ What Perdition's LDAP map got wrong, and what this module does instead
 a search matching several entries is a refused login, not a crash; an unreachable
 directory is ``DirectoryUnavailable`` (a temporary failure for the client), never a
 silent fall-back to a default server; LDAPv3 only; connections are pooled and
-re-established after a server restart; the bind password is never logged.
+re-established after a server restart; the bind password is never logged. URIs are
+read by ldapurl.py (every RFC 4516 form, and ldapi), not by ldap3; the directory is
+tried once at start and at each reload, and a silent one is logged, not fatal.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
@@ -47,6 +49,8 @@ from .directory import Route, Server, parse_server, rendezvous_order
 from .errors import DirectoryUnavailable, UserNotFound
 from .health import BackendHealth, Clock
 from .ldapfilter import build_filter
+from .ldapurl import LdapUri, parse_ldap_uri
+from .logquote import quoted
 
 T = TypeVar("T")
 
@@ -317,32 +321,68 @@ class LdapSearcher:
         self.cfg = cfg
         self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._all = [_Slot() for _ in range(slots)]
+        self._targets = {uri: parse_ldap_uri(uri) for uri in cfg.uris}
         for slot in self._all:
             self._slots.put(slot)
 
+    def _target(self, uri: str) -> LdapUri:
+        target = self._targets.get(uri)
+        if target is None:
+            # Checked at config load, so this does not raise for configured URIs.
+            target = self._targets[uri] = parse_ldap_uri(uri)
+        return target
+
+    def _starttls(self, target: LdapUri) -> bool:
+        # Not over ldapi: a local socket is not on any network to protect, and a
+        # certificate could not name it.
+        return self.cfg.starttls and target.scheme == "ldap"
+
     def _server(self, uri: str) -> Any:
-        host = urlsplit(uri).hostname or ""
+        target = self._target(uri)
+        if target.socket_path is not None:
+            # ldap3 2.9 takes the socket path from an "ldapi://" string: it
+            # percent-decodes what follows "ldapi:/", the last "/" of the scheme
+            # included, so the path goes in without its leading "/".
+            encoded = quote(target.socket_path.removeprefix("/"), safe="")
+            return ldap3.Server(f"ldapi://{encoded}", get_info=ldap3.NONE,
+                                connect_timeout=self.cfg.timeout)
         tls = None
-        if uri.startswith("ldaps://") or self.cfg.starttls:
+        if target.implicit_tls or self._starttls(target):
             # ldap3 checks the name itself after the handshake (ssl's check_hostname
             # is off in its context) whenever validate is CERT_REQUIRED.
             tls = ldap3.Tls(
                 validate=ssl.CERT_REQUIRED,
                 ca_certs_file=str(self.cfg.ca_file) if self.cfg.ca_file else None,
-                sni=None if _is_ip(host) else host,
+                sni=None if _is_ip(target.host) else target.host,
             )
+        # Host, port and TLS given apart, never the URI: ldap3 2.9 parses URIs
+        # itself and fails on the trailing "/" of the usual form ("port must be an
+        # integer"). An IPv6 address goes in without brackets.
         return ldap3.Server(
-            uri, get_info=ldap3.NONE, connect_timeout=self.cfg.timeout, tls=tls
+            target.host, port=target.port, use_ssl=target.implicit_tls,
+            get_info=ldap3.NONE, connect_timeout=self.cfg.timeout, tls=tls,
         )
 
     def search(self, uris: Sequence[str], search_filter: str) -> SearchResult:
         """Try the URIs in order; the first that answers wins."""
+        return self._first_answer(uris, partial(self._search, search_filter=search_filter))
+
+    def probe(self, uris: Sequence[str]) -> SearchResult:
+        """Read the base entry (no attributes) from the first URI that answers.
+
+        The same connections, TLS and bind as a lookup, at the cost of one entry:
+        entries is [] when the base DN is not there (noSuchObject).
+        """
+        return self._first_answer(uris, self._read_base)
+
+    def _first_answer(self, uris: Sequence[str],
+                      operation: Callable[[Any], list[RawEntry]]) -> SearchResult:
         slot = self._slots.get()
         try:
             failures: list[tuple[str, str]] = []
             for uri in uris:
                 try:
-                    entries = self._search_on(slot, uri, search_filter)
+                    entries = self._search_on(slot, uri, operation)
                 except SearchFailed as e:
                     failures.append((uri, str(e)))
                     continue
@@ -351,10 +391,11 @@ class LdapSearcher:
         finally:
             self._slots.put(slot)
 
-    def _search_on(self, slot: _Slot, uri: str, search_filter: str) -> list[RawEntry]:
+    def _search_on(self, slot: _Slot, uri: str,
+                   operation: Callable[[Any], list[RawEntry]]) -> list[RawEntry]:
         if slot.conn is not None and slot.uri == uri:
             try:
-                return self._search(slot.conn, search_filter)
+                return operation(slot.conn)
             except (LDAPException, OSError) as e:
                 slot.drop()
                 if isinstance(e, TimeoutError):
@@ -368,7 +409,7 @@ class LdapSearcher:
         slot.drop()
         try:
             slot.conn, slot.uri = self._connect(uri), uri
-            return self._search(slot.conn, search_filter)
+            return operation(slot.conn)
         except (LDAPException, OSError) as e:
             slot.drop()
             raise SearchFailed(str(e) or type(e).__name__) from None
@@ -400,7 +441,7 @@ class LdapSearcher:
         )
         try:
             conn.open()
-            if cfg.starttls and not uri.startswith("ldaps://") and not conn.start_tls():
+            if self._starttls(self._target(uri)) and not conn.start_tls():
                 raise SearchFailed("StartTLS refused")
             if not conn.bind():
                 # The result's description ("invalidCredentials") names the problem;
@@ -424,6 +465,9 @@ class LdapSearcher:
             size_limit=SIZE_LIMIT,
             time_limit=max(1, math.ceil(cfg.timeout)),
         )
+        return self._entries(conn)
+
+    def _entries(self, conn: Any) -> list[RawEntry]:
         code = conn.result.get("result")
         if code == _NO_SUCH_OBJECT:
             return []
@@ -435,6 +479,18 @@ class LdapSearcher:
             if item.get("type") == "searchResEntry"  # continuation references ignored
         ]
 
+    def _read_base(self, conn: Any) -> list[RawEntry]:
+        conn.search(
+            search_base=self.cfg.base,
+            search_filter="(objectClass=*)",
+            search_scope=ldap3.BASE,
+            # RFC 4511 section 4.5.1.8: "1.1" asks for no attributes at all.
+            attributes=["1.1"],
+            size_limit=1,
+            time_limit=max(1, math.ceil(self.cfg.timeout)),
+        )
+        return self._entries(conn)
+
     def close(self) -> None:
         """Unbind every pooled connection; call when no search is running."""
         for slot in self._all:
@@ -442,16 +498,26 @@ class LdapSearcher:
 
 
 class LdapPoolService(Service):
-    """Starts and stops the directory's thread pool with the proxy's service tree."""
+    """Starts and stops the directory's thread pool with the proxy's service tree.
 
-    def __init__(self, pool: ThreadPool, searcher: LdapSearcher | None = None) -> None:
+    Once the pool runs, ``probe`` (the directory's) tries the directory once, in
+    the background: start-up never waits for LDAP.
+    """
+
+    def __init__(self, pool: ThreadPool, searcher: LdapSearcher | None = None,
+                 probe: Callable[[], Deferred[bool]] | None = None) -> None:
         self.pool = pool
         self.searcher = searcher
+        self.probe = probe
+        #: the start-up probe's outcome (True: the directory answered), once started
+        self.probed: Deferred[bool] | None = None
         self.setName("ldap-directory")
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        if self.probe is not None:
+            self.probed = self.probe()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -482,6 +548,7 @@ class LdapDirectory:
         delimiter: str = "@",
         uri_cooldown: float = URI_COOLDOWN,
         service: Service | None = None,
+        probe_search: Callable[[Sequence[str]], SearchResult] | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -490,6 +557,7 @@ class LdapDirectory:
         self.delimiter = delimiter
         self._run = run_in_thread
         self._search = search
+        self._probe_search = probe_search
         # Concurrent lookups of one name share one search (a reconnect storm of
         # one user's devices, or a cold cache under load).
         self._inflight: dict[str, list[Deferred[Entry]]] = {}
@@ -517,21 +585,63 @@ class LdapDirectory:
             raise ConfigError(config.path, "directory.ldap.filter", str(e)) from None
         pool = ThreadPool(minthreads=0, maxthreads=ldap.pool_size, name="imapproxy-ldap")
         searcher = LdapSearcher(ldap, slots=ldap.pool_size)
-        return cls(
+        service = LdapPoolService(pool, searcher)
+        directory = cls(
             ldap,
             config.directory.cache,
             clock=reactor if clock is None else clock,
             run_in_thread=partial(deferToThreadPool, reactor, pool),
             search=searcher.search,
             delimiter=config.username.domain_delimiter,
-            service=LdapPoolService(pool, searcher),
+            service=service,
+            probe_search=searcher.probe,
         )
+        # The service starts the pool, and only then can the directory be tried.
+        service.probe = directory.probe
+        return directory
 
     def clear_cache(self) -> None:
         """Forget cached answers and URI health (reload / SIGHUP)."""
         self.cache.clear()
         self.uri_health = BackendHealth(self.clock, self.uri_health.cooldown)
         self.log.info("LDAP directory cache cleared")
+
+    def probe(self, when: str = "start") -> Deferred[bool]:
+        """Try the directory once, in the background, and log whether it answers.
+
+        Called when the service starts (``when`` = "start") and after a reload
+        that kept this directory ("reload"). Never fails: an unreachable directory
+        is logged, and the proxy goes on, since cached routes and a later recovery
+        may serve. Leaves the URI health alone: lookups judge the URIs themselves.
+        """
+        if self._probe_search is None:
+            return succeed(True)
+        d = self._run(partial(self._probe_search, list(self.cfg.uris)))
+        return d.addBoth(self._probed, when)
+
+    def _probed(self, result: SearchResult | Failure, when: str) -> bool:
+        if isinstance(result, Failure):
+            self.log.failure("LDAP probe raised", result)
+            return False
+        if result.entries is None:
+            failed = "; ".join(f"{uri}: {reason}" for uri, reason in result.failures)
+            going_on = "starting anyway" if when == "start" else "reloaded anyway"
+            self.log.error(
+                "LDAP directory does not answer (every URI failed: {failed}); {going_on}: "
+                "cached routes and a later recovery may serve",
+                failed=failed, going_on=going_on)
+            return False
+        for uri, reason in result.failures:
+            self.log.warn("LDAP server {uri} failed: {reason}", uri=uri, reason=reason)
+        if not result.entries:
+            # Searching a base that is not there finds no one: every login would
+            # be refused as an unknown user.
+            self.log.warn("LDAP directory answers at {uri}, but has no entry {base} "
+                          "(noSuchObject): check [directory.ldap] base",
+                          uri=result.answered, base=self.cfg.base)
+        else:
+            self.log.info("LDAP directory answers at {uri}", uri=result.answered)
+        return True
 
     def lookup(
         self, username: str, protocol: str, backend_login: str | None = None
@@ -567,7 +677,7 @@ class LdapDirectory:
         try:
             search_filter = build_filter(self.cfg.filter, user, self.delimiter)
         except ValueError:
-            self.log.info("LDAP: no route for {user!r}: not valid Unicode", user=user)
+            self.log.info("LDAP: no route for {user}: not valid Unicode", user=quoted(user))
             return fail(UserNotFound("login name is not valid Unicode"))
         self._inflight[user] = []
         uris = self.uri_health.order(self.cfg.uris)
@@ -594,7 +704,7 @@ class LdapDirectory:
         if isinstance(result, Failure):
             # A bug, not an outage; still, the client gets a temporary failure and
             # the proxy keeps running.
-            self.log.failure("LDAP search for {user!r} raised", result, user=user)
+            self.log.failure("LDAP search for {user} raised", result, user=quoted(user))
             return self._unavailable(user)
         for uri, reason in result.failures:
             self.uri_health.mark_failed(uri)
@@ -607,11 +717,13 @@ class LdapDirectory:
             dn, attributes = select_entry(user, result.entries)
             entry = parse_entry(dn, attributes, self.cfg)
         except BadEntry as e:
-            self.log.warn("LDAP: no route for {user!r}: {reason}", user=user, reason=str(e))
+            self.log.warn("LDAP: no route for {user}: {reason}", user=quoted(user),
+                          reason=str(e))
             self.cache.put(user, None, str(e))
             raise
         except UserNotFound as e:
-            self.log.info("LDAP: no route for {user!r}: {reason}", user=user, reason=str(e))
+            self.log.info("LDAP: no route for {user}: {reason}", user=quoted(user),
+                          reason=str(e))
             self.cache.put(user, None, str(e))
             raise
         self.cache.put(user, entry)
@@ -623,14 +735,14 @@ class LdapDirectory:
             return None
         entry, age = stale
         self.log.warn(
-            "LDAP unavailable: serving stale cached route for {user!r} ({age:.0f}s old)",
-            user=user, age=age,
+            "LDAP unavailable: serving stale cached route for {user} ({age:.0f}s old)",
+            user=quoted(user), age=age,
         )
         return entry
 
     def _unavailable(self, user: str) -> Entry:
         entry = self._serve_stale(user)
         if entry is None:
-            self.log.error("LDAP unavailable and no cached route for {user!r}", user=user)
+            self.log.error("LDAP unavailable and no cached route for {user}", user=quoted(user))
             raise DirectoryUnavailable(f"no LDAP server answered for {user!r}")
         return entry

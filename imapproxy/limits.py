@@ -105,9 +105,19 @@ class ConnectionLimiter:
 
     @classmethod
     def from_limits(cls, limits: Limits) -> ConnectionLimiter:
-        total = limits.max_connections if limits.max_connections else automatic_total()
-        return cls(total, limits.max_connections_per_ip, limits.max_connections_per_user_ip,
-                   limits.ipv6_prefix)
+        limiter = cls()
+        limiter.reconfigure(limits)
+        return limiter
+
+    def reconfigure(self, limits: Limits) -> None:
+        """New limits (a reload): they apply to the next connection or login; nobody
+        already in is turned out. The client network of a connection is the one it
+        was counted under, so a new ipv6_prefix is safe too."""
+        self.max_total = limits.max_connections if limits.max_connections else \
+            automatic_total()
+        self.max_per_client = limits.max_connections_per_ip
+        self.max_per_user_client = limits.max_connections_per_user_ip
+        self.ipv6_prefix = limits.ipv6_prefix
 
     def admit(self, host: str) -> Ticket | Refusal:
         """A new client connection from ``host``: a Ticket, or why it is refused."""

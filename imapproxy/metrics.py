@@ -14,6 +14,7 @@ Each process has its own registry (not prometheus_client's global one): with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,8 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    Info,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -34,6 +37,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from . import __version__
 from .errors import DirectoryUnavailable, UserNotFound
 
 #: session states, as the sessions gauge labels them
@@ -73,6 +77,10 @@ class NullMetrics:
     def proxy_header_refused(self, reason: str) -> None:
         """A connection on a proxy_protocol listener was refused."""
 
+    def refused(self, limit: str) -> None:
+        """A connection or a login was refused by a limit: total, per_client,
+        per_user_client, penalty."""
+
     def reloaded(self, ok: bool) -> None:
         """A SIGHUP reload was applied (ok) or refused."""
 
@@ -90,9 +98,17 @@ NULL_METRICS = NullMetrics()
 class Metrics(NullMetrics):
     """Every metric of one proxy process, in a CollectorRegistry of its own."""
 
-    def __init__(self, sessions: Callable[[], Any] | None = None) -> None:
+    def __init__(self, sessions: Callable[[], Any] | None = None, *,
+                 draining: Callable[[], bool] | None = None,
+                 certificates: Callable[[], dict[str, float]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         #: returns the live sessions (the SessionRegistry's set) at scrape time
         self._sessions = sessions or (lambda: ())
+        #: is a drain under way (SessionRegistry.draining)
+        self._draining = draining or (lambda: False)
+        #: certificate name -> when it expires (ServerTLS.expiry, backend client's)
+        self._certificates = certificates or dict
+        self._clock = clock
         # The *_created series double the output and tell a scraper nothing it needs.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -117,13 +133,24 @@ class Metrics(NullMetrics):
                                     "Client connections lost to a TLS error before login",
                                     ["protocol"], registry=r)
         self.sessions_ended = Counter("imapproxy_sessions_ended",
-                                      "Client connections ended, by protocol",
-                                      ["protocol"], registry=r)
+                                      "Client connections ended, by protocol and reason "
+                                      "(logout, client closed, backend closed, idle timeout, "
+                                      "kicked, shutdown, ...)",
+                                      ["protocol", "reason"], registry=r)
+        self.limit_refusals = Counter("imapproxy_refused",
+                                      "Connections and logins refused, by the limit that "
+                                      "refused them (total, per_client, per_user_client, "
+                                      "penalty)", ["limit"], registry=r)
         self.proxy_refused = Counter("imapproxy_proxy_protocol_refused",
                                      "Connections refused on proxy_protocol listeners",
                                      ["reason"], registry=r)
         self.reloads = Counter("imapproxy_reloads", "SIGHUP reloads applied or refused",
                                ["result"], registry=r)
+        Info("imapproxy_build", "The version of imapproxy running",
+             registry=r).info({"version": __version__})
+        # The standard process metrics: open descriptors against their limit (each
+        # session holds two), CPU seconds, resident memory, start time.
+        ProcessCollector(registry=r)
         #: bytes of ended sessions, (protocol, direction) -> bytes
         self.ended_bytes: dict[tuple[str, str], int] = {}
         r.register(_LiveCollector(self))
@@ -138,7 +165,8 @@ class Metrics(NullMetrics):
 
     def session_ended(self, session: Any, reason: Failure | None) -> None:
         protocol = session_protocol(session)
-        self.sessions_ended.labels(protocol).inc()
+        # Only the proxy's own words end up here (never client text): few values.
+        self.sessions_ended.labels(protocol, session.end_reason or "client closed").inc()
         for direction, count in (("in", session.bytes_from_client),
                                  ("out", session.bytes_to_client)):
             key = (protocol, direction)
@@ -149,6 +177,9 @@ class Metrics(NullMetrics):
 
     def proxy_header_refused(self, reason: str) -> None:
         self.proxy_refused.labels(reason).inc()
+
+    def refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "refused").inc()
@@ -213,6 +244,17 @@ class _LiveCollector:
         for (protocol, direction), count in sorted(totals.items()):
             relayed.add_metric([protocol, direction], count)
         yield relayed
+        metrics = self.metrics
+        yield GaugeMetricFamily("imapproxy_draining",
+                                "1 while a drain is under way (new sessions are refused)",
+                                value=1 if metrics._draining() else 0)
+        expiry = GaugeMetricFamily("imapproxy_certificate_expiry_seconds",
+                                   "Seconds until each configured certificate expires "
+                                   "(negative: expired)", labels=["certificate"])
+        now = metrics._clock()
+        for name, when in sorted(metrics._certificates().items()):
+            expiry.add_metric([name], when - now)
+        yield expiry
 
 
 class TimedDirectory:
@@ -275,7 +317,10 @@ class TimedEndpoint:
 
 
 class MetricsResource(Resource):
-    """GET /metrics: the Prometheus text format, rendered in the reactor thread.
+    """GET /metrics: the Prometheus text format, rendered in the reactor thread; and the
+    health checks a load balancer asks: GET /livez (200 while the process runs) and
+    GET /readyz (200 while the listeners are up and no drain is under way, else 503, so
+    that a draining instance leaves the pool before its sessions are ended).
 
     (prometheus_client.twisted's resource renders in a thread, where reading the
     live sessions would race with the reactor.)
@@ -283,17 +328,30 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self.metrics = metrics
+        self.ready = ready if ready is not None else (lambda: not metrics._draining())
 
     def render_GET(self, request: Request) -> bytes:  # noqa: N802
-        if request.path not in (b"/metrics", b"/metrics/"):
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"not found; try /metrics\n"
+        path = request.path.rstrip(b"/")
+        if path == b"/livez":
+            return self._text(request, 200, b"ok\n")
+        if path == b"/readyz":
+            if self.ready():
+                return self._text(request, 200, b"ready\n")
+            return self._text(request, 503, b"draining or not listening\n")
+        if path != b"/metrics":
+            return self._text(request, 404, b"not found; try /metrics, /livez, /readyz\n")
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return self.metrics.render()
+
+    @staticmethod
+    def _text(request: Request, code: int, body: bytes) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return body
 
 
 class QuietSite(Site):
@@ -305,5 +363,5 @@ class QuietSite(Site):
         pass
 
 
-def metrics_site(metrics: Metrics) -> Site:
-    return QuietSite(MetricsResource(metrics))
+def metrics_site(metrics: Metrics, ready: Callable[[], bool] | None = None) -> Site:
+    return QuietSite(MetricsResource(metrics, ready))

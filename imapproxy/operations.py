@@ -28,7 +28,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, U
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .admin import admin_site
-from .config import Config, Listener
+from .config import Config, Listener, authority
 from .haproxy import ProxyHeaderFactory
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
 from .proxyprotocol import TrustedNetworks
@@ -61,6 +61,16 @@ def admin_endpoint(reactor: Any, config: Config, index: int) -> Any:
     return tcp_endpoint(reactor, admin.host, admin.port + index)
 
 
+def admin_authority(config: Config, index: int) -> str | None:
+    """The Host header worker ``index``'s admin API accepts: its own address (the
+    configured port plus the index); None on a UNIX socket, where any Host is fine."""
+    admin = config.admin
+    assert admin is not None
+    if admin.socket is not None:
+        return None
+    return authority(admin.host, admin.port + index)
+
+
 def _remove_stale_socket(path: Path) -> None:
     """A socket file left by a process that died would make bind() fail."""
     try:
@@ -88,7 +98,8 @@ def attach(top: service.MultiService, config: Config, reactor: Any, *, registry:
     """Add metrics, admin and reload to the tree ``top`` that service.py built."""
     metrics: NullMetrics = NULL_METRICS
     if config.metrics is not None:
-        metrics = Metrics(lambda: registry.sessions)
+        metrics = Metrics(lambda: registry.sessions, draining=lambda: registry.draining,
+                          certificates=lambda: dict(server_tls.expiry) if server_tls else {})
     timed = metrics.timed_directory(directory, reactor)
     _instrument(metrics, reactor, factories, connector, header_factories, timed)
 
@@ -112,7 +123,9 @@ def attach(top: service.MultiService, config: Config, reactor: Any, *, registry:
                                                                  metrics_site(metrics)))
     if config.admin is not None:
         ops.services.append(internet.StreamServerEndpointService(
-            admin_endpoint(reactor, config, worker_index), admin_site(registry, reactor)))
+            admin_endpoint(reactor, config, worker_index),
+            admin_site(registry, reactor, authority=admin_authority(config, worker_index),
+                       token=config.admin.token)))
     for child in ops.services:
         child.setServiceParent(top)
     return ops

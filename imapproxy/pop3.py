@@ -14,6 +14,7 @@ from enum import Enum, auto
 
 from .config import Limits
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
+from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
 from .events import Action, Close, Login, SendToClient, Splice, StartClientTLS
 
@@ -282,6 +283,9 @@ class Pop3Session:
         return [line]
 
     def _command(self, line: bytes) -> list[Action]:
+        if is_http_request_line(line):
+            # A browser sent here (ALPACA): close without a reply, and read nothing more.
+            return [self._close("HTTP request")]
         # RFC 1939 section 3: a case-insensitive keyword, then arguments after one space.
         keyword, space, argument = line.partition(b" ")
         name = keyword.upper()

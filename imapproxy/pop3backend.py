@@ -155,7 +155,7 @@ class Pop3BackendLogin:
             if line is None:
                 break
             if isinstance(line, LineTooLong):
-                return actions + self._fail(BackendProtocolError())
+                return actions + self._fail(BackendProtocolError("line too long"))
             actions += self._line(line)
         return actions
 
@@ -163,6 +163,12 @@ class Pop3BackendLogin:
         # RFC 2595 section 4: capabilities seen before TLS no longer count; ask now.
         self._enter(Step.CAPA)
         return [SendToBackend(b"CAPA\r\n")]
+
+    @property
+    def credentials_sent(self) -> bool:
+        """USER/PASS or AUTH is on its way: what the backend does now, a closed
+        connection included, is its answer to the client's credentials."""
+        return self.step in (Step.USER, Step.PASS, Step.AUTH, Step.AUTH_CONTINUATION)
 
     def _enter(self, new: Step) -> None:
         if new not in TRANSITIONS[self.step]:
@@ -184,10 +190,11 @@ class Pop3BackendLogin:
             return [SendToBackend(response + b"\r\n")]
         ok, code, text = parse_status(line)
         if ok is None or step is Step.TLS_HANDSHAKE:
-            return self._fail(BackendProtocolError())
+            return self._fail(BackendProtocolError(f"unexpected line in step {step.name}"))
         if step is Step.GREETING:
             if not ok:
-                return self._fail(BackendUnavailable())  # e.g. "-ERR [SYS/TEMP] too busy"
+                # e.g. "-ERR [SYS/TEMP] too busy"
+                return self._fail(BackendUnavailable("greeted with -ERR"))
             self._xclient_offered = b"[XCLIENT]" in text.upper()
             if self._starttls:
                 self._enter(Step.STLS)
@@ -196,10 +203,10 @@ class Pop3BackendLogin:
             return [SendToBackend(b"CAPA\r\n")]
         if step is Step.STLS:
             if not ok:
-                return self._fail(BackendUnavailable())
+                return self._fail(BackendUnavailable("STLS refused"))
             if self._lines.buffered:
                 # Plaintext sent behind the +OK would be read as if it came over TLS.
-                return self._fail(BackendProtocolError())
+                return self._fail(BackendProtocolError("data after the STLS reply"))
             self._enter(Step.TLS_HANDSHAKE)
             return [StartBackendTLS()]
         if step is Step.CAPA:
@@ -222,7 +229,7 @@ class Pop3BackendLogin:
         if not ok:
             return self._fail(refusal(code, text))
         if step is Step.AUTH_CONTINUATION:
-            return self._fail(BackendProtocolError())
+            return self._fail(BackendProtocolError("+OK instead of a SASL challenge"))
         self._enter(Step.DONE)
         return [BackendLoggedIn(None, self._lines.take_buffer())]
 
@@ -230,7 +237,7 @@ class Pop3BackendLogin:
         if line == b".":
             return self._maybe_xclient(self._send_login)
         if len(self._capabilities) >= MAX_CAPA_LINES:
-            return self._fail(BackendProtocolError())
+            return self._fail(BackendProtocolError("CAPA list too long"))
         # RFC 1939 section 3: lines of a multi-line reply starting with "." are dot-stuffed.
         self._capabilities.append(line[1:] if line.startswith(b".") else line)
         return []

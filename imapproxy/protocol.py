@@ -15,6 +15,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
@@ -31,6 +33,7 @@ from zope.interface import implementer
 
 from . import forwarding
 from .backend import ImapBackendLogin
+from .closing import LOGOUT_GRACE, Backpressure, Leg
 from .config import Config, Listener, Timeouts
 from .credentials import Credentials
 from .directory import Directory, Route, Server
@@ -38,6 +41,8 @@ from .errors import (
     AuthenticationFailed,
     BackendProtocolError,
     BackendUnavailable,
+    InvalidUsername,
+    LoginDropped,
     ProxyError,
     RoutingLoop,
     TooManyConnections,
@@ -57,15 +62,18 @@ from .haproxy import HeaderFirstEndpoint
 from .imap import ImapSession
 from .imapwire import response
 from .limits import ConnectionLimiter, Refusal, Ticket, client_key
+from .logquote import quoted
 from .loops import is_own_listener, names_own_listener
 from .metrics import NULL_METRICS
+from .penalty import Outcome, Penalty
+from .penaltygate import LocalGate, LoginsRefused
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
 from .relay import Relay, write_now
+from .servertls import NoApplicationProtocol
 from .sessions import SessionRegistry
-from .throttle import LoginThrottle
 from .tls import backend_client_options
-from .usernames import rewrite
+from .usernames import rewrite, username_problem
 
 log = Logger(namespace="imapproxy")
 CONNECTION_DONE = Failure(error.ConnectionDone())
@@ -112,7 +120,7 @@ class BackendProtocol(Protocol):
     """The proxy's connection to a backend: login dialogue first, then relay."""
 
     def __init__(self, dialogue: Any, server: Server, tls_creator: Callable[[], Any],
-                 timeouts: Timeouts) -> None:
+                 timeouts: Timeouts, clock: Any) -> None:
         self.dialogue = dialogue
         self.server = server
         self.relay: Relay | None = None
@@ -120,8 +128,18 @@ class BackendProtocol(Protocol):
         self.result: BackendLoggedIn | None = None
         self._tls_creator = tls_creator
         self._timeouts = timeouts
+        self._clock = clock
+        self.leg: Leg | None = None
+        #: told when this connection is gone (the session registry, during a drain)
+        self.registry: Any = None
+
+    def close(self, abort: bool = False) -> None:
+        """Close the connection to the backend (closing.py: TLS, producers, a deadline)."""
+        if self.leg is not None:
+            self.leg.close(abort)
 
     def connectionMade(self) -> None:  # noqa: N802
+        self.leg = Leg(self.transport, self._clock)
         configure_socket(self.transport, self._timeouts)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -147,14 +165,46 @@ class BackendProtocol(Protocol):
             self.logged_in.callback(action)
         elif isinstance(action, BackendLoginFailed):
             self.logged_in.errback(action.error)
-            self.transport.loseConnection()
+            self.close()
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # noqa: N802
-        self.dialogue = None
+        if self.leg is not None:
+            self.leg.lost()
+        if self.registry is not None:
+            self.registry.backend_closed(self)
+        dialogue, self.dialogue = self.dialogue, None
         if not self.logged_in.called:
-            self.logged_in.errback(BackendUnavailable())
+            if (dialogue is not None and dialogue.credentials_sent
+                    and reason.check(error.ConnectionDone, error.ConnectionLost)):
+                # Closed on the client's credentials (Dovecot drops a 4 KB name): the
+                # login is refused; the backend is fine.
+                self.logged_in.errback(LoginDropped())
+            else:
+                self.logged_in.errback(BackendUnavailable(why_lost(reason)))
         elif self.relay is not None:
             self.relay.backend_lost()
+
+
+def why_lost(reason: Failure) -> str:
+    """Why a backend connection failed, in words an operator can act on."""
+    if reason.check(VerificationError):
+        return "TLS: certificate name mismatch"
+    if reason.check(SSL.Error):
+        text = str(reason.value)
+        if "certificate verify failed" in text:
+            return "TLS: certificate not trusted"
+        errors = reason.value.args[0] if reason.value.args else []
+        last = errors[-1][-1] if errors and isinstance(errors[-1], tuple) else text
+        return f"TLS: {last or text}"
+    if reason.check(error.ConnectionRefusedError, ConnectionRefusedError):
+        return "connection refused"
+    if reason.check(error.TimeoutError, TimeoutError, defer.CancelledError):
+        return "connect timed out"
+    if reason.check(error.DNSLookupError):
+        return "host name not found"
+    if reason.check(error.ConnectionDone, error.ConnectionLost):
+        return "closed the connection during the login"
+    return reason.getErrorMessage() or reason.type.__name__
 
 
 class _OneConnection(Factory):
@@ -222,12 +272,13 @@ class BackendConnector:
                 self.metrics.backend_failed(str(Server(server.host, self._port(server, protocol))),
                                             type(e).__name__)
                 log.warn("backend {server} unavailable for {user}: {reason}",
-                         server=str(server), user=credentials.username, reason=type(e).__name__)
+                         server=str(server), user=quoted(credentials.username),
+                         user_raw=credentials.username, reason=e.detail or type(e).__name__)
                 continue
             if self.health is not None:
                 self.health.mark_ok(server)
             return backend
-        raise BackendUnavailable()
+        raise BackendUnavailable("no server of the route could be reached")
 
     async def _login_at(self, server: Server, route: Route, protocol: str,
                         credentials: Credentials,
@@ -245,23 +296,24 @@ class BackendConnector:
         dialogue = BACKEND_DIALOGUES[protocol](credentials, route.login,
                                                 starttls=self.config.tls == "starttls",
                                                 client_id=client_id)
-        backend = BackendProtocol(dialogue, server, tls_creator, self.timeouts)
+        backend = BackendProtocol(dialogue, server, tls_creator, self.timeouts, self.reactor)
         try:
             await endpoint.connect(_OneConnection(backend))
-        except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError):
-            raise BackendUnavailable() from None
+        except (error.ConnectError, error.TimeoutError, OSError, defer.CancelledError) as e:
+            raise BackendUnavailable(why_lost(Failure(e))) from None
         peer, local = backend.transport.getPeer(), backend.transport.getHost()
         if is_own_listener(self.listeners, getattr(peer, "host", ""), getattr(peer, "port", 0),
                            getattr(local, "host", "")):
-            backend.transport.abortConnection()
+            backend.close(abort=True)
             raise self._loop(server, port)
         logged_in = backend.logged_in
         timer = self.reactor.callLater(self.config.login_timeout, logged_in.cancel)
         try:
             await logged_in
         except defer.CancelledError:
-            backend.transport.abortConnection()
-            raise BackendUnavailable() from None
+            backend.close(abort=True)
+            raise BackendUnavailable(f"no answer to the login within "
+                                     f"{self.config.login_timeout:g}s") from None
         finally:
             if timer.active():
                 timer.cancel()
@@ -287,7 +339,6 @@ REFUSALS: dict[str, Callable[[ProxyError], bytes]] = {
 
 
 #: reasons to stop reading a client before login (a bit mask)
-HOLD_LOGIN = 1
 HOLD_REPLIES = 2
 
 
@@ -328,17 +379,21 @@ class FrontendProtocol(Protocol):
         self.end_reason = ""
         self.disconnected = False
         self._timer: Any = None
+        self.leg: Leg | None = None
         self._holds = 0
         self._gate = False
         #: this connection's place in the connection limits (limits.py)
         self.ticket: Ticket | None = None
-        #: a failed login's answer, held back by the throttle (throttle.py)
+        #: a failed login's answer, held back for login_delay (see _login)
         self._answer: Any = None
+        #: the penalty's admission this login waits for (penaltygate.py), if any
+        self._waiting: defer.Deferred[Any] | None = None
 
     # -- connection events ----------------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
         factory = self.factory
+        self.leg = Leg(self.transport, factory.reactor)
         self.started = factory.reactor.seconds()
         configure_socket(self.transport, factory.config.timeouts)
         factory.registry.add(self)
@@ -348,6 +403,7 @@ class FrontendProtocol(Protocol):
             return
         admitted = factory.limiter.admit(getattr(self.transport.getPeer(), "host", ""))
         if isinstance(admitted, Refusal):
+            factory.metrics.refused(admitted.name.lower())
             # Answer and close; the listener goes on accepting (unlike Perdition's -L).
             self.transport.write(REFUSALS[factory.listener.protocol](
                 TooManyConnections(admitted.value.capitalize() + ", try again later")))
@@ -376,17 +432,33 @@ class FrontendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:  # noqa: N802
         self.disconnected = True
-        self.factory.registry.remove(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._answer is not None and self._answer.active():
             self._answer.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()  # leaves the penalty's queue
+        if self.leg is not None:
+            self.leg.lost()
         if self.ticket is not None:
             self.ticket.release()
-        if self.backend is not None:
-            self.backend.transport.loseConnection()
         if not self.end_reason:
-            self.end_reason = "client closed"
+            # An ALPN refusal (ALPACA) is worth telling apart from a client that left.
+            self.end_reason = ("TLS: no application protocol"
+                               if reason.check(NoApplicationProtocol) else "client closed")
+        backend = self.backend
+        if backend is not None:
+            if self.relay is not None and self.relay.logout_sent:
+                # The backend answers our LOGOUT and closes by itself (RFC 3501 section
+                # 6.1.3); closing first could cut the LOGOUT short (Dovecot's TLS login
+                # process drops what it had not yet passed on). A drain waits for it.
+                self.factory.registry.backend_closing(backend)
+                backend.leg.close_after(LOGOUT_GRACE)
+            else:
+                backend.close()
+        # After the backend is in the closing set: a drain waiting for this session
+        # must also wait for its backend's answer to our LOGOUT.
+        self.factory.registry.remove(self)
         peer = self.transport.getPeer()
         fields = {"session_id": self.session_id, "client": f"{peer.host}:{peer.port}",
                   "user": self.user or "-",
@@ -398,23 +470,24 @@ class FrontendProtocol(Protocol):
         # twisted.logger's own formatting of a many-field format costs more than the
         # rest of a short session's bookkeeping.
         log.info("{line}", line=(
-            "session end id={session_id} client={client} user={user} backend={backend} "
-            "duration={duration:.1f}s in={bytes_in} out={bytes_out} reason={reason}"
-        ).format(**fields), **fields)
+            "session end id={session_id} client={client} user={quoted_user} "
+            "backend={backend} duration={duration:.1f}s in={bytes_in} out={bytes_out} "
+            "reason={reason}").format(quoted_user=quoted(self.user or None), **fields),
+            **fields)
         self.factory.metrics.session_ended(self, reason)
         self.relay = None
         self.session = None
 
     def close(self, reason: str, abort: bool = False) -> None:
-        """Close the client connection (after flushing, unless ``abort``)."""
+        """Close the client connection (after flushing, unless ``abort``): closing.py."""
         if not self.end_reason:
             self.end_reason = reason
-        # A paused streaming producer would keep a flushing transport open.
-        self._drop_gate()
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        # The leg unregisters whatever producer is registered: the pre-login gate or,
+        # when relaying, the backend's backpressure.
+        self._gate = False
+        self._holds = 0
+        if self.leg is not None:
+            self.leg.close(abort)
 
     def _hold(self, reason: int) -> None:
         """Stop reading the client for ``reason`` (login in progress, replies unread)."""
@@ -435,12 +508,12 @@ class FrontendProtocol(Protocol):
         and we would stop reading the very handshake it waits for."""
         if not self._gate and self.session is not None and not self.end_reason:
             self._gate = True
-            self.transport.registerProducer(_ReplyBackpressure(self), True)
+            self.leg.register(_ReplyBackpressure(self))
 
     def _drop_gate(self) -> None:
         if self._gate:
             self._gate = False
-            self.transport.unregisterProducer()
+            self.leg.unregister()
             self._release(HOLD_REPLIES)
 
     def handshakeCompleted(self) -> None:  # noqa: N802
@@ -470,7 +543,8 @@ class FrontendProtocol(Protocol):
                 self._drop_gate()
                 self.transport.startTLS(self.factory.server_tls)
             elif isinstance(action, Login):
-                self._hold(HOLD_LOGIN)
+                # Client bytes are still read meanwhile (the session holds them, bounded),
+                # so a client that goes away is noticed at once.
                 defer.ensureDeferred(self._login(action))
             elif isinstance(action, Splice):
                 self._splice(action.trailing)
@@ -478,12 +552,38 @@ class FrontendProtocol(Protocol):
                 self.close(action.reason)
 
     async def _login(self, action: Login) -> None:
+        """Penalty first, then lookup and backend login: the path of every login."""
         factory = self.factory
         credentials = action.credentials
         client = self.transport.getPeer()
+        names = rewrite(credentials.username, factory.config.username)
+        gate = factory.penalty
+        password = credentials.password.reveal()
+        # The penalty is paid before the directory or a backend sees the credentials
+        # (penalty.py): a client that goes away while it waits leaves the queue.
+        self._waiting = gate.enter(self._client_key(), gate.user_key(names.lookup))
+        try:
+            admission = await self._waiting
+        except defer.CancelledError:
+            return  # the client went away while waiting
+        except LoginsRefused as e:
+            self._log_login_failed(credentials.username, type(e).__name__, e.reason)
+            factory.metrics.login(factory.listener.protocol, "failed", type(e).__name__)
+            factory.metrics.refused("penalty")
+            self._login_failed(e)
+            return
+        finally:
+            self._waiting = None
+        if admission.waited >= 0.001:
+            log.info("login delayed id={session_id} client={client} user={user} "
+                     "waited={waited:.3f}s", session_id=self.session_id,
+                     client=self._client_key(), user=quoted(credentials.username),
+                     user_raw=credentials.username, waited=admission.waited)
         started = factory.reactor.seconds()
         try:
-            names = rewrite(credentials.username, factory.config.username)
+            problem = username_problem(credentials.username, factory.config.limits.max_username)
+            if problem is not None:
+                raise InvalidUsername(problem)
             route = await defer.maybeDeferred(factory.directory.lookup, names.lookup,
                                               factory.listener.protocol, names.backend)
             forward = forwarding.for_login(
@@ -494,26 +594,36 @@ class FrontendProtocol(Protocol):
                                                     credentials, forward.client_id,
                                                     proxy_header=forward.proxy_header)
         except ProxyError as e:
-            log.info("login failed id={session_id} client={client} user={user} reason={reason}",
-                     session_id=self.session_id, client=client.host, user=credentials.username,
-                     reason=type(e).__name__)
+            guess = isinstance(e, AuthenticationFailed)
+            admission.finish(Outcome.FAILURE if guess else Outcome.NEUTRAL,
+                             gate.fingerprint(names.lookup, password))
+            self._log_login_failed(credentials.username, type(e).__name__,
+                                   getattr(e, "detail", ""))
             factory.metrics.login(factory.listener.protocol, "failed", type(e).__name__)
-            self._login_failed(e, self._throttle(credentials, started, e))
+            # A failure is answered no sooner than login_delay after its check began, so
+            # an unknown user (the directory answers at once) and a wrong password (the
+            # backend takes its time) cannot be told apart by the clock.
+            delay = started + factory.config.limits.login_delay - factory.reactor.seconds()
+            self._login_failed(e, delay if guess else 0.0)
             return
         except Exception:
-            log.failure("unexpected error during login of {user}", user=credentials.username)
+            admission.finish(Outcome.NEUTRAL)
+            log.failure("unexpected error during login of {user}", user=quoted(
+                credentials.username))
             self._login_failed(BackendUnavailable())
             return
+        admission.finish(Outcome.SUCCESS)
         if self.disconnected or self.end_reason or self.session is None:
-            backend.transport.loseConnection()
+            backend.close()
             return
-        factory.throttle.succeeded(self._client_key(), credentials.username)
         refusal = self.ticket.login(names.lookup) if self.ticket is not None else None
         if refusal is not None:
             log.info("login refused id={session_id} client={client} user={user} "
                      "reason={reason}", session_id=self.session_id, client=client.host,
-                     user=credentials.username, reason=refusal.value)
-            backend.transport.loseConnection()
+                     user=quoted(credentials.username), user_raw=credentials.username,
+                     reason=refusal.value)
+            factory.metrics.refused(refusal.name.lower())
+            backend.close()
             self._login_failed(TooManyConnections(refusal.value.capitalize()))
             return
         self.user = credentials.username
@@ -523,16 +633,24 @@ class FrontendProtocol(Protocol):
                   "backend": str(backend.server), "mechanism": self.mechanism,
                   "tls": getattr(self.session, "tls_active", False), "pid": os.getpid()}
         log.info("{line}", line=(
-            "login id={session_id} client={client} user={user} backend={backend} "
-            "mechanism={mechanism} tls={tls} pid={pid}").format(**fields), **fields)
+            "login id={session_id} client={client} user={quoted_user} backend={backend} "
+            "mechanism={mechanism} tls={tls} pid={pid}").format(
+                quoted_user=quoted(self.user), **fields), **fields)
         factory.metrics.login(factory.listener.protocol, "ok")
         assert backend.result is not None
         actions = self.session.login_succeeded(backend.result.capabilities)
         if not actions:  # the session ended while we were logging in (timeout, drain)
             self.backend = None
-            backend.transport.loseConnection()
+            backend.close()
             return
         self._execute(actions)
+
+    def _log_login_failed(self, username: str, reason: str, detail: str = "") -> None:
+        """``reason`` is the error's name (one word, for parsers); ``detail`` says why."""
+        log.info("login failed id={session_id} client={client} user={user} reason={reason}"
+                 "{why}", session_id=self.session_id, client=self.transport.getPeer().host,
+                 user=quoted(username), user_raw=username, reason=reason,
+                 why=f" ({detail})" if detail else "", detail=detail)
 
     def _client_key(self) -> str:
         if self.ticket is not None:
@@ -540,31 +658,14 @@ class FrontendProtocol(Protocol):
         host = getattr(self.transport.getPeer(), "host", "")
         return client_key(host, self.factory.config.limits.ipv6_prefix)
 
-    def _throttle(self, credentials: Credentials, started: float, error: ProxyError) -> float:
-        """Seconds still to wait before answering this failed login (throttle.py)."""
-        if not isinstance(error, AuthenticationFailed):
-            return 0.0  # not a guess: backend down, directory down, limits
-        factory = self.factory
-        delay = factory.throttle.failed(self._client_key(), credentials.username,
-                                        credentials.password.reveal())
-        # Counted from the start of the login, so an unknown user (answered at once by
-        # the directory) waits exactly as long as a wrong password (asked of a backend).
-        remaining = max(0.0, started + delay - factory.reactor.seconds())
-        if delay:
-            log.info("login failure throttled id={session_id} client={client} user={user} "
-                     "delay={delay:.3f}s", session_id=self.session_id,
-                     client=self._client_key(), user=credentials.username, delay=delay)
-        return remaining
-
     def _login_failed(self, error: ProxyError, delay: float = 0.0) -> None:
         if self.disconnected or self.end_reason or self.session is None:
             return
         if delay > 0:
-            # Never block: the answer is scheduled; client input stays paused meanwhile.
+            # Never block: the answer is scheduled.
             self._answer = self.factory.reactor.callLater(delay, self._login_failed, error)
             return
         self._answer = None
-        self._release(HOLD_LOGIN)
         self._execute(self.session.login_failed(error))
 
     def _splice(self, trailing: bytes) -> None:
@@ -581,11 +682,12 @@ class FrontendProtocol(Protocol):
         if backend.result.trailing:
             relay.from_backend(backend.result.trailing)
         backend.result = None
-        # Backpressure both ways, as twisted.protocols.portforward does.
+        # Backpressure both ways, as twisted.protocols.portforward does (closing.py says
+        # why through a Backpressure rather than the transports themselves).
         self._drop_gate()
         self._holds = 0
-        self.transport.registerProducer(backend.transport, True)
-        backend.transport.registerProducer(self.transport, True)
+        self.leg.register(Backpressure(backend.transport))
+        backend.leg.register(Backpressure(self.transport))
         if trailing:
             relay.from_client(trailing)
         backend.transport.resumeProducing()
@@ -605,7 +707,7 @@ class ProxyFactory(ServerFactory):
     def __init__(self, reactor: Any, config: Config, listener: Listener, directory: Directory,
                  connector: BackendConnector, registry: SessionRegistry,
                  server_tls: Any = None, *, limiter: ConnectionLimiter | None = None,
-                 throttle: LoginThrottle | None = None) -> None:
+                 penalty: Any = None) -> None:
         self.reactor = reactor
         self.config = config
         self.listener = listener
@@ -618,8 +720,9 @@ class ProxyFactory(ServerFactory):
         # (tests) gets its own from the config.
         self.limiter = limiter if limiter is not None else ConnectionLimiter.from_limits(
             config.limits)
-        self.throttle = throttle if throttle is not None else LoginThrottle.from_limits(
-            config.limits, reactor.seconds)
+        #: the brute-force penalty's gate (penaltygate.py)
+        self.penalty = penalty if penalty is not None else LocalGate(
+            Penalty.from_limits(config.limits, reactor.seconds), reactor)
 
     def buildProtocol(self, addr: Any) -> FrontendProtocol:  # noqa: N802
         return FrontendProtocol(self)

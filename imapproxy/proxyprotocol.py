@@ -26,6 +26,10 @@ V2_LOCAL = 0x20
 V2_PROXY = 0x21
 #: Section 2.2: address family and transport (high and low nibble); STREAM = 1.
 AF_UNSPEC = 0x00
+#: Section 2.2: the address families (high nibble of the family byte) that carry no IP
+#: address.
+FAMILY_UNSPEC = 0x0
+FAMILY_UNIX = 0x3
 TCP_OVER_IPV4 = 0x11
 TCP_OVER_IPV6 = 0x21
 

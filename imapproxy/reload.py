@@ -8,16 +8,21 @@ the listeners' factories get the new config, directory, backend connector and
 certificate at once. Sessions already relayed don't look at any of it, so they
 go on; sessions still logging in use the new directory for their next lookup.
 
-What a running process cannot take over (listen addresses, workers, the metrics
-and admin addresses, log destinations) is logged as "needs a restart" and left as
-it is. With ``workers = N`` the main process passes SIGHUP on to every worker.
+Everything else applies at once: [limits] (connection limits and the brute-force
+penalty, which keeps what it has learnt), [timeouts], [username], [backend] (down_cooldown
+included), [proxy_protocol], [tls] certificates, the directory. What a running process
+cannot take over (listen addresses, workers, the metrics and admin addresses, log
+destinations) is named key by key in the "reloaded" line ("reloaded ...; listen[1].address
+needs a restart") and left as it is. With ``workers = N`` the main process passes SIGHUP
+on to every worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application.service import Service
@@ -29,9 +34,43 @@ from .proxyprotocol import TrustedNetworks
 
 log = Logger(namespace="imapproxy")
 
-#: parts of the config a reload cannot apply (attribute name, what to call it in the log)
-RESTART_ONLY = (("listeners", "[[listen]]"), ("workers", "workers"), ("metrics", "[metrics]"),
-                ("admin", "[admin]"), ("log", "[log]"))
+#: parts of the config a reload cannot apply (attribute name, its key in the file)
+RESTART_ONLY = (("listeners", "listen"), ("workers", "workers"), ("metrics", "metrics"),
+                ("admin", "admin"), ("log", "log"))
+
+
+def changed_keys(old: Any, new: Any, key: str) -> Iterator[str]:
+    """The dotted keys (as the config file spells them) whose values differ."""
+    if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new) \
+            and type(old) is type(new):
+        for field in dataclasses.fields(old):
+            yield from changed_keys(getattr(old, field.name), getattr(new, field.name),
+                                    f"{key}.{field.name}")
+    elif isinstance(old, tuple) and isinstance(new, tuple) and old and new \
+            and dataclasses.is_dataclass(old[0]):
+        for i, (a, b) in enumerate(zip(old, new, strict=False)):
+            yield from changed_keys(a, b, f"{key}[{i}]")
+        if len(old) != len(new):
+            yield f"{key} (count {len(old)} -> {len(new)})"
+    elif old != new:
+        yield key
+
+
+#: Listener fields as the config file names them ([[listen]] address is host and port).
+_LISTEN_FIELDS = {"host": "address", "port": "address"}
+
+
+def restart_keys(old: Config, new: Config) -> list[str]:
+    """The keys changed in ``new`` that only a restart can apply."""
+    found: list[str] = []
+    for attribute, key in RESTART_ONLY:
+        for changed in changed_keys(getattr(old, attribute), getattr(new, attribute), key):
+            head, dot, leaf = changed.rpartition(".")
+            name = f"{head}.{_LISTEN_FIELDS.get(leaf, leaf)}" if dot and key == "listen" \
+                else changed
+            if name not in found:
+                found.append(name)
+    return found
 
 
 class Builders:
@@ -99,13 +138,22 @@ class Reloader:
     def _apply(self, new: Config, directory: Any, services: list[Any], connector: Any,
                keep_directory: bool) -> None:
         old = self.config
-        for attribute, name in RESTART_ONLY:
-            if getattr(new, attribute) != getattr(old, attribute):
-                log.warn("reload: {name} changed; that takes a restart", name=name)
+        restart = restart_keys(old, new)
         for factory in self.factories:
             factory.config = new
             factory.directory = directory
             factory.connector = connector
+        # Shared by every listener: the connection limits, the brute-force penalty (what
+        # it has learnt stays) and the backends' circuit breaker take the new settings.
+        limiters = {id(f.limiter): f.limiter for f in self.factories}
+        gates = {id(f.penalty): f.penalty for f in self.factories}
+        for limiter in limiters.values():
+            limiter.reconfigure(new.limits)
+        for gate in gates.values():
+            gate.reconfigure(new.limits)
+        health = getattr(connector, "health", None)
+        if health is not None:
+            health.cooldown = new.backend.down_cooldown
         for header_factory in self.header_factories:
             header_factory.trusted = _trusted(new)
             header_factory.timeout = new.proxy_protocol.timeout
@@ -114,6 +162,11 @@ class Reloader:
             clear = getattr(self.directory, "clear_cache", None)
             if clear is not None:
                 clear()
+            # A new LDAP directory is tried when its service starts; the kept one here
+            # (in the background; the outcome is logged).
+            probe = getattr(self.directory, "probe", None)
+            if probe is not None:
+                probe("reload")
         else:
             for service in services:
                 service.setServiceParent(self.root)  # starts it if the tree runs
@@ -122,10 +175,11 @@ class Reloader:
                 service.disownServiceParent()
         self.directory, self.directory_services = directory, services
         self.config = new
+        needs = "".join(f"; {key} needs a restart" for key in restart)
         log.info("reloaded {path}: {listeners} listeners, directory {kind}, "
-                 "{sessions} sessions kept", path=str(new.path),
+                 "{sessions} sessions kept{needs}", path=str(new.path),
                  listeners=len(new.listeners), kind=new.directory.type,
-                 sessions=len(self.registry.sessions))
+                 sessions=len(self.registry.sessions), needs=needs, restart=restart)
 
 
 def _trusted(config: Config) -> TrustedNetworks:

@@ -10,10 +10,18 @@ table lists, the connection switches to that certificate's context. A name nobod
 ``reload()`` rebuilds every context from the files (renewed certificates) or from a new
 [tls] config; connections made afterwards use the new ones, established ones keep theirs.
 A certificate that fails to load leaves the old set in place (ConfigError raised).
+
+ALPN (RFC 7301): each listener gets ``for_protocol("imap")`` or ``for_protocol("pop3")``,
+a creator over the same contexts whose connections know their listener's protocol. A
+client that offers that protocol gets it selected; one that offers ALPN without it is
+refused with the no_application_protocol alert (section 3.2), so that a browser sent to
+the mail port by an HTTPS page (the ALPACA cross-protocol attack) never reaches IMAP or
+POP3; a client that offers no ALPN is served as before.
 """
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +31,90 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .config import ConfigError, TlsConfig
-from .tls import server_options
+from .tls import read_pem_certificates, server_options
 
 log = Logger(namespace="imapproxy")
+
+#: listener protocol -> its ALPN protocol ID (IANA "TLS Application-Layer Protocol
+#: Negotiation (ALPN) Protocol IDs" registry: "imap", "pop3")
+ALPN_IDS = {"imap": b"imap", "pop3": b"pop3"}
+
+
+class NoApplicationProtocol(SSL.Error):
+    """The client offered ALPN protocols, none of them the listener's (RFC 7301 3.2).
+
+    Raised from the ALPN select callback: pyOpenSSL then answers OpenSSL with
+    SSL_TLSEXT_ERR_ALERT_FATAL, which sends the no_application_protocol alert, and
+    re-raises this from do_handshake() (having cleared OpenSSL's error queue), where
+    Twisted's TLS layer flushes the alert and ends the connection as for any handshake
+    failure (it is an SSL.Error). Returning the library's NO_OVERLAPPING_PROTOCOLS
+    sentinel would not do: that means "no ALPN", and the handshake would go on.
+    """
+
+    def __init__(self, offered: list[bytes], wanted: bytes) -> None:
+        # The args of an SSL.Error are OpenSSL's error queue: (library, function, reason)
+        # triples, which Twisted reads (tls._representsEOF).
+        offers = ",".join(p.decode("ascii", "backslashreplace") for p in offered)
+        super().__init__([("imapproxy", "ALPN", f"no application protocol: client offered "
+                                                f"{offers!r}, not {wanted.decode()!r}")])
+
+
+class _ServerConnection(SSL.Connection):
+    """A server-side TLS connection that knows its listener's ALPN protocol ID."""
+
+    #: None: nothing to negotiate (a caller that named no protocol)
+    alpn: bytes | None = None
+
+
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+    """OpenSSL's ALPN callback, on every context (SNI switches keep it: RFC 7301 3.1)."""
+    wanted = getattr(connection, "alpn", None)
+    if wanted is None:
+        return SSL.NO_OVERLAPPING_PROTOCOLS  # not negotiated, the handshake goes on
+    if wanted in offered:
+        return wanted
+    raise NoApplicationProtocol(offered, wanted)
 
 
 def _context(config: TlsConfig, config_path: Path | str, key_prefix: str) -> SSL.Context:
     try:
-        return server_options(config, config_path).getContext()
+        context = server_options(config, config_path).getContext()
     except ConfigError as e:
         # server_options names tls.certificate/tls.key; say which table it really was.
         raise ConfigError(config_path, e.key.replace("tls", key_prefix, 1), e.message) from None
+    # Replaces the callback that recent Twisted (26.x here; not Debian's 22.4, which sets
+    # none) puts on every context: it looks for protocols on the wrapped factory, finds
+    # none, and answers "selected: the empty string", which OpenSSL turns into an
+    # internal_error alert for any client that offers ALPN (`openssl s_client -alpn imap`).
+    context.set_alpn_select_callback(_select_alpn)
+    return context
+
+
+def _not_after(path: Path | None) -> float:
+    """When the (first) certificate in a PEM file stops being valid (Unix time)."""
+    if path is None:
+        return 0.0
+    certificates = read_pem_certificates(path)
+    stamp = certificates[0].get_notAfter() if certificates else None
+    if not stamp:
+        return 0.0
+    when = datetime.datetime.strptime(stamp.decode("ascii"), "%Y%m%d%H%M%SZ")
+    return when.replace(tzinfo=datetime.UTC).timestamp()
 
 
 class _Contexts:
     """One immutable generation of contexts: the default one and those by SNI name."""
 
-    __slots__ = ("default", "exact", "wildcard")
+    __slots__ = ("default", "exact", "wildcard", "expiry")
 
     def __init__(self, config: TlsConfig, config_path: Path | str) -> None:
         assert config.certificate is not None
         self.default = _context(config, config_path, "tls")
         self.exact: dict[str, SSL.Context] = {}
         self.wildcard: dict[str, SSL.Context] = {}
+        #: certificate (the default one as "default", the others by SNI domain) -> the
+        #: Unix time its validity ends (for the metrics: renewals that did not happen)
+        self.expiry: dict[str, float] = {"default": _not_after(config.certificate)}
         for i, entry in enumerate(config.sni):
             per_name = TlsConfig(certificate=entry.certificate, key=entry.key,
                                  min_version=config.min_version, ciphers=config.ciphers)
@@ -54,6 +123,7 @@ class _Contexts:
                 self.wildcard[entry.domain[2:]] = context
             else:
                 self.exact[entry.domain] = context
+            self.expiry[entry.domain] = _not_after(entry.certificate)
 
     def lookup(self, name: str) -> SSL.Context | None:
         """An exact name first, then "*.parent" for one label (RFC 6125 section 6.4.3)."""
@@ -73,6 +143,11 @@ class ServerTLS:
         self.config = config
         self.config_path = config_path
         self._contexts = self._build(config)
+
+    @property
+    def expiry(self) -> dict[str, float]:
+        """Certificate -> when it expires (Unix time), as loaded now."""
+        return self._contexts.expiry
 
     def _build(self, config: TlsConfig) -> _Contexts:
         contexts = _Contexts(config, self.config_path)
@@ -96,9 +171,23 @@ class ServerTLS:
         log.info("TLS certificates loaded: default {certificate}, {count} by SNI",
                  certificate=str(config.certificate), count=len(config.sni))
 
+    def for_protocol(self, protocol: str) -> ListenerTLS:
+        """The creator for a listener of ``protocol`` (and its STARTTLS/STLS)."""
+        try:
+            alpn = ALPN_IDS[protocol]
+        except KeyError:
+            raise ValueError(f"no ALPN protocol ID for {protocol!r}") from None
+        return ListenerTLS(self, alpn)
+
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
-        connection = SSL.Connection(self._contexts.default, None)
-        connection.set_app_data(tlsProtocol)
+        """A connection that negotiates no ALPN: listeners use ``for_protocol()``."""
+        return self.connection(tlsProtocol, None)
+
+    def connection(self, tls_protocol: Any, alpn: bytes | None) -> SSL.Connection:
+        """A new server connection on the current default context."""
+        connection = _ServerConnection(self._contexts.default, None)
+        connection.alpn = alpn
+        connection.set_app_data(tls_protocol)
         return connection
 
     def getContext(self) -> SSL.Context:  # noqa: N802
@@ -115,3 +204,15 @@ class ServerTLS:
         context = contexts.lookup(name)
         if context is not None:
             connection.set_context(context)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ListenerTLS:
+    """TLS for one listener: ServerTLS's current certificates, this protocol's ALPN."""
+
+    def __init__(self, server_tls: ServerTLS, alpn: bytes) -> None:
+        self.server_tls = server_tls
+        self.alpn = alpn
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802
+        return self.server_tls.connection(tlsProtocol, self.alpn)

@@ -20,11 +20,11 @@ from .health import BackendHealth
 from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
+from .penaltygate import process_gate
 from .protocol import BackendConnector, ProxyFactory
 from .servertls import ServerTLS
 from .sessions import SessionRegistry
-from .throttle import LoginThrottle
-from .tls import backend_client_certificate, backend_trust_root
+from .tls import backend_client_certificate, backend_trust_root, cleartext_warning
 from .workers import BACKLOG, ReusePortService, WorkerPool
 
 log = Logger(namespace="imapproxy")
@@ -40,6 +40,7 @@ class Options(usage.Options):
         ["config", "c", "/etc/imapproxy/imapproxy.toml", "Path to the TOML config file."],
         ["worker-index", None, 0, "Internal: this worker's number (metrics/admin port offset).",
          int],
+        ["penalty-socket", None, None, "Internal: the main process's penalty, for workers."],
     ]
     optFlags = [
         ["worker", None, "Internal: run as a worker process spawned by the main one."],
@@ -69,7 +70,8 @@ def build_directory(config: Config, reactor: Any) -> tuple[Any, list[service.ISe
 
 
 def build_service(config: Config, reactor: Any, worker: bool = False,
-                  worker_index: int = 0) -> service.MultiService:
+                  worker_index: int = 0,
+                  penalty_socket: str | None = None) -> service.MultiService:
     """The whole proxy as a MultiService: one listening service per [[listen]] table.
 
     With ``workers = N`` every process listens with SO_REUSEPORT, and the main one
@@ -88,6 +90,9 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
         log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
                      "and host names are NOT verified; anyone on the path to a backend can "
                      "read every password. Never use this outside a lab.")
+    cleartext = cleartext_warning(config.backend, directory)
+    if cleartext is not None:
+        log.warn("{message}", message=cleartext)
 
     def build_connector(new: Config) -> BackendConnector:
         trust_root = backend_trust_root(new.backend) if new.backend.tls != "none" else None
@@ -100,29 +105,36 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
     # Shared by every listener of this process: limits and failures count per process.
     limiter = ConnectionLimiter.from_limits(config.limits)
-    throttle = LoginThrottle.from_limits(config.limits, reactor.seconds)
+    # With workers, one penalty for all of them (penaltygate.py).
+    penalty, penalty_socket = process_gate(config.limits, reactor, top,
+                                           workers=config.workers, worker=worker,
+                                           socket_path=penalty_socket)
     registry = SessionRegistry(reactor, config.timeouts)
     # Started first, so stopped last: by then the listeners no longer accept.
     DrainService(registry).setServiceParent(top)
     factories = []
     header_factories = []
     for listener in config.listeners:
-        factory = ProxyFactory(reactor, config, listener, directory, connector, registry, tls,
-                               limiter=limiter, throttle=throttle)
+        # The same certificates, with this listener's ALPN protocol (servertls.py).
+        listener_tls = tls.for_protocol(listener.protocol) if tls is not None else None
+        factory = ProxyFactory(reactor, config, listener, directory, connector, registry,
+                               listener_tls, limiter=limiter, penalty=penalty)
         factories.append(factory)
         served: Any = factory
         if listener.proxy_protocol:
             # PROXY header first, then TLS (implicit) and the proxy: a plain TCP port.
-            listener, served = operations.proxy_listener(reactor, config, listener, factory, tls)
+            listener, served = operations.proxy_listener(reactor, config, listener, factory,
+                                                         listener_tls)
             header_factories.append(served)
         if config.workers > 1:
-            ReusePortService(reactor, listener, served, tls).setServiceParent(top)
+            ReusePortService(reactor, listener, served, listener_tls).setServiceParent(top)
         else:
-            endpoint = listening_endpoint(reactor, listener, tls)
+            endpoint = listening_endpoint(reactor, listener, listener_tls)
             internet.StreamServerEndpointService(endpoint, served).setServiceParent(top)
     pool = None
     if config.workers > 1 and not worker:
-        pool = WorkerPool(reactor, str(config.path), config.workers)
+        pool = WorkerPool(reactor, str(config.path), config.workers,
+                          penalty_socket=penalty_socket)
         pool.setServiceParent(top)
     sweeper = internet.TimerService(config.timeouts.sweep_interval, registry.sweep)
     sweeper.clock = reactor
@@ -141,7 +153,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     top.registry = registry  # type: ignore[attr-defined]
     top.server_tls = tls  # type: ignore[attr-defined]
     top.limiter = limiter  # type: ignore[attr-defined]
-    top.throttle = throttle  # type: ignore[attr-defined]
+    top.penalty = penalty  # type: ignore[attr-defined]
     return top
 
 
@@ -153,7 +165,7 @@ class DrainService(service.Service):
 
     def stopService(self) -> Any:  # noqa: N802
         super().stopService()
-        return self.registry.drain()
+        return self.registry.drain(stopping=True)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:  # noqa: N802
@@ -165,7 +177,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService: 
     try:
         config = configmodule.load(options["config"])
         return build_service(config, reactor, worker=bool(options["worker"]),
-                             worker_index=options["worker-index"])
+                             worker_index=options["worker-index"],
+                             penalty_socket=options["penalty-socket"])
     except ConfigError as e:
         sys.stderr.write(f"imapproxy: config error: {e}\n")
         raise SystemExit(1) from None

@@ -1,4 +1,4 @@
-"""Every live client session of this process: one timer for all, and graceful drain."""
+"""Every live client session of this process: one timer for all, graceful drain, undrain."""
 
 from __future__ import annotations
 
@@ -19,17 +19,37 @@ class SessionRegistry:
         self.clock = clock
         self.timeouts = timeouts
         self.sessions: set[Any] = set()
+        #: backend connections of ended sessions, closing after our LOGOUT
+        self.closing: set[Any] = set()
+        #: new connections are told BYE / -ERR and closed (protocol.py)
         self.draining = False
-        self._drained: defer.Deferred[None] | None = None
+        #: the process is going away (the SIGTERM drain): no undrain
+        self.stopping = False
+        #: drains under way: (fires when done, its sessions, their backends)
+        self._drains: list[tuple[defer.Deferred[None], set[Any], set[Any]]] = []
 
     def add(self, session: Any) -> None:
         self.sessions.add(session)
 
     def remove(self, session: Any) -> None:
         self.sessions.discard(session)
-        if self._drained is not None and not self.sessions:
-            drained, self._drained = self._drained, None
-            drained.callback(None)
+        self._check_drained()
+
+    def backend_closing(self, backend: Any) -> None:
+        """A session ended with LOGOUT to its backend: a drain waits for the backend too."""
+        self.closing.add(backend)
+        backend.registry = self
+
+    def backend_closed(self, backend: Any) -> None:
+        self.closing.discard(backend)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        for drain in list(self._drains):
+            done, sessions, backends = drain
+            if not (sessions & self.sessions) and not (backends & self.closing):
+                self._drains.remove(drain)
+                done.callback(None)
 
     def sweep(self) -> None:
         """The one timer: idle/inactivity timeouts and IDLE keepalives for every session."""
@@ -40,22 +60,32 @@ class SessionRegistry:
             if relay is not None:
                 relay.tick(now, timeouts)
 
-    def drain(self, timeout: float | None = None) -> defer.Deferred[None]:
-        """End every session without losing anything; close what is left after ``timeout``."""
+    def drain(self, timeout: float | None = None, *,
+              stopping: bool = False) -> defer.Deferred[None]:
+        """End every session without losing anything; close what is left after ``timeout``.
+
+        ``stopping``: this is the process's last drain (SIGTERM); undrain() refuses then.
+        """
         self.draining = True
+        self.stopping = self.stopping or stopping
         if timeout is None:
             timeout = self.timeouts.drain
         log.info("draining {count} sessions (at most {timeout:g}s)", count=len(self.sessions),
                  timeout=timeout)
-        if not self.sessions:
+        if not self.sessions and not self.closing:
             return defer.succeed(None)
-        if self._drained is None:
-            self._drained = defer.Deferred()
-        done = self._drained
-        for session in list(self.sessions):
+        # The drain (and its deadline) is about what it ends: its sessions, their
+        # backends waiting for our LOGOUT, and the backends already doing so. After an
+        # undrain, sessions that came in since are none of its business.
+        ending = list(self.sessions)
+        backends = [*self.closing, *(s.backend for s in ending if s.backend is not None)]
+        done: defer.Deferred[None] = defer.Deferred()
+        self._drains.append((done, set(ending), set(backends)))
+        for session in ending:
             session.drain()
-        if self.sessions:
-            deadline = self.clock.callLater(timeout, self._force_close)
+        self._check_drained()
+        if not done.called:
+            deadline = self.clock.callLater(timeout, self._force_close, ending, backends)
 
             def stop_deadline(result: object) -> object:
                 if deadline.active():
@@ -65,8 +95,27 @@ class SessionRegistry:
             done.addBoth(stop_deadline)
         return done
 
-    def _force_close(self) -> None:
-        if self.sessions:
-            log.warn("drain timeout: closing {count} sessions", count=len(self.sessions))
-        for session in list(self.sessions):
+    def undrain(self) -> bool:
+        """Accept new sessions again after a drain; False if the process is stopping.
+
+        Sessions the drain ended stay ended, and those still ending keep their deadline
+        (they were told to go: a command in flight finishes, then BYE). A later drain
+        waits for the sessions of its own time.
+        """
+        if self.stopping:
+            return False
+        if self.draining:
+            log.info("undrain: accepting new sessions again ({count} still ending)",
+                     count=len(self.sessions))
+        self.draining = False
+        return True
+
+    def _force_close(self, sessions: list[Any], backends: list[Any]) -> None:
+        left = [session for session in sessions if session in self.sessions]
+        if left:
+            log.warn("drain timeout: closing {count} sessions", count=len(left))
+        for session in left:
             session.close("drain timeout", abort=True)
+        for backend in backends:
+            if backend in self.closing:
+                backend.close(abort=True)

@@ -12,11 +12,13 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from .config import BackendConfig, ConfigError, TlsConfig
+from .directory import StaticDirectory
+from .proxyprotocol import parse_ip
 
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def _read_pem_certificates(path: Path) -> list[crypto.X509]:
+def read_pem_certificates(path: Path) -> list[crypto.X509]:
     data = path.read_bytes()
     certificates = []
     marker = b"-----BEGIN CERTIFICATE-----"
@@ -29,7 +31,7 @@ def server_options(config: TlsConfig, config_path: Path | str) -> ssl.Certificat
     """Options for client-facing TLS: the certificate with its chain, TLS 1.2 minimum."""
     assert config.certificate is not None and config.key is not None
     try:
-        chain = _read_pem_certificates(config.certificate)
+        chain = read_pem_certificates(config.certificate)
         if not chain:
             raise ConfigError(config_path, "tls.certificate", "no PEM certificate in file")
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, config.key.read_bytes())
@@ -65,11 +67,46 @@ def server_options(config: TlsConfig, config_path: Path | str) -> ssl.Certificat
     return options
 
 
+def cleartext_warning(config: BackendConfig, directory: object) -> str | None:
+    """The start-up warning for ``[backend] tls = "none"``, or None when none is due.
+
+    Client passwords then go to the backends in clear: fine on this host (or over a
+    private link the operator vouches for). A static map names every backend, so only
+    the ones off this host are named in the warning, and a map of loopback addresses
+    gets none. A directory like LDAP names backends per user at run time, so the warning
+    is given at start all the same: a warning at the first login to a remote backend
+    would come later, from a busy log, and not at all on a quiet test install.
+    """
+    if config.tls != "none":
+        return None
+    if isinstance(directory, StaticDirectory):
+        remote = sorted({server.host for _pattern, servers in directory.rules
+                         for server in servers if not _is_loopback(server.host)})
+        if not remote:
+            return None
+        shown = ", ".join(remote[:3]) + (f" and {len(remote) - 3} more" if len(remote) > 3
+                                         else "")
+        where = f"to {shown}"
+    else:
+        where = "to the backends the directory names (harmless only for backends on this host)"
+    return (f'CLEARTEXT: [backend] tls = "none": client passwords go in clear {where}. '
+            'Use tls = "starttls" or "implicit" unless the link is private.')
+
+
+def _is_loopback(host: str) -> bool:
+    # RFC 6761 section 6.3: "localhost" and names below it are the loopback.
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    address = parse_ip(host)
+    return address is not None and address.is_loopback
+
+
 def backend_trust_root(config: BackendConfig) -> object:
     """The CAs that backend certificates are checked against: ca_file or the system's."""
     if config.ca_file is None:
         return ssl.platformTrust()
-    certificates = [ssl.Certificate(c) for c in _read_pem_certificates(config.ca_file)]
+    certificates = [ssl.Certificate(c) for c in read_pem_certificates(config.ca_file)]
     return ssl.trustRootFromCertificates(certificates)
 
 
@@ -79,7 +116,7 @@ def backend_client_certificate(config: BackendConfig,
     if config.client_certificate is None or config.client_key is None:
         return None
     try:
-        chain = _read_pem_certificates(config.client_certificate)
+        chain = read_pem_certificates(config.client_certificate)
         if not chain:
             raise ConfigError(config_path, "backend.client_certificate",
                               "no PEM certificate in file")

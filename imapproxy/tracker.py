@@ -4,8 +4,13 @@ The relay forwards every byte untouched and unbuffered; it shows the same bytes 
 a SessionTracker, which cuts both streams into lines and literals (RFC 3501 section
 4.3, RFC 7888 for ``{n+}``, RFC 3516 for ``~{n}``) and notes:
 
-- commands in flight (client commands without their tagged reply yet),
+- commands in flight (client commands, from their first line to their tagged reply),
 - IDLE (RFC 2177): requested, confirmed by "+", ended by DONE and the tagged reply,
+- continuation requests: a synchronising literal ``{n}`` (RFC 3501 section 7.5) is only
+  sent after the server's "+"; when the server answers the command with a tagged NO or
+  BAD instead, the literal never comes. A "+" answers the oldest request still open:
+  IDLE, an AUTHENTICATE exchange, or the current command's synchronising literal.
+  Non-synchronising literals (``{n+}``, RFC 7888) follow their line at once,
 - whether each stream is at a boundary, so the proxy may inject a line of its own
   (``* OK Still here``, ``* BYE``) without splitting a response or a literal,
 - COMPRESS (RFC 4978): once both sides compress, the streams are opaque and
@@ -25,7 +30,7 @@ HEAD = 96
 #: Bytes kept from the end of a line: a literal marker {n+} with up to 20 digits.
 TAIL = 32
 
-_LITERAL = re.compile(rb"\{([0-9]{1,20})\+?\}\r?\Z")
+_LITERAL = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\Z")
 
 
 class Idle(Enum):
@@ -35,12 +40,21 @@ class Idle(Enum):
     DONE_SENT = auto()  # client sent DONE, tagged reply pending
 
 
+class Sasl(Enum):
+    """Where an AUTHENTICATE exchange is (RFC 3501 section 6.2.2)."""
+
+    OFF = auto()
+    WAITING = auto()  # for the server: a "+" challenge or the tagged reply
+    RESPONSE_DUE = auto()  # the client's next line is a response, not a command
+
+
 class SessionTracker:
     """Both directions of one session; feed it every byte, in order."""
 
     __slots__ = (
         "opaque", "in_flight", "idle", "idle_tag", "saw_bye", "logout_sent",
         "_compress_tag", "_c_literal", "_c_head", "_c_tail", "_c_partial", "_c_continued",
+        "_c_tag", "_c_sync", "_sasl", "_sasl_tag",
         "_s_literal", "_s_head", "_s_tail", "_s_partial", "_s_continued",
     )
 
@@ -60,6 +74,13 @@ class SessionTracker:
         self._c_tail = b""
         self._c_partial = False
         self._c_continued = False  # the current command continues after a literal
+        #: the tag of the command the client is sending (at most HEAD bytes)
+        self._c_tag = b""
+        #: synchronising literals of that command announced, whose "+" has not come (a
+        #: client that waits, as it must, has at most one)
+        self._c_sync = 0
+        self._sasl = Sasl.OFF
+        self._sasl_tag = b""
         self._s_literal = 0
         self._s_head = b""
         self._s_tail = b""
@@ -127,14 +148,21 @@ class SessionTracker:
         if literal is not None:
             self._c_literal = int(literal.group(1))
             self._c_continued = True
+            if not literal.group(2):
+                # Synchronising: the client sends it after the server's "+" only. The
+                # bytes are counted as they come (a client that does not wait gets them
+                # followed all the same); a tagged reply before the "+" cancels them.
+                self._c_sync += 1
         else:
             self._c_continued = False
-        if starts_command and literal is None and not head.strip():
-            return  # an empty line is no command (and gets no tagged reply)
         if not starts_command:
-            if literal is None:
-                self.in_flight += 1  # the command that began before the literal is complete
+            return  # the rest of a command whose literal just ended
+        if self._sasl is Sasl.RESPONSE_DUE:
+            # RFC 3501 section 6.2.2: a line answering a "+" challenge (or "*" to cancel).
+            self._sasl = Sasl.WAITING
             return
+        if literal is None and not head.strip():
+            return  # an empty line is no command (and gets no tagged reply)
         # RFC 2177: while idling the client's only line is DONE.
         if (self.idle is Idle.IDLING or self.idle is Idle.REQUESTED) \
                 and head.rstrip(b"\r").upper() == b"DONE":
@@ -142,15 +170,18 @@ class SessionTracker:
             return
         tag, _, rest = head.partition(b" ")
         command = rest.split(b" ", 1)[0].rstrip(b"\r").upper()
+        self._c_tag = tag
+        self.in_flight += 1
         if command == b"IDLE":
             self.idle = Idle.REQUESTED
             self.idle_tag = tag
+        elif command == b"AUTHENTICATE":
+            self._sasl = Sasl.WAITING
+            self._sasl_tag = tag
         elif command == b"COMPRESS":
             self._compress_tag = tag
         elif command == b"LOGOUT":
             self.logout_sent = True
-        if literal is None:
-            self.in_flight += 1
 
     # -- server stream -------------------------------------------------------------------
 
@@ -177,6 +208,16 @@ class SessionTracker:
             if self.opaque:
                 return
 
+    def _continuation(self) -> None:
+        """A "+" answers the oldest open request. The current command's literal is the
+        newest: IDLE and AUTHENTICATE were whole commands sent before it."""
+        if self.idle is Idle.REQUESTED:
+            self.idle = Idle.IDLING
+        elif self._sasl is Sasl.WAITING:
+            self._sasl = Sasl.RESPONSE_DUE
+        elif self._c_sync:
+            self._c_sync -= 1
+
     def _s_add(self, data: bytes, start: int, stop: int) -> None:
         if start == stop:
             return
@@ -195,8 +236,7 @@ class SessionTracker:
         if continued:
             return  # the rest of a response whose literal just ended
         if head.startswith(b"+"):
-            if self.idle is Idle.REQUESTED:
-                self.idle = Idle.IDLING
+            self._continuation()
             return
         tag, _, rest = head.partition(b" ")
         if tag == b"*":
@@ -208,6 +248,15 @@ class SessionTracker:
             return
         if self.in_flight:
             self.in_flight -= 1
+        if self._c_sync and tag == self._c_tag:
+            # The command is over before its "+": the literal it announced is never sent
+            # (RFC 3501 section 7.5), and neither is the rest of the command.
+            self._c_sync = 0
+            self._c_literal = 0
+            self._c_continued = False
+        if self._sasl is not Sasl.OFF and tag == self._sasl_tag:
+            self._sasl = Sasl.OFF
+            self._sasl_tag = b""
         if tag == self.idle_tag and self.idle is not Idle.OFF:
             self.idle = Idle.OFF
             self.idle_tag = b""

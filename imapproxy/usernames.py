@@ -12,6 +12,7 @@ Pure: no I/O, no Twisted.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from .config import UsernameConfig
@@ -64,3 +65,25 @@ def rewrite(username: str, cfg: UsernameConfig) -> Names:
         local=local,
         domain=domain,
     )
+
+
+def username_problem(username: str, max_bytes: int) -> str | None:
+    """Why this login name is refused before any lookup, or None if it is acceptable.
+
+    Longer than ``max_bytes`` (RFC 5321 section 4.5.3.1: 64 + 1 + 255), empty, not
+    UTF-8, or holding a control character (the C0 and C1 controls, NUL, CR, LF and
+    U+0085 among them) or a line or paragraph separator (U+2028, U+2029): none of
+    these can be a mailbox's name, and each of them has been used to cut log lines or
+    protocol lines short. The client gets the ordinary authentication failure.
+    """
+    if not username:
+        return "empty username"
+    try:
+        size = len(username.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "username is not UTF-8"
+    if size > max_bytes:
+        return f"username longer than {max_bytes} bytes"
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in username):
+        return "control character in username"
+    return None

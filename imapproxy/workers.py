@@ -88,15 +88,21 @@ class _WorkerProcess(protocol.ProcessProtocol):
 class WorkerPool(service.Service):
     """Spawns and supervises workers 1..N-1 (this process is worker 0)."""
 
-    def __init__(self, reactor: Any, config_path: str, count: int) -> None:
+    def __init__(self, reactor: Any, config_path: str, count: int,
+                 penalty_socket: str | None = None) -> None:
         self.reactor = reactor
         self.config_path = config_path
         self.count = count
+        #: where the workers ask for the brute-force penalty (penaltygate.py)
+        self.penalty_socket = penalty_socket
         self.workers: dict[int, tuple[_WorkerProcess, Any]] = {}
 
     def command(self) -> list[str]:
-        return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "imapproxy",
-                "--config", self.config_path, "--worker"]
+        command = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "imapproxy",
+                   "--config", self.config_path, "--worker"]
+        if self.penalty_socket is not None:
+            command += ["--penalty-socket", self.penalty_socket]
+        return command
 
     def startService(self) -> None:  # noqa: N802
         super().startService()

@@ -151,11 +151,13 @@ def dovecot_factory(
 
 @pytest.fixture
 def slapd_factory(tmp_path: Path, server_cert: CertPair) -> Iterator[Callable[..., Slapd]]:
-    """Make private, started, empty slapds (stopped after the test): ``slapd_factory(tls=True)``."""
+    """Make private, started, empty slapds (stopped after the test):
+    ``slapd_factory(tls=True, ipv6=False)``."""
     made: list[Slapd] = []
 
-    def factory(tls: bool = True) -> Slapd:
-        server = Slapd(tmp_path / f"slapd-{len(made)}", cert=server_cert if tls else None)
+    def factory(tls: bool = True, ipv6: bool = False) -> Slapd:
+        server = Slapd(tmp_path / f"slapd-{len(made)}", cert=server_cert if tls else None,
+                       ipv6=ipv6)
         made.append(server)
         server.start()
         return server

@@ -1,4 +1,5 @@
-"""admincli: addresses per worker, the table, and the commands against a stub API."""
+"""admincli: addresses per worker, the table, the token, and the commands against a stub
+API (the real one is asked in tests/integration/test_operator.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rig.proxy import ADMIN_TOKEN, admin_token_file
 
 from imapproxy import admincli
 from imapproxy.admincli import AdminError, format_sessions, request, run, worker_addresses
@@ -22,9 +24,18 @@ SESSION = {"id": 3, "pid": 100, "protocol": "imap", "user": "alice",
 
 class _Api(BaseHTTPRequestHandler):
     calls: list[tuple[str, str]] = []
+    #: (Host, Authorization) of each request
+    seen: list[tuple[str | None, str | None]] = []
+    #: the token to insist on, as the real API does; None: any
+    token: str | None = None
 
     def _answer(self) -> None:
         self.calls.append((self.command, self.path))
+        authorization = self.headers.get("authorization")
+        self.seen.append((self.headers.get("host"), authorization))
+        if self.token is not None and authorization != f"Bearer {self.token}":
+            self._send(401, {"error": "no bearer token"})
+            return
         if self.path.startswith("/sessions"):
             body: Any = {"pid": 100, "sessions": [SESSION, {**SESSION, "id": 4, "user": "bob",
                                                             "since": 900.0}]}
@@ -32,13 +43,16 @@ class _Api(BaseHTTPRequestHandler):
             body = {"kicked": 2, "ids": [3, 4]}
         elif self.path == "/drain":
             body = {"draining": 5}
+        elif self.path == "/undrain":
+            body = {"draining": False, "ending": 1}
         else:
-            self.send_response(404)
-            self.end_headers()
-            self.wfile.write(b'{"error": "not found"}')
+            self._send(404, {"error": "not found"})
             return
+        self._send(200, body)
+
+    def _send(self, code: int, body: Any) -> None:
         data = json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(code)
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -49,12 +63,18 @@ class _Api(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(autouse=True)
+def _fresh_api() -> None:
+    _Api.calls = []
+    _Api.seen = []
+    _Api.token = None
+
+
 @pytest.fixture
 def api() -> Iterator[str]:
     server = HTTPServer(("127.0.0.1", 0), _Api)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _Api.calls = []
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -107,19 +127,61 @@ def test_errors(api: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                       '[directory]\nmap = "users.map"\n')
     assert admincli.main(["--config", str(config), "sessions"]) == 1
     assert "the admin API is off" in capsys.readouterr().err
-    config.write_text(config.read_text() + f'[admin]\naddress = "{api}"\nworkers = 2\n')
+    admin_token_file(tmp_path)
+    config.write_text(config.read_text() + f'[admin]\naddress = "{api}"\n'
+                      'token_file = "admin.token"\nworkers = 2\n')
     assert admincli.main(["--config", str(config), "drain"]) == 1  # no such key in [admin]
     assert "config error" in capsys.readouterr().err
 
 
-def test_config_finds_every_worker(api: str, tmp_path: Path) -> None:
+def test_config_finds_every_worker_and_sends_the_token(api: str, tmp_path: Path) -> None:
     (tmp_path / "users.map").write_text("* h\n")
+    admin_token_file(tmp_path)
     config = tmp_path / "c.toml"
     config.write_text(f'workers = 1\n[[listen]]\naddress = "127.0.0.1:1"\ntls = "none"\n'
-                      f'[directory]\nmap = "users.map"\n[admin]\naddress = "{api}"\n')
+                      f'[directory]\nmap = "users.map"\n[admin]\naddress = "{api}"\n'
+                      'token_file = "admin.token"\n')
+    _Api.token = ADMIN_TOKEN
     out = io.StringIO()
     assert run(["--config", str(config), "drain"], out) == 0
     assert out.getvalue() == "draining 5 sessions\n"
+    # The Host names the address as configured; the token comes from [admin] token_file.
+    assert _Api.seen == [(api, f"Bearer {ADMIN_TOKEN}")]
+    out = io.StringIO()
+    assert run(["--config", str(config), "undrain"], out) == 0
+    assert out.getvalue() == "accepting new sessions again\n"
+    assert _Api.calls[-1] == ("POST", "/undrain")
+    with pytest.raises(AdminError, match="--token-file goes with --address"):
+        run(["--config", str(config), "--token-file", str(tmp_path / "admin.token"), "drain"],
+            out)
+
+
+def test_address_with_a_token_file(api: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _Api.token = ADMIN_TOKEN
+    # Without the token: the API's refusal, and what to do about it.
+    assert admincli.main(["--address", api, "sessions"]) == 1
+    err = capsys.readouterr().err
+    assert "no bearer token" in err and "--token-file" in err
+    token = admin_token_file(tmp_path)
+    out = io.StringIO()
+    assert run(["--address", api, "--token-file", str(token), "kick", "--user", "bob"], out) == 0
+    assert out.getvalue() == "kicked 2 sessions (user bob)\n"
+    assert _Api.seen[-1] == (api, f"Bearer {ADMIN_TOKEN}")
+    for content, message in (("", "is empty"), ("\xff\xfe", "does not hold a token"),
+                             (ADMIN_TOKEN + "\r\nX-Injected: 1", "does not hold a token")):
+        token.write_bytes(content.encode("latin-1"))
+        assert admincli.main(["--address", api, "--token-file", str(token), "drain"]) == 1
+        assert message in capsys.readouterr().err
+    assert admincli.main(["--address", api, "--token-file", str(tmp_path / "nope"), "drain"]) == 1
+    assert "cannot read the token file" in capsys.readouterr().err
+
+
+def test_default_is_the_documented_socket(monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    monkeypatch.setattr(admincli, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
+    args = admincli.parser().parse_args(["sessions"])
+    assert admincli.targets(args) == (["/run/imapproxy/admin.sock"], None)
 
 
 def test_unix_socket(tmp_path: Path) -> None:
@@ -138,6 +200,7 @@ def test_unix_socket(tmp_path: Path) -> None:
     thread.start()
     try:
         assert request(path, "POST", "/drain") == {"draining": 5}
+        assert _Api.seen[-1] == ("localhost", None)  # no token unless one is configured
     finally:
         server.shutdown()
         server.server_close()

@@ -230,28 +230,89 @@ def test_id_list_rendering() -> None:
     assert id_list((("k\r\n", "v"),)) == b"NIL"
 
 
+#: What Dovecot answers to CAPABILITY once TLS is up (no STARTTLS, LOGINDISABLED gone).
+TLS_CAPS = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN"
+TLS_CAPABILITY_REPLY = (b"* CAPABILITY " + TLS_CAPS + b"\r\n"
+                        b"P5 OK Pre-login capabilities listed, post-login capabilities "
+                        b"have more.\r\n")
+STARTTLS_OK = b"P1 OK Begin TLS negotiation now.\r\n"
+
+
 def test_starttls_flow() -> None:
     session = check(
-        [DOVECOT_GREETING, b"P1 OK Begin TLS negotiation now.\r\n"],
+        [DOVECOT_GREETING, STARTTLS_OK],
         [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS()],
         starttls=True,
     )
     assert session.step is Step.STARTTLS
+    # RFC 3501 section 6.2.1: after TLS the capabilities are asked for again, and LOGIN
+    # waits for them.
+    session = check(
+        [DOVECOT_GREETING, STARTTLS_OK, TlsStarted()],
+        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(), to_backend(b"P5 CAPABILITY\r\n")],
+        starttls=True,
+    )
+    assert session.step is Step.TLS_CAPABILITY
     check(
-        [DOVECOT_GREETING, b"P1 OK Begin TLS negotiation now.\r\n", TlsStarted(), LOGIN_OK],
-        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(),
+        [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), TLS_CAPABILITY_REPLY, LOGIN_OK],
+        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(), to_backend(b"P5 CAPABILITY\r\n"),
          to_backend(b'P3 LOGIN "bob" "secret"\r\n'), BackendLoggedIn(LOGGED_IN_CAPS)],
         starttls=True,
     )
 
 
-def test_capabilities_from_before_tls_do_not_count_after_it() -> None:
-    # RFC 3501 section 6.2.1: LITERAL+ seen in plaintext is forgotten after STARTTLS.
+def test_id_is_pipelined_with_the_capability_request_after_tls() -> None:
     check(
-        [DOVECOT_GREETING, b"P1 OK go\r\n", TlsStarted()],
-        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(), to_backend(b'P3 LOGIN "bob" {2}\r\n')],
+        [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), TLS_CAPABILITY_REPLY,
+         b'* ID ("name" "Dovecot")\r\nP2 OK ID completed.\r\n', LOGIN_OK],
+        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(),
+         to_backend(b'P5 CAPABILITY\r\nP2 ID ("name" "x")\r\n'),
+         to_backend(b'P3 LOGIN "bob" "secret"\r\n'), BackendLoggedIn(LOGGED_IN_CAPS)],
+        starttls=True, client_id=(("name", "x"),),
+    )
+
+
+def test_capabilities_after_tls_are_used_for_the_login() -> None:
+    """The issue: LITERAL+ was forgotten after STARTTLS, so a non-ASCII name failed (and
+    the backend was marked down); the capabilities from after TLS bring it back."""
+    login = "jürgen".encode()
+    session = check(
+        [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), TLS_CAPABILITY_REPLY, LOGIN_OK],
+        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(), to_backend(b"P5 CAPABILITY\r\n"),
+         to_backend(b"P3 LOGIN {%d+}\r\n" % len(login) + login + b' "secret"\r\n'),
+         BackendLoggedIn(LOGGED_IN_CAPS)],
+        starttls=True, login="jürgen",
+    )
+    assert session.step is Step.DONE
+
+
+def test_capabilities_from_before_tls_do_not_count_after_it() -> None:
+    # RFC 3501 section 6.2.1: LITERAL+ seen in plaintext is forgotten after STARTTLS; what
+    # the backend says over TLS counts (here: no LITERAL+, so a synchronising literal).
+    check(
+        [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(),
+         b"* CAPABILITY IMAP4rev1 IDLE\r\nP5 OK done\r\n", b"+ go\r\n"],
+        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(), to_backend(b"P5 CAPABILITY\r\n"),
+         to_backend(b'P3 LOGIN "bob" {2}\r\n'), to_backend(b"\xff\xfe\r\n")],
         starttls=True,
         password=b"\xff\xfe",
+    )
+    # No LITERAL+ after TLS and a non-ASCII name: refused as before (a literal for the
+    # name would need another round trip).
+    check(
+        [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), b"P5 OK no untagged list\r\n"],
+        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(), to_backend(b"P5 CAPABILITY\r\n"),
+         failed(BackendProtocolError())],
+        starttls=True, login="jürgen",
+    )
+
+
+def test_a_refused_capability_request_after_tls_is_a_protocol_error() -> None:
+    check(
+        [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), b"P5 BAD what\r\n"],
+        [to_backend(b"P1 STARTTLS\r\n"), StartBackendTLS(), to_backend(b"P5 CAPABILITY\r\n"),
+         failed(BackendProtocolError())],
+        starttls=True,
     )
 
 
@@ -445,6 +506,7 @@ _backend_pieces = st.one_of(
         b"\r\n", b"\n", BARE_GREETING, DOVECOT_GREETING, PLAIN_GREETING, LOGIN_OK, b"+ go\r\n",
         b"P1 OK go\r\n", b"P1 NO\r\n", b"P3 OK in\r\n", b"P3 NO [UNAVAILABLE] x\r\n",
         b"P4 OK\r\n", b"* CAPABILITY IMAP4rev1 LITERAL+\r\n", b"* BYE\r\n", b"P2 OK\r\n",
+        b"P5 OK\r\n", b"P5 NO\r\n",
         b"[", b"]", b"P3 OK [", b"* OK [CAPABILITY ",
     ]),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from rig.proxy import ADMIN_TOKEN, admin_token_file
 
 from imapproxy.config import (
     BackendConfig,
@@ -44,6 +45,7 @@ def confdir(tmp_path: Path) -> Path:
     (folder / "tls" / "cert.pem").write_text("CERT\n")
     (folder / "tls" / "key.pem").write_text("KEY\n")
     (folder / "ldap.secret").write_text("s3cret\n")
+    admin_token_file(folder)
     return folder
 
 
@@ -297,7 +299,7 @@ def test_config_is_frozen(confdir: Path) -> None:
         pytest.param(MINIMAL + "[directory.ldap]\nuris = []\nbase = \"dc=x\"\n",
                      "directory.ldap.uris", "non-empty list", id="empty ldap uris"),
         pytest.param(MINIMAL + "[directory.ldap]\nuris = [\"http://x\"]\nbase = \"dc=x\"\n",
-                     "directory.ldap.uris", "ldap://", id="non-ldap uri"),
+                     "directory.ldap.uris[0]", "'http://x' has scheme 'http'", id="non-ldap uri"),
         pytest.param(MINIMAL + "[directory.ldap]\nbase = \"\"\n", "directory.ldap.base",
                      "is required", id="ldap without base"),
         pytest.param(MINIMAL + "[directory.ldap]\nbase = \"dc=x\"\nfilter = \"uid={user}\"\n",
@@ -431,7 +433,7 @@ def test_security_defaults(confdir: Path) -> None:
     assert (limits.max_connections, limits.max_connections_per_ip, limits.ipv6_prefix,
             limits.max_connections_per_user_ip) == (0, 2000, 64, 20)
     assert (limits.login_delay, limits.login_delay_max, limits.login_failure_memory) == (
-        2.0, 30.0, 900.0)
+        2.0, 15.0, 900.0)
     assert config.tls.sni == () and config.tls.ciphers == ""
     assert config.backend.client_certificate is None and config.backend.client_key is None
 
@@ -523,6 +525,7 @@ address = "127.0.0.1:9143"
 
 [admin]
 address = "127.0.0.1:9144"
+token_file = "admin.token"
 
 [proxy_protocol]
 trusted = ["127.0.0.1/32", "::1/128", "10.1.0.0/16"]
@@ -546,6 +549,10 @@ def test_operations_keys(confdir: Path) -> None:
     assert config.metrics is not None and (config.metrics.host, config.metrics.port) == (
         "127.0.0.1", 9143)
     assert config.admin is not None and config.admin.port == 9144 and config.admin.socket is None
+    assert config.admin.token_file == confdir / "admin.token"
+    assert config.admin.token is not None
+    assert config.admin.token.reveal() == ADMIN_TOKEN.encode()
+    assert ADMIN_TOKEN not in repr(config.admin) and ADMIN_TOKEN not in repr(config)
     assert config.proxy_protocol.trusted[-1] == "10.1.0.0/16"
     assert config.proxy_protocol.timeout == 5
     assert config.backend.forward_client == "proxy-v2"
@@ -565,6 +572,62 @@ def test_operations_defaults(confdir: Path) -> None:
 def test_admin_on_a_unix_socket(confdir: Path) -> None:
     config = load(write(confdir, MINIMAL + '[admin]\naddress = "/run/imapproxy/admin.sock"\n'))
     assert config.admin is not None and str(config.admin.socket) == "/run/imapproxy/admin.sock"
+    assert config.admin.token is None  # the socket's mode 0600 is the protection
+    with_token = load(write(confdir, MINIMAL + '[admin]\naddress = "/run/imapproxy/admin.sock"\n'
+                                               'token_file = "admin.token"\n'))
+    assert with_token.admin is not None and with_token.admin.token is not None
+
+
+def test_admin_tcp_address_needs_a_token_file(confdir: Path) -> None:
+    error = config_error(confdir, MINIMAL + '[admin]\naddress = "127.0.0.1:9144"\n')
+    assert error.key == "admin.token_file"
+    assert "is required with a TCP address (127.0.0.1:9144)" in error.message
+    assert "imapproxy.toml: admin.token_file: is required" in str(error)
+    config = load(write(confdir, MINIMAL + '[admin]\naddress = "[::1]:9144"\n'
+                                           'token_file = "admin.token"\n'))
+    assert config.admin is not None and config.admin.host == "::1"
+
+
+@pytest.mark.parametrize(
+    "mode, content, message",
+    [
+        (0o644, ADMIN_TOKEN, "is open to group or others (mode 0644): chmod 600 it"),
+        (0o640, ADMIN_TOKEN, "(mode 0640)"),
+        (0o604, ADMIN_TOKEN, "(mode 0604)"),
+        (0o620, ADMIN_TOKEN, "(mode 0620)"),  # writable by the group: it could plant one
+        (0o600, " \n\t\n", "is empty"),
+        (0o600, "short-token", "too short (11 characters, at least 16)"),
+        (0o600, "a token with spaces in it", "letters, digits and -._~+/"),
+        (0o600, "ünïcödé-ünïcödé-ünïcödé", "letters, digits and -._~+/"),
+    ],
+)
+def test_admin_token_file_errors(confdir: Path, mode: int, content: str, message: str) -> None:
+    token = confdir / "admin.token"
+    token.write_text(content)
+    token.chmod(mode)
+    text = MINIMAL + '[admin]\naddress = "127.0.0.1:9144"\ntoken_file = "admin.token"\n'
+    error = config_error(confdir, text)
+    assert error.key == "admin.token_file"
+    assert message in error.message and str(token) in error.message
+    assert content.strip() not in str(error) or not content.strip()
+
+
+def test_admin_token_file_missing_or_unreadable(confdir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    text = MINIMAL + '[admin]\naddress = "127.0.0.1:9144"\ntoken_file = "nope.token"\n'
+    error = config_error(confdir, text)
+    assert error.key == "admin.token_file" and "file not found" in error.message
+
+    # Tests run as root, who reads any file: imapproxy-admin run as nobody meets the real
+    # refusal in tests/integration/test_operator.py.
+    def refuse(path: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    error = config_error(confdir, text.replace("nope.token", "admin.token"))
+    assert error.key == "admin.token_file"
+    assert error.message == (f"cannot read {confdir / 'admin.token'}: Permission denied "
+                             "(run as the service user or root)")
 
 
 @pytest.mark.parametrize(
@@ -592,3 +655,79 @@ def test_operations_errors(confdir: Path, text: str, key: str, message: str) -> 
 def test_listener_proxy_protocol_must_be_a_boolean(confdir: Path) -> None:
     text = MINIMAL.replace('tls = "none"\n', 'tls = "none"\nproxy_protocol = "yes"\n', 1)
     assert config_error(confdir, text).key == "listen[0].proxy_protocol"
+
+
+# -- [directory.ldap] uris (RFC 4516 forms; parsing itself is tests/test_ldapurl.py) ------------
+
+LDAP_MINIMAL = MINIMAL.replace('map = "users.map"', 'type = "ldap"') + "[directory.ldap]\n"
+
+
+def ldap_text(uris: list[str], base: str | None = None) -> str:
+    listed = ", ".join('"' + u.replace("\\", "\\\\") + '"' for u in uris)
+    return LDAP_MINIMAL + f"uris = [{listed}]\n" + (f'base = "{base}"\n' if base is not None
+                                                  else "")
+
+
+def test_usual_uri_forms_load_as_written(confdir: Path) -> None:
+    uris = ["ldap://ldap.example.org:389/", "ldap://ldap.example.org", "ldaps://[2001:db8::1]/",
+            "ldapi://%2Fvar%2Frun%2Fslapd%2Fldapi/", "LDAP://127.0.0.1:3389"]
+    ldap = load_text(confdir, ldap_text(uris, "dc=example,dc=org")).directory.ldap
+    assert ldap is not None
+    # Kept as written: the text names the server in logs and keys its health.
+    assert ldap.uris == tuple(uris)
+    assert ldap.base == "dc=example,dc=org"
+
+
+def test_the_dn_part_serves_as_base(confdir: Path) -> None:
+    uris = ["ldap://a.example.org/ou=people,dc=example,dc=org", "ldap://b.example.org/",
+            "ldaps://c.example.org/ou%3Dpeople,dc%3Dexample,dc%3Dorg"]
+    ldap = load_text(confdir, ldap_text(uris)).directory.ldap
+    assert ldap is not None
+    assert ldap.base == "ou=people,dc=example,dc=org"
+
+
+def test_the_dn_part_may_repeat_the_base(confdir: Path) -> None:
+    text = ldap_text(["ldap://a.example.org/OU=People,%20DC=example,dc=org"],
+                     "ou=people,dc=example,dc=org")
+    ldap = load_text(confdir, text).directory.ldap
+    assert ldap is not None
+    assert ldap.base == "ou=people,dc=example,dc=org"  # the key's spelling
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [
+    pytest.param(ldap_text(["ldap://ldap.example.org:389/"]), "directory.ldap.base",
+                 "or give it as the DN part of the URIs", id="no base anywhere"),
+    pytest.param(ldap_text(["ldap://a/ou=people,dc=example,dc=org"], "dc=example,dc=org"),
+                 "directory.ldap.uris[0]",
+                 "has DN part 'ou=people,dc=example,dc=org', but base is 'dc=example,dc=org'",
+                 id="dn part differs from base"),
+    pytest.param(ldap_text(["ldap://a/", "ldap://b/dc=example,dc=org", "ldap://c/dc=example,dc=net"]),
+                 "directory.ldap.uris[2]",
+                 "has DN part 'dc=example,dc=net', but uris[1] has 'dc=example,dc=org'",
+                 id="dn parts differ"),
+    pytest.param(ldap_text(["ldap://ok.example.org/", "ldap://ldap.example.org:0/"], "dc=x"),
+                 "directory.ldap.uris[1]", "'ldap://ldap.example.org:0/' has port 0",
+                 id="port 0 names its index"),
+    pytest.param(ldap_text(["ldapi:///"], "dc=x"), "directory.ldap.uris[0]",
+                 "has no socket path", id="ldapi without a path"),
+    pytest.param(ldap_text(["ldap:///"], "dc=x"), "directory.ldap.uris[0]", "has no host",
+                 id="empty host"),
+    pytest.param(LDAP_MINIMAL + 'uris = [389]\nbase = "dc=x"\n', "directory.ldap.uris[0]",
+                 "expected a string, got int", id="not a string"),
+    pytest.param(LDAP_MINIMAL + 'uris = "ldap://x/"\nbase = "dc=x"\n', "directory.ldap.uris",
+                 "expected a list, got str", id="not a list"),
+])
+def test_uri_errors_name_the_file_and_the_entry(confdir: Path, text: str, key: str,
+                                                message: str) -> None:
+    error = config_error(confdir, text)
+    assert error.key == key
+    assert message in error.message, error.message
+
+
+def test_a_uri_with_a_password_is_refused_without_showing_it(confdir: Path) -> None:
+    error = config_error(confdir, ldap_text(["ldap://cn=proxy:Pa55word@ldap.example.org/"],
+                                            "dc=x"))
+    assert error.key == "directory.ldap.uris[0]"
+    assert "user information" in error.message
+    assert "Pa55word" not in str(error)
+    assert "ldap.example.org" in str(error)

@@ -3,9 +3,13 @@ header-first endpoint towards backends. MemoryReactorClock, no sockets."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
+import pytest
 from helpers import DOVECOT_GREETING, Harness
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
@@ -197,3 +201,134 @@ def test_header_first_endpoint() -> None:
         Factory.forProtocol(lambda: recorder))
     assert connected.result is recorder
     assert endpoint.transport.value() == header + b"* OK hello\r\n"
+
+
+# -- every address family the spec allows (section 2.2), and headers that are not ----------
+
+def v2(command: int, family: int, body: bytes) -> bytes:
+    return V2_SIGNATURE + struct.pack("!BBH", command, family, len(body)) + body
+
+
+#: Section 2.2: AF_UNIX addresses are two 108-byte paths, NUL padded.
+UNIX_BODY = b"/run/haproxy/client.sock".ljust(108, b"\0") + b"/run/imap.sock".ljust(108, b"\0")
+IPV4_BODY = bytes([203, 0, 113, 9, 10, 0, 0, 1]) + struct.pack("!HH", 5555, 143)
+
+#: Headers a trusted load balancer may send without IP addresses: the session must go
+#: on with the connection's own addresses (section 2.2: "the receiver must ... use the
+#: real connection endpoints").
+NO_IP_HEADERS = {
+    "v2 UNIX stream": v2(0x21, 0x31, UNIX_BODY),
+    "v2 UNIX datagram": v2(0x21, 0x32, UNIX_BODY),
+    "v2 UNIX unspecified transport": v2(0x21, 0x30, UNIX_BODY),
+    "v2 UNIX path not UTF-8": v2(0x21, 0x31, b"\xff\xfe".ljust(216, b"\x80")),
+    "v2 UNIX with a TLV": v2(0x21, 0x31, UNIX_BODY + b"\x01\x00\x04imap"),
+    "v2 UNSPEC": v2(0x21, 0x00, b""),
+    "v2 UNSPEC with bytes to skip": v2(0x21, 0x00, b"\x00" * 12),
+    "v2 LOCAL": v2(0x20, 0x00, b""),
+    "v2 LOCAL with IPv4 addresses": v2(0x20, 0x11, IPV4_BODY),
+    "v2 LOCAL with UNIX addresses": v2(0x20, 0x31, UNIX_BODY),
+    "v2 INET, unspecified transport": v2(0x21, 0x10, IPV4_BODY),
+    "v1 UNKNOWN": b"PROXY UNKNOWN\r\n",
+    "v1 UNKNOWN with addresses": b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+}
+
+
+@pytest.mark.parametrize("header", NO_IP_HEADERS.values(), ids=NO_IP_HEADERS.keys())
+def test_headers_without_ip_addresses_keep_the_connections_own(header: bytes) -> None:
+    protocol, transport, recorder, _, refusals = connect()
+    protocol.dataReceived(header + b"a1 NOOP\r\n")
+    assert refusals.reasons == [] and not aborted(transport)
+    (peer, host), = recorder.made
+    assert (peer.host, peer.port) == ("127.0.0.1", 1234)
+    assert (host.host, host.port) == ("127.0.0.1", 143)
+    assert recorder.data == b"a1 NOOP\r\n"
+
+
+def test_udp_addresses_are_ip_addresses_too() -> None:
+    protocol, _, recorder, _, refusals = connect()
+    protocol.dataReceived(v2(0x21, 0x12, IPV4_BODY))
+    (peer, host), = recorder.made
+    assert (peer.host, peer.port, host.host, host.port) == ("203.0.113.9", 5555, "10.0.0.1", 143)
+
+
+def test_an_ipv4_header_on_an_ipv6_connection_and_the_other_way() -> None:
+    protocol, _, recorder, _, _ = connect("::1")
+    protocol.dataReceived(encode_v2(("203.0.113.9", 5555), ("10.0.0.1", 143)))
+    assert recorder.made[0][0] == IPv4Address("TCP", "203.0.113.9", 5555)
+    protocol, _, recorder, _, _ = connect("127.0.0.1")
+    protocol.dataReceived(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 993\r\n")
+    assert recorder.made[0][0] == IPv6Address("TCP", "2001:db8::7", 40000)
+
+
+@pytest.mark.parametrize("line", [
+    b"PROXY TCP4 203.0.113.9 10.0.0.1 x 143\r\n",           # not a port
+    b"PROXY TCP4 203.0.113.9 10.0.0.1 70000 143\r\n",       # out of range
+    b"PROXY TCP4 203.0.113.9 10.0.0.1 -1 143\r\n",
+    b"PROXY TCP4 mail.example.org 10.0.0.1 5555 143\r\n",   # not an address
+    b"PROXY TCP4 203.0.113.9 10.0.0.\xff 5555 143\r\n",     # not even ASCII
+    b"PROXY TCP6 2001:db8::zz 2001:db8::1 1 2\r\n",
+    b"PROXY UNKNOWNX\r\n",
+])
+def test_invalid_v1_addresses_are_refused_without_a_traceback(line: bytes) -> None:
+    protocol, transport, recorder, _, refusals = connect()
+    protocol.dataReceived(line)
+    assert aborted(transport) and recorder.made == []
+    assert refusals.reasons[0].startswith("invalid PROXY header"), refusals.reasons
+
+
+def test_frontend_behind_the_wrapper_works_with_a_unix_header() -> None:
+    """The session goes on with the load balancer's address: it is logged, limited and
+    forwarded to the backend (it read getPeer().host and failed on a UNIXAddress)."""
+    h = Harness()
+    factory = ProxyHeaderFactory(h.factory, TrustedNetworks(["127.0.0.1/32"]), h.reactor)
+    peer = IPv4Address("TCP", "127.0.0.1", 1234)
+    protocol = factory.buildProtocol(peer)
+    transport = StringTransportWithDisconnection(peerAddress=peer,
+                                                 hostAddress=IPv4Address("TCP", "127.0.0.1", 143))
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(NO_IP_HEADERS["v2 UNIX stream"] + b"a1 LOGIN alice secret\r\n")
+    (session,) = h.registry.sessions
+    assert session.transport.getPeer().host == "127.0.0.1"
+    backend = h.backends[-1]
+    backend.dataReceived(DOVECOT_GREETING)
+    assert b'"x-originating-ip" "127.0.0.1" "x-originating-port" "1234"' in \
+        backend.transport.value()
+    backend.transport.clear()
+    backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+    assert b"a1 OK" in transport.value()
+
+
+@settings(max_examples=500, deadline=None)
+@given(command=st.integers(0, 255), family=st.integers(0, 255),
+       body=st.binary(max_size=300), split=st.integers(1, 40))
+def test_any_v2_header_is_served_or_refused(command: int, family: int, body: bytes,
+                                            split: int) -> None:
+    """Whatever a trusted peer sends after the signature, the outcome is a session with IP
+    addresses (the header's or the connection's) or a refusal; never an exception."""
+    protocol, transport, recorder, _, refusals = connect()
+    data = v2(command, family, body) + b"a1 NOOP\r\n"
+    for i in range(0, len(data), split):
+        protocol.dataReceived(data[i:i + split])
+    if recorder.made:
+        (peer, host), = recorder.made
+        assert isinstance(peer, IPv4Address | IPv6Address)
+        assert isinstance(host, IPv4Address | IPv6Address)
+        assert refusals.reasons == [] and recorder.data == b"a1 NOOP\r\n"
+    else:
+        assert aborted(transport) and len(refusals.reasons) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(st.sampled_from([b"TCP4", b"TCP6", b"UNKNOWN", b"203.0.113.9", b"::1",
+                                       b"2001:db8::7", b"0", b"65535", b"65536", b"x", b"",
+                                       b"\xff", b"1.2.3", b"-1"]), max_size=6))
+def test_any_v1_header_is_served_or_refused(words: list[bytes]) -> None:
+    protocol, transport, recorder, _, refusals = connect()
+    protocol.dataReceived(b"PROXY " + b" ".join(words) + b"\r\n")
+    if recorder.made:
+        (peer, host), = recorder.made
+        assert isinstance(peer, IPv4Address | IPv6Address)
+        assert isinstance(host, IPv4Address | IPv6Address)
+    else:
+        assert aborted(transport) and len(refusals.reasons) == 1

@@ -26,6 +26,8 @@ from imapproxy.ldapdirectory import (
     BadEntry,
     Entry,
     LdapDirectory,
+    LdapPoolService,
+    LdapSearcher,
     RouteCache,
     SearchResult,
     parse_entry,
@@ -338,7 +340,7 @@ def test_negative_answers_are_cached(logged: list[LogEvent]) -> None:
     clock.advance(30)
     result_of(directory.lookup("nobody", "imap"))
     assert len(search.calls) == 2
-    assert any("no route for 'nobody'" in t for t in texts(logged))
+    assert any("no route for <nobody>" in t for t in texts(logged))
 
 
 def test_several_entries_fail_and_are_logged(logged: list[LogEvent]) -> None:
@@ -368,7 +370,7 @@ def test_stale_entry_served_while_down_then_unavailable(logged: list[LogEvent]) 
     fresh = result_of(directory.lookup("alice", "imap"))
     clock.advance(50)
     assert result_of(directory.lookup("alice", "imap")) == fresh
-    assert any("serving stale cached route for 'alice' (50s old)" in t for t in texts(logged))
+    assert any("serving stale cached route for <alice> (50s old)" in t for t in texts(logged))
     clock.advance(50)
     assert result_of(directory.lookup("alice", "imap")).check(DirectoryUnavailable)
 
@@ -508,3 +510,117 @@ def test_from_config_rejects_an_unparsable_filter(tmp_path: Path) -> None:
     config = write_config(tmp_path, 'filter = "(&(uid={user})(mail=x)"\n')
     with pytest.raises(ConfigError, match="filter"):
         LdapDirectory.from_config(config, Clock())
+
+
+# --- how ldap3 is told where to go (no connection is made) -------------------------------
+
+
+@pytest.mark.parametrize(("uri", "host", "port", "ssl"), [
+    ("ldap://ldap.example.org:389/", "ldap.example.org", 389, False),  # ldap3 alone fails here
+    ("ldap://ldap.example.org/", "ldap.example.org", 389, False),
+    ("ldaps://ldap.example.org", "ldap.example.org", 636, True),
+    ("LDAPS://LDAP.example.org:10636/dc=example,dc=org", "ldap.example.org", 10636, True),
+    ("ldap://[2001:db8::1]:3389/", "2001:db8::1", 3389, False),
+    ("ldap://127.0.0.1", "127.0.0.1", 389, False),
+])
+def test_server_is_built_from_the_parsed_uri(uri: str, host: str, port: int, ssl: bool) -> None:
+    searcher = LdapSearcher(LdapConfig(uris=(uri,), base="dc=x"), slots=1)
+    server = searcher._server(uri)
+    assert (server.host, server.port, server.ssl, server.ipc) == (host, port, ssl, False)
+    if ssl:
+        assert server.tls.sni == (None if ":" in host or host[0].isdigit() else host)
+
+
+def test_ldapi_server_gets_the_socket_path() -> None:
+    uri = "ldapi://%2Frun%2Fslap%20d%2Fldapi/"
+    searcher = LdapSearcher(LdapConfig(uris=(uri,), base="dc=x", starttls=True), slots=1)
+    server = searcher._server(uri)
+    assert server.ipc and server.host == "/run/slap d/ldapi"
+    assert server.tls is None  # no StartTLS over a local socket
+
+
+def test_starttls_applies_to_ldap_uris_only() -> None:
+    cfg = LdapConfig(uris=("ldap://h", "ldaps://h", "ldapi://%2Fs"), base="dc=x", starttls=True)
+    searcher = LdapSearcher(cfg, slots=1)
+    assert [searcher._starttls(searcher._target(uri)) for uri in cfg.uris] == [
+        True, False, False]
+    assert searcher._server("ldap://h").tls.sni == "h"
+
+
+# --- the start-up and reload probe ----------------------------------------------------------
+
+
+class FakeProbe:
+    def __init__(self, result: SearchResult | Exception) -> None:
+        self.result = result
+        self.calls: list[list[str]] = []
+
+    def __call__(self, uris: Sequence[str]) -> SearchResult:
+        self.calls.append(list(uris))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def probing(result: SearchResult | Exception) -> tuple[FakeProbe, LdapDirectory]:
+    probe = FakeProbe(result)
+    directory = LdapDirectory(CFG, CacheConfig(), clock=Clock(),
+                              run_in_thread=lambda f: maybeDeferred(f),
+                              search=FakeSearch(found()), probe_search=probe)
+    return probe, directory
+
+
+def test_probe_logs_the_uri_that_answers(logged: list[LogEvent]) -> None:
+    probe, directory = probing(SearchResult([(CFG.base, {})], "ldap://two",
+                                            [("ldap://one", "refused")]))
+    assert result_of(directory.probe()) is True
+    assert probe.calls == [["ldap://one", "ldap://two"]]  # every URI, in the configured order
+    assert texts(logged) == ["LDAP server ldap://one failed: refused",
+                             "LDAP directory answers at ldap://two"]
+    assert not directory.uri_health.is_down("ldap://one")  # lookups judge the URIs
+
+
+def test_probe_logs_one_error_line_when_nothing_answers(logged: list[LogEvent]) -> None:
+    _, directory = probing(DOWN)
+    assert result_of(directory.probe()) is False
+    assert texts(logged) == [
+        "LDAP directory does not answer (every URI failed: ldap://one: refused; "
+        "ldap://two: timed out); starting anyway: cached routes and a later recovery may serve"]
+    logged.clear()
+    assert result_of(directory.probe("reload")) is False
+    assert "); reloaded anyway: cached routes" in texts(logged)[0]
+
+
+def test_probe_warns_when_the_base_is_not_there(logged: list[LogEvent]) -> None:
+    _, directory = probing(SearchResult([], "ldap://one", []))
+    assert result_of(directory.probe()) is True
+    assert texts(logged) == ["LDAP directory answers at ldap://one, but has no entry "
+                             "ou=people,dc=example,dc=org (noSuchObject): check "
+                             "[directory.ldap] base"]
+
+
+def test_a_crashing_probe_is_logged_not_raised(logged: list[LogEvent]) -> None:
+    _, directory = probing(RuntimeError("bug"))
+    assert result_of(directory.probe()) is False
+    assert any(e.get("log_failure") is not None for e in logged)
+
+
+def test_without_a_probe_search_the_probe_does_nothing(logged: list[LogEvent]) -> None:
+    _, directory = make(FakeSearch(found()))
+    assert result_of(directory.probe()) is True
+    assert logged == []
+
+
+def test_the_pool_service_probes_once_started(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "")
+    directory = LdapDirectory.from_config(config, Clock())
+    service = directory.service
+    assert isinstance(service, LdapPoolService)
+    assert service.probe == directory.probe and service.probed is None
+    probed: list[str] = []
+    service.probe = lambda: probed.append("probed") or Deferred()
+    service.startService()
+    try:
+        assert probed == ["probed"] and service.probed is not None
+    finally:
+        service.stopService()

@@ -13,6 +13,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
+from imapproxy import __version__
+from imapproxy.config import Limits
 from imapproxy.directory import Route, Server
 from imapproxy.errors import DirectoryUnavailable, UserNotFound
 from imapproxy.metrics import (
@@ -114,7 +116,34 @@ def test_bytes_are_counted_live_and_kept_after_the_end() -> None:
     # A counter never goes down when a session moves from live to ended.
     assert value(metrics, "imapproxy_client_bytes_total", protocol="imap",
                  direction="out") >= out
-    assert value(metrics, "imapproxy_sessions_ended_total", protocol="imap") == 1
+    assert value(metrics, "imapproxy_sessions_ended_total", protocol="imap",
+                 reason="client closed") == 1
+
+
+def test_operators_metrics_process_build_draining_certificates_refusals() -> None:
+    """Issue 13: the standard process metrics, the version, a draining gauge, the days a
+    certificate has left, and what each limit refused."""
+    h = Harness(limits=Limits(max_connections_per_ip=1))
+    now = 1_000_000.0
+    metrics = Metrics(lambda: h.registry.sessions, draining=lambda: h.registry.draining,
+                      certificates=lambda: {"default": now + 86400.0,
+                                            "mail.example.org": now - 60.0},
+                      clock=lambda: now)
+    h.factory.metrics = metrics
+    h.connect_client("192.0.2.1")
+    h.connect_client("192.0.2.1")  # over the per-address limit
+    assert value(metrics, "imapproxy_refused_total", limit="per_client") == 1
+    assert value(metrics, "imapproxy_build_info", version=__version__) == 1
+    found = samples(metrics)
+    assert ("process_open_fds", ()) in found and ("process_max_fds", ()) in found
+    assert ("process_resident_memory_bytes", ()) in found
+    assert value(metrics, "imapproxy_draining") == 0
+    h.registry.drain(timeout=1)
+    assert value(metrics, "imapproxy_draining") == 1
+    assert value(metrics, "imapproxy_certificate_expiry_seconds",
+                 certificate="default") == 86400.0
+    assert value(metrics, "imapproxy_certificate_expiry_seconds",
+                 certificate="mail.example.org") == -60.0
 
 
 def test_tls_failures_before_login_only() -> None:
@@ -200,3 +229,24 @@ def test_resource_serves_the_text_format() -> None:
     other.path = b"/"
     assert resource.render_GET(other).startswith(b"not found")
     assert other.responseCode == 404
+
+
+def test_livez_always_and_readyz_while_listening_and_not_draining() -> None:
+    state = {"listening": False, "draining": False}
+    metrics = Metrics(draining=lambda: state["draining"])
+    resource = MetricsResource(metrics, ready=lambda: state["listening"]
+                               and not state["draining"])
+
+    def get(path: bytes) -> tuple[int, bytes]:
+        request = DummyRequest([path.strip(b"/")])
+        request.path = path
+        body = resource.render_GET(request)
+        return request.responseCode or 200, body
+
+    assert get(b"/livez") == (200, b"ok\n")
+    assert get(b"/readyz")[0] == 503  # not yet listening
+    state["listening"] = True
+    assert get(b"/readyz") == (200, b"ready\n")
+    state["draining"] = True  # a drained instance leaves the balancer's pool first
+    assert get(b"/readyz")[0] == 503
+    assert get(b"/livez")[0] == 200

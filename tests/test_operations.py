@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rig.proxy import ADMIN_TOKEN, admin_token_file
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from imapproxy.admin import AdminResource
 from imapproxy.config import load
 from imapproxy.haproxy import ProxyHeaderFactory
 from imapproxy.metrics import Metrics, TimedDirectory
@@ -37,7 +39,7 @@ address = "127.0.0.1:9143"
 
 [admin]
 address = "{admin}"
-
+{token}
 [proxy_protocol]
 trusted = ["10.0.0.0/8"]
 timeout = 3
@@ -47,7 +49,10 @@ timeout = 3
 def config_file(tmp_path: Path, admin: str = "127.0.0.1:9144") -> Path:
     (tmp_path / "users.map").write_text("* 10.0.0.1\n")
     path = tmp_path / "imapproxy.toml"
-    path.write_text(CONFIG.format(admin=admin))
+    token = ""
+    if not admin.startswith("/"):
+        token = f'token_file = "{admin_token_file(tmp_path).name}"\n'
+    path.write_text(CONFIG.format(admin=admin, token=token))
     return path
 
 
@@ -61,6 +66,10 @@ def test_attach_wires_metrics_admin_and_proxy_listeners(tmp_path: Path) -> None:
     try:
         ports = {port: (factory, interface) for port, factory, _, interface in reactor.tcpServers}
         assert set(ports) == {1143, 1110, 9145, 9146}  # metrics and admin: port + worker index
+        admin = ports[9146][0].resource
+        # Worker 2 takes its own address as Host, and the token from the config.
+        assert isinstance(admin, AdminResource) and admin.authority == "127.0.0.1:9146"
+        assert admin.token is not None and admin.token.reveal() == ADMIN_TOKEN.encode()
         header = ports[1110][0]
         assert isinstance(header, ProxyHeaderFactory) and header.timeout == 3
         assert header.metrics is ops.metrics
@@ -97,3 +106,7 @@ def test_admin_on_a_unix_socket(tmp_path: Path) -> None:
     assert endpoint._address == str(socket_path)
     assert admin_endpoint(MemoryReactorClock(), config, 3)._address == f"{socket_path}.3"
     assert socket_path.exists()
+    top = build_service(config, MemoryReactorClock())
+    [site] = [s.factory for s in top if getattr(s, "endpoint", None) is not None
+              and getattr(s.endpoint, "_address", None) == str(socket_path)]
+    assert site.resource.authority is None and site.resource.token is None  # any Host

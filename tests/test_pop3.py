@@ -130,8 +130,6 @@ def test_capa_with_neither_tls_nor_plaintext() -> None:
     (b"STLS x", b"STLS takes no arguments"),
     (b"USER", b"USER needs a name"),
     (b"USER ", b"USER needs a name"),
-    (b"USER \xff\xfe", b"Username is not valid UTF-8"),
-    (b"USER a\x01b", b"Invalid username"),
     (b"AUTH CRAM-MD5", b"Unsupported authentication mechanism"),
 ])
 def test_commands_refused_before_login(line: bytes, text: bytes) -> None:
@@ -429,3 +427,38 @@ def test_transitions_outside_the_table_are_bugs() -> None:
     with pytest.raises(AssertionError, match="illegal transition"):
         session.login_succeeded(None)  # no login is running
     assert repr(LINE_TOO_LONG) == "LINE_TOO_LONG"
+
+
+# -- HTTP requests (cross-protocol attacks, ALPACA) ----------------------------------------
+
+HTTP_REQUEST = (b"Host: mail.example.org\r\nContent-Length: 40\r\n\r\n"
+                b"USER <script>alert(document.cookie)</script>\r\n")
+
+
+@pytest.mark.parametrize("first", [
+    b"GET / HTTP/1.1", b"POST /x HTTP/1.1", b"HEAD / HTTP/1.0", b"OPTIONS * HTTP/1.1",
+    b"PUT / HTTP/1.1", b"DELETE / HTTP/1.1", b"CONNECT a:995 HTTP/1.1", b"PATCH / HTTP/1.1",
+    b"TRACE / HTTP/1.1",
+])
+def test_an_http_request_line_closes_without_any_reply(first: bytes) -> None:
+    """Not even -ERR: nothing answers the request, and the body is never read (ALPACA)."""
+    for options in (IMPLICIT, STARTTLS, PLAINTEXT_OK):
+        session = check([first + b"\r\n" + HTTP_REQUEST], [Close("HTTP request")],
+                        options=options)
+        assert session.state is State.CLOSED
+
+
+def test_an_http_request_after_a_user_command_closes_too() -> None:
+    check([b"USER alice\r\nPOST / HTTP/1.1\r\n" + HTTP_REQUEST],
+          [send(b"+OK Send PASS\r\n"), Close("HTTP request")])
+
+
+@pytest.mark.parametrize("line", [
+    b"GET / HTTP", b"get / HTTP/1.1", b"GET  HTTP/1.1", b"PASS / HTTP/1.1x", b"XGET / HTTP/1.1",
+])
+def test_lines_that_are_not_http_requests_are_answered_as_usual(line: bytes) -> None:
+    session = Pop3Session(**PLAINTEXT_OK)
+    actions = session.receive_data(line + b"\r\n")
+    assert len(actions) == 1 and isinstance(actions[0], SendToClient)
+    assert actions[0].data.startswith(b"-ERR ")
+    assert session.state is State.AUTHORIZATION

@@ -10,11 +10,13 @@ from typing import Any
 
 from helpers import FakeEndpoint, Harness
 from twisted.application.service import MultiService, Service
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 
 from imapproxy.config import Config, ConfigError, load
 from imapproxy.directory import StaticDirectory
+from imapproxy.health import BackendHealth
 from imapproxy.metrics import Metrics
+from imapproxy.penalty import Outcome
 from imapproxy.protocol import BackendConnector
 from imapproxy.reload import Builders, Reloader, ReloadService
 
@@ -78,8 +80,14 @@ class Rig:
 class Ldap:
     cleared = 0
 
+    def __init__(self) -> None:
+        self.probes: list[str] = []
+
     def clear_cache(self) -> None:
         self.cleared += 1
+
+    def probe(self, when: str = "start") -> None:
+        self.probes.append(when)
 
 
 def test_new_map_routes_new_logins_while_an_idle_session_stays(tmp_path: Path) -> None:
@@ -134,22 +142,61 @@ def test_unchanged_ldap_settings_only_clear_the_cache(tmp_path: Path) -> None:
     service.setServiceParent(rig.root)
     assert rig.reloader.reload()
     assert ldap.cleared == 1 and rig.built == []
+    assert ldap.probes == ["reload"]  # the kept directory is tried again
     write(tmp_path, directory=LDAP.format(timeout=7))
     rig.root.startService()
     assert rig.reloader.reload()
     assert rig.built[-1].directory.ldap is not None
     assert rig.built[-1].directory.ldap.timeout == 7
     assert service.parent is None  # the old pool is stopped
+    assert ldap.probes == ["reload"]  # a new directory is tried by its own service
     (new_service,) = rig.reloader.directory_services
     assert new_service.parent is rig.root and new_service.running
 
 
-def test_restart_only_changes_are_logged(tmp_path: Path) -> None:
+def test_restart_only_changes_are_named_key_by_key_in_the_reloaded_line(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     write(tmp_path, listen_extra="proxy_protocol = true")
+    path = tmp_path / "imapproxy.toml"
+    path.write_text(path.read_text().replace("127.0.0.1:1143", "127.0.0.1:1144"))
     with capturedLogs() as events:
         assert rig.reloader.reload()
-    assert any(e.get("name") == "[[listen]]" for e in events)
+    [line] = [formatEvent(e) for e in events if formatEvent(e).startswith("reloaded ")]
+    assert line.endswith("; listen[0].address needs a restart; "
+                         "listen[0].proxy_protocol needs a restart"), line
+
+
+def test_limits_the_penalty_and_the_cooldown_apply_at_once(tmp_path: Path) -> None:
+    """SIGHUP used to leave [limits], the penalty and down_cooldown as they were."""
+    rig = Rig(tmp_path)
+    factory = rig.h.factory
+    factory.connector.health = BackendHealth(rig.h.reactor, 30)
+    rig.reloader.builders.connector = lambda config: BackendConnector(
+        rig.h.reactor, config, health=factory.connector.health)
+    gate = factory.penalty
+    gate.enter("192.0.2.7", gate.user_key("alice")).result.finish(
+        Outcome.FAILURE, gate.fingerprint("alice", b"typo"))
+    path = tmp_path / "imapproxy.toml"
+    path.write_text(path.read_text() + """
+[limits]
+max_connections_per_ip = 1
+login_delay = 5
+login_delay_max = 5
+penalty_exempt = ["198.51.100.0/24"]
+
+[backend]
+down_cooldown = 3
+""")
+    with capturedLogs() as events:
+        assert rig.reloader.reload()
+    assert not any("needs a restart" in formatEvent(e) for e in events)
+    assert factory.limiter.max_per_client == 1
+    rig.h.connect_client("192.0.2.9")
+    _second, transport = rig.h.connect_client("192.0.2.9")
+    assert b"Too many connections from this address" in transport.value()
+    assert gate.penalty.base == 5 and gate.penalty.is_exempt("198.51.100.7")
+    assert gate.penalty.failures("192.0.2.7", "alice") == (1, 1), "what was learnt stays"
+    assert rig.reloader.factories[0].connector.health.cooldown == 3
 
 
 def test_tls_reload_failure_refuses_everything(tmp_path: Path) -> None:

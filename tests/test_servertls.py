@@ -8,8 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from OpenSSL import SSL
 from rig.certs import CertPair, TestCA
-from tlspump import client_handshake, dns_names
+from tlspump import client_handshake, dns_names, pump
 
 from imapproxy.config import ConfigError, SniCertificate, TlsConfig, load
 from imapproxy.servertls import ServerTLS
@@ -166,3 +167,112 @@ map = "users.map"
     assert config.tls.ciphers == "ECDHE+AESGCM"
     assert served(ServerTLS(config.tls, config_path), "mail.example.org") == [
         "mail.example.org"]
+
+
+# -- ALPN (RFC 7301) and cross-protocol attacks (ALPACA) ----------------------------------
+
+def alpn_handshake(creator: object, sni: str | None, offered: list[str] | None,
+                   ) -> tuple[list[str], str | None]:
+    """The certificate's names and the protocol selected for a client offering ``offered``."""
+    server = creator.serverConnectionForTLS(None)  # type: ignore[attr-defined]
+    certificate, client = client_handshake(server, sni, alpn=offered)
+    return dns_names(certificate), client.selected_alpn_protocol()
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_alpn_selects_the_listener_protocol(certs: dict[str, tuple[Path, Path]],
+                                            protocol: str) -> None:
+    tls = ServerTLS(sni_config(certs), "/x.toml").for_protocol(protocol)
+    assert alpn_handshake(tls, None, [protocol]) == (["default.example.com"], protocol)
+    # Among others, and with either TLS version.
+    assert alpn_handshake(tls, None, ["h2", protocol, "http/1.1"])[1] == protocol
+    _cert, client = client_handshake(tls.serverConnectionForTLS(None), None,
+                                     maximum=ssl.TLSVersion.TLSv1_2, alpn=[protocol])
+    assert (client.version(), client.selected_alpn_protocol()) == ("TLSv1.2", protocol)
+
+
+@pytest.mark.parametrize(("protocol", "offered"), [
+    ("imap", ["http/1.1"]), ("imap", ["h2", "http/1.1"]), ("imap", ["pop3"]),
+    ("pop3", ["imap"]), ("pop3", ["smtp"]),
+])
+def test_alpn_without_the_listener_protocol_is_refused(
+        certs: dict[str, tuple[Path, Path]], protocol: str, offered: list[str]) -> None:
+    """RFC 7301 section 3.2: no overlap is a fatal no_application_protocol alert, so an
+    HTTPS page cannot talk to the mail server through a browser (ALPACA)."""
+    tls = ServerTLS(sni_config(certs), "/x.toml").for_protocol(protocol)
+    for sni in (None, "mail.example.org", "imap.example.net"):
+        with pytest.raises(ssl.SSLError, match="(?i)no.application.protocol"):
+            alpn_handshake(tls, sni, offered)
+
+
+def test_no_alpn_is_served_as_before(certs: dict[str, tuple[Path, Path]]) -> None:
+    for protocol in ("imap", "pop3"):
+        tls = ServerTLS(sni_config(certs), "/x.toml").for_protocol(protocol)
+        assert alpn_handshake(tls, None, None) == (["default.example.com"], None)
+
+
+def test_alpn_policy_holds_on_the_sni_certificates_and_after_reload(
+        certs: dict[str, tuple[Path, Path]]) -> None:
+    server_tls = ServerTLS(sni_config(certs), "/x.toml")
+    imap, pop3 = server_tls.for_protocol("imap"), server_tls.for_protocol("pop3")
+    assert alpn_handshake(imap, "mail.example.org", ["imap"]) == (["mail.example.org"], "imap")
+    assert alpn_handshake(pop3, "x.example.net", ["pop3"]) == (["any.example.net"], "pop3")
+    mail = certs["mail.example.org"]
+    server_tls.reload(TlsConfig(certificate=mail[0], key=mail[1]))
+    # The creators handed to the listeners follow the reload.
+    assert alpn_handshake(imap, None, ["imap"]) == (["mail.example.org"], "imap")
+    with pytest.raises(ssl.SSLError, match="(?i)no.application.protocol"):
+        alpn_handshake(pop3, None, ["imap"])
+
+
+def test_an_unknown_listener_protocol_is_a_programming_error(
+        certs: dict[str, tuple[Path, Path]]) -> None:
+    with pytest.raises(ValueError, match="smtp"):
+        ServerTLS(sni_config(certs), "/x.toml").for_protocol("smtp")
+
+
+def test_a_refused_handshake_does_not_spoil_the_next(
+        certs: dict[str, tuple[Path, Path]]) -> None:
+    tls = ServerTLS(sni_config(certs), "/x.toml").for_protocol("imap")
+    with pytest.raises(ssl.SSLError, match="(?i)no.application.protocol"):
+        alpn_handshake(tls, None, ["http/1.1"])
+    assert alpn_handshake(tls, None, ["imap"]) == (["default.example.com"], "imap")
+    assert alpn_handshake(tls, None, None) == (["default.example.com"], None)
+
+
+def test_the_refusal_reads_as_openssl_errors_do_and_leaves_none_behind(
+        certs: dict[str, tuple[Path, Path]]) -> None:
+    """Twisted's TLS layer reads an SSL.Error's args as (library, function, reason). And
+    OpenSSL's error queue is per thread: a failure left in it would fail the next TLS call
+    of another connection (SSL_get_error reads the queue first)."""
+    tls = ServerTLS(sni_config(certs), "/x.toml").for_protocol("pop3")
+    server = tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["imap"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with pytest.raises(SSL.Error) as refused:
+        pump(server, context.wrap_bio(incoming, outgoing), incoming, outgoing)
+    _library, _function, reason = refused.value.args[0][-1]
+    assert reason.startswith("no application protocol") and "'imap'" in reason
+    # Nothing was left in OpenSSL's error queue (Python's ssl clears it before each call,
+    # so only pyOpenSSL calls can tell): a new connection just waits for its ClientHello.
+    fresh = tls.serverConnectionForTLS(None)
+    fresh.set_accept_state()
+    with pytest.raises(SSL.WantReadError):
+        fresh.do_handshake()
+
+
+def test_expiry_of_each_certificate_for_the_metrics(certs: dict[str, tuple[Path, Path]],
+                                                    tmp_path: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+
+    tls = ServerTLS(sni_config(certs), tmp_path / "imapproxy.toml")
+    default = x509.load_pem_x509_certificate(certs["default.example.com"][0].read_bytes())
+    expected = default.not_valid_after.replace(tzinfo=datetime.UTC).timestamp()
+    assert tls.expiry["default"] == expected
+    assert set(tls.expiry) == {"default", "mail.example.org", "*.example.net"}

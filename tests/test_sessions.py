@@ -16,9 +16,13 @@ def test_drain_fires_when_the_last_session_goes() -> None:
     client.dataReceived(b"s SELECT INBOX\r\n")  # in flight: the drain waits
     drained = h.registry.drain(timeout=30)
     assert not drained.called and h.registry.draining
-    backend.dataReceived(b"s OK done\r\n")  # now quiet: BYE and close
-    assert drained.called
+    backend.dataReceived(b"s OK done\r\n")  # now quiet: BYE, LOGOUT, close
     assert client not in h.registry.sessions
+    assert backend.transport.value().endswith(b"PXYDRAIN LOGOUT\r\n")
+    # The drain also waits for the backend to answer our LOGOUT and close.
+    assert not drained.called and backend in h.registry.closing
+    backend.connectionLost()
+    assert drained.called
 
 
 def test_sweep_only_ticks_relayed_sessions() -> None:

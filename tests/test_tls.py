@@ -12,7 +12,13 @@ from rig.certs import TestCA
 from tlspump import pump
 
 from imapproxy.config import BackendConfig, ConfigError
-from imapproxy.tls import backend_client_certificate, backend_client_options, backend_trust_root
+from imapproxy.directory import StaticDirectory, parse_map
+from imapproxy.tls import (
+    backend_client_certificate,
+    backend_client_options,
+    backend_trust_root,
+    cleartext_warning,
+)
 
 
 class FakeTLSProtocol:
@@ -97,3 +103,37 @@ def test_client_certificate_config_errors(test_ca: TestCA, tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="backend.client_certificate"):
         backend_client_certificate(
             BackendConfig(client_certificate=empty, client_key=one.key_path), "/x")
+
+
+# -- [backend] tls = "none": passwords in clear --------------------------------------------
+
+def static(text: str) -> StaticDirectory:
+    return StaticDirectory(parse_map(text))
+
+
+def test_no_warning_for_backend_tls_or_loopback_backends() -> None:
+    anywhere = static("* mail.example.org\n")
+    assert cleartext_warning(BackendConfig(tls="starttls"), anywhere) is None
+    assert cleartext_warning(BackendConfig(tls="implicit"), anywhere) is None
+    local = static("a* 127.0.0.1:1143\nb* [::1]:143,localhost\nc* 127.9.9.9,imap.localhost\n"
+                   "* ::ffff:127.0.0.1\n")
+    assert cleartext_warning(BackendConfig(tls="none"), local) is None
+
+
+def test_warning_names_the_backends_that_get_passwords_in_clear() -> None:
+    directory = static("a* 127.0.0.1\nb* 192.0.2.10:143,127.0.0.1\n* mail.example.org\n")
+    warning = cleartext_warning(BackendConfig(tls="none"), directory)
+    assert warning is not None
+    assert "in clear" in warning and 'tls = "none"' in warning
+    assert "192.0.2.10" in warning and "mail.example.org" in warning
+    assert "127.0.0.1" not in warning
+    many = static("* " + ",".join(f"10.0.0.{i}" for i in range(1, 8)) + "\n")
+    warning = cleartext_warning(BackendConfig(tls="none"), many)
+    assert warning is not None and "10.0.0.1, 10.0.0.2, 10.0.0.3 and 4 more" in warning
+
+
+def test_warning_for_a_directory_that_names_backends_at_run_time() -> None:
+    """LDAP: the backends are only known per user, so the warning is given at start."""
+    warning = cleartext_warning(BackendConfig(tls="none"), object())
+    assert warning is not None
+    assert "directory" in warning and "in clear" in warning

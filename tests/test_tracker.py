@@ -31,6 +31,18 @@ def both(steps: list[tuple[str, bytes]]) -> SessionTracker:
     return whole
 
 
+def every_cut(steps: list[tuple[str, bytes]]) -> SessionTracker:
+    """Fed whole, byte by byte, and with each step cut in two at every position: all
+    give the same state."""
+    whole = both(steps)
+    for index, (side, data) in enumerate(steps):
+        for cut in range(1, len(data)):
+            pieces = [*steps[:index], (side, data[:cut]), (side, data[cut:]),
+                      *steps[index + 1:]]
+            assert state(feed(pieces)) == state(whole), (index, cut)
+    return whole
+
+
 def test_command_in_flight_until_tagged_reply() -> None:
     t = both([("c", b"a1 SELECT INBOX\r\n")])
     assert t.in_flight == 1 and not t.quiet
@@ -67,7 +79,7 @@ def test_literal_containing_done_and_crlf_is_not_a_line() -> None:
 
 def test_non_synchronising_literal_and_client_mid_literal_is_no_boundary() -> None:
     t = both([("c", b"a APPEND INBOX {10+}\r\n01234")])
-    assert not t.client_at_boundary and t.in_flight == 0
+    assert not t.client_at_boundary and t.in_flight == 1  # in flight from its first line
     t = both([("c", b"a APPEND INBOX {10+}\r\n0123456789\r\n")])
     assert t.client_at_boundary and t.in_flight == 1
 
@@ -111,6 +123,90 @@ def test_long_lines_keep_only_head_and_tail() -> None:
     assert len(t._c_head) <= HEAD and len(t._c_tail) <= 32
     t.from_client(line[70_000:])
     assert t.in_flight == 1
+
+
+# -- synchronising literals wait for "+" (RFC 3501 section 7.5, RFC 9051 section 7.5) -------
+
+def test_refused_synchronising_literal_is_never_sent() -> None:
+    """The issue's session: NO [TRYCREATE] instead of "+", and the 50,000 bytes never come;
+    the next command is IDLE, and it must be seen (timeouts, keepalives, drain)."""
+    steps = [("c", b"a APPEND NoSuchBox {50000}\r\n"),
+             ("s", b"a NO [TRYCREATE] Mailbox doesn't exist: NoSuchBox\r\n")]
+    t = every_cut(steps)
+    assert t.quiet and t.client_at_boundary and t.in_flight == 0
+    steps += [("c", b"b IDLE\r\n"), ("s", b"+ idling\r\n")]
+    t = every_cut(steps)
+    assert t.idling and t.idle_tag == b"b"
+    t = every_cut([*steps, ("c", b"DONE\r\n"), ("s", b"b OK Idle completed.\r\n")])
+    assert t.quiet
+
+
+def test_accepted_synchronising_literal_is_counted_after_the_plus() -> None:
+    steps = [("c", b"a APPEND INBOX {14}\r\n")]
+    t = every_cut(steps)
+    assert not t.client_at_boundary and t.in_flight == 1
+    steps += [("s", b"+ OK\r\n"), ("c", b"DONE\r\nb IDLE\r\n"), ("c", b"\r\n")]
+    t = every_cut(steps)
+    assert t.client_at_boundary and t.idle is Idle.OFF and t.in_flight == 1
+    assert every_cut([*steps, ("s", b"a OK [APPENDUID 1 2] Append completed.\r\n")]).quiet
+
+
+def test_each_synchronising_literal_of_a_command_waits_for_its_own_plus() -> None:
+    login = [("c", b"a LOGIN {5}\r\n"), ("s", b"+ OK\r\n"), ("c", b"alice {6}\r\n")]
+    t = every_cut([*login, ("s", b"+ OK\r\n"), ("c", b"secret\r\n"),
+                   ("s", b"a NO [ALREADYAUTHENTICATED] no\r\n")])
+    assert t.quiet
+    # Refused at the second literal: its bytes never come, the next command does.
+    t = every_cut([*login, ("s", b"a NO too big\r\n"), ("c", b"b IDLE\r\n"),
+                   ("s", b"+ idling\r\n")])
+    assert t.idling and t.in_flight == 1
+
+
+def test_a_pipelined_commands_reply_does_not_cancel_another_commands_literal() -> None:
+    steps = [("c", b"a NOOP\r\nb APPEND INBOX {5}\r\n"), ("s", b"a OK NOOP completed\r\n")]
+    t = every_cut(steps)
+    assert not t.client_at_boundary and t.in_flight == 1
+    t = every_cut([*steps, ("s", b"+ OK\r\n"), ("c", b"b NO \r\n"),
+                   ("s", b"b OK Append completed.\r\n")])
+    assert t.quiet
+
+
+def test_non_synchronising_literals_are_sent_at_once_even_when_refused() -> None:
+    """RFC 7888 (and ~{n+}, RFC 3516): the bytes follow the line without a "+"; a refusal
+    does not stop them."""
+    for marker in (b"{8+}", b"~{8+}"):
+        steps = [("c", b"a APPEND NoSuchBox " + marker + b"\r\n"),
+                 ("s", b"a NO [TRYCREATE] Mailbox doesn't exist\r\n"),
+                 ("c", b"b IDLE\r\n\r\n"), ("c", b"c IDLE\r\n"), ("s", b"+ idling\r\n")]
+        t = every_cut(steps)
+        assert t.idling and t.idle_tag == b"c", marker
+
+
+def test_binary_synchronising_literal_waits_too() -> None:
+    t = every_cut([("c", b"a APPEND NoSuchBox ~{50000}\r\n"), ("s", b"a NO [TRYCREATE] x\r\n"),
+                   ("c", b"b IDLE\r\n"), ("s", b"+ idling\r\n")])
+    assert t.idling
+
+
+def test_a_plus_answers_the_oldest_request_first() -> None:
+    """A client that does not wait: IDLE's "+" is the first, the literal's the second."""
+    steps = [("c", b"i IDLE\r\na APPEND INBOX {4}\r\n"), ("s", b"+ idling\r\n")]
+    t = every_cut(steps)
+    assert t.idle is Idle.IDLING and not t.client_at_boundary
+    t = every_cut([*steps, ("s", b"+ OK\r\n"), ("c", b"DONE\r\n")])
+    assert t.client_at_boundary and t.idle is Idle.IDLING  # DONE was the literal
+
+
+def test_authenticate_responses_are_not_commands() -> None:
+    """After login AUTHENTICATE is refused, but a server that sends "+" challenges gets
+    response lines, which have no tag and no tagged reply of their own."""
+    t = every_cut([("c", b"a AUTHENTICATE PLAIN\r\n"), ("s", b"+ \r\n"),
+                   ("c", b"AGFsaWNlAHNlY3JldA==\r\n"), ("s", b"+ more\r\n"),
+                   ("c", b"IDLE\r\n"), ("s", b"a NO [ALREADYAUTHENTICATED] no\r\n")])
+    assert t.quiet and t.idle is Idle.OFF
+    t = every_cut([("c", b"a AUTHENTICATE PLAIN\r\n"), ("s", b"a BAD Already logged in\r\n"),
+                   ("c", b"i IDLE\r\n"), ("s", b"+ idling\r\n")])
+    assert t.idling
 
 
 _pieces = st.sampled_from([b"a NOOP\r\n", b"i IDLE\r\n", b"DONE\r\n", b"+ idling\r\n",

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imapproxy.config import UsernameConfig
-from imapproxy.usernames import Names, rewrite, split
+from imapproxy.usernames import Names, rewrite, split, username_problem
 
 
 def cfg(**kwargs: object) -> UsernameConfig:
@@ -131,3 +131,22 @@ def test_lowercase_output_is_lowercase(username: str, c: UsernameConfig) -> None
     names = rewrite(username, c)
     assert names.lookup == names.lookup.lower()
     assert names.backend == names.backend.lower()
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("alice", None),
+    ("jürgen@exämple.org", None),
+    ("a" * 320, None),
+    ("a" * 321, "username longer than 320 bytes"),
+    ("ü" * 161, "username longer than 320 bytes"),  # 322 bytes in UTF-8
+    ("", "empty username"),
+    ("bob\x00", "control character in username"),
+    ("bob\r\nuser=<root>", "control character in username"),
+    ("a\x85b", "control character in username"),
+    ("a\u2028b", "control character in username"),
+    ("a\u2029b", "control character in username"),
+    ("a\x7fb", "control character in username"),
+    ("\udcff", "username is not UTF-8"),
+])
+def test_username_problem(name: str, problem: str | None) -> None:
+    assert username_problem(name, 320) == problem

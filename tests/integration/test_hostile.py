@@ -263,10 +263,14 @@ def test_negative_and_non_numeric_literal_sizes(proxy: Proxy) -> None:
 def test_nul_bytes(proxy: Proxy) -> None:
     reply = imap_exchange(proxy, b'a1 LOGIN "al\x00ice" pw\r\n\x00\x00\x00\r\n'
                                  b"a3 LOGIN {6+}\r\nal\x00ice pw\r\na4 N\x00OP\r\na5 NOOP\r\n")
-    assert b"a1 BAD " in reply and b"* BAD " in reply and b"a3 BAD " in reply
+    assert b"a1 BAD " in reply and b"* BAD " in reply
+    # A name with NUL (in a literal) is no protocol error but a failed login, refused
+    # before any lookup (usernames.username_problem) and counted by the penalty.
+    assert b"a3 NO [AUTHENTICATIONFAILED] " in reply
     assert b"a4 BAD " in reply and b"a5 OK NOOP completed\r\n" in reply
     pop = pop3_exchange(proxy, b"USER al\x00ice\r\nPASS x\r\n\x00\x00\r\nCAPA\r\n")
-    assert pop.count(b"-ERR") == 3 and b"+OK Capability list follows" in pop
+    assert b"-ERR [AUTH] Authentication failed\r\n" in pop
+    assert pop.count(b"-ERR") == 2 and b"+OK Capability list follows" in pop
     assert_serves(proxy)
 
 
@@ -274,11 +278,12 @@ def test_invalid_utf8(proxy: Proxy) -> None:
     reply = imap_exchange(proxy, b"a1 LOGIN \xff\xfe\xfd pw\r\na2 LOGIN \"\xc3\x28\" pw\r\n"
                                  b"a3 AUTHENTICATE PLAIN " + base64.b64encode(b"\x00\xff\x00pw")
                           + b"\r\na4 NOOP\r\n")
-    assert b"a1 BAD LOGIN: Username is not valid UTF-8\r\n" in reply
-    assert b"a2 BAD LOGIN: Username is not valid UTF-8\r\n" in reply
-    assert b"a3 BAD " in reply and b"a4 OK NOOP completed\r\n" in reply
-    pop = pop3_exchange(proxy, b"USER \xff\xfe\r\nCAPA\r\n")
-    assert b"-ERR Username is not valid UTF-8\r\n" in pop
+    # Names that are not UTF-8 are failed logins, refused before any lookup.
+    for tag in (b"a1", b"a2", b"a3"):
+        assert tag + b" NO [AUTHENTICATIONFAILED] Authentication failed\r\n" in reply
+    assert b"a4 OK NOOP completed\r\n" in reply
+    pop = pop3_exchange(proxy, b"USER \xff\xfe\r\nPASS pw\r\nCAPA\r\n")
+    assert b"-ERR [AUTH] Authentication failed\r\n" in pop
     assert_serves(proxy)
 
 
@@ -367,7 +372,8 @@ def test_half_open_connections(proxy: Proxy) -> None:
         data = read_until_closed(sock, timeout=PREAUTH_TIMEOUT + 15)
         assert data.endswith((b"* BYE Autologout; idle for too long\r\n",
                               b"-ERR Autologout; idle for too long\r\n"))
-    assert time.monotonic() - started >= PREAUTH_TIMEOUT  # not closed before their time
+    # Not closed before their time (less the reactor's timer slack, a few ms).
+    assert time.monotonic() - started >= PREAUTH_TIMEOUT - 0.1
     assert_serves(proxy)
 
 
@@ -434,49 +440,45 @@ def test_a_thousand_connections_from_one_address(proxy: Proxy) -> None:
 
 
 def guess(proxy: Proxy, source: str, user: str, attempts: list[int]) -> set[bytes]:
-    """Wrong passwords on fresh connections, five per connection, until the list is empty."""
+    """Wrong passwords, each on a fresh connection, until the list is empty."""
     replies = set()
     while attempts:
         sock = connect(proxy.imap, source)
         buffer = bytearray()
         read_line(sock, buffer)
         try:
-            for _ in range(5):  # max_failed_logins: then a BYE and the proxy hangs up
-                if not attempts:
-                    break
-                n = attempts.pop()
-                tag = b"w%d" % n
-                sock.sendall(tag + b" LOGIN " + user.encode() + b" wrong-%d\r\n" % n)
-                line = read_line(sock, buffer)
-                assert line.startswith(tag + b" NO "), line
-                replies.add(line[len(tag):])
-            else:
-                assert read_line(sock, buffer) == b"* BYE Too many failed logins\r\n"
+            n = attempts.pop()
+            tag = b"w%d" % n
+            sock.sendall(tag + b" LOGIN " + user.encode() + b" wrong-%d\r\n" % n)
+            line = read_line(sock, buffer)
+            assert line.startswith(tag + b" NO "), line
+            replies.add(line[len(tag):])
         finally:
             sock.close()
     return replies
 
 
-def test_two_hundred_wrong_passwords_in_a_row(proxy: Proxy) -> None:
-    """200 distinct wrong passwords for one user from one address, ten clients at a time
-    (Dovecot takes about half a second per failed login itself)."""
-    source, user, workers = "127.0.0.7", "dave", 10
+def test_thirty_wrong_passwords_three_at_a_time(proxy: Proxy) -> None:
+    """30 distinct wrong passwords for one user from one address, three clients at a time:
+    the penalty is paid before each check, so they reach the backend one at a time.
+    (Three: a queued client waits for the checks ahead of it, each of which Dovecot
+    answers in half a second here, and this module's pre-auth timeout is 3 s.)"""
+    source, user, workers = "127.0.0.7", "dave", 3
     started = time.monotonic()
-    attempts = list(range(200))
+    attempts = list(range(30))
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda _: guess(proxy, source, user, attempts),
                                 range(workers)))
     elapsed = time.monotonic() - started
     assert set().union(*results) == {b" NO [AUTHENTICATIONFAILED] Authentication failed\r\n"}
-    # The delays grew 5, 10, 20, 40 ms and stayed at the cap (read from the proxy's log,
-    # in the order the failures happened), and they were waited for: a lower bound on
-    # the time taken (a delay never fires early).
-    delays = [float(d) for d in re.findall(
-        rf"login failure throttled id=\S+ client={re.escape(source)} user={user} "
-        r"delay=([0-9.]+)s", proxy.log())]
-    assert delays[:4] == [0.005, 0.01, 0.02, 0.04]
-    assert len(delays) == 200 and set(delays[3:]) == {MAX_DELAY}
-    assert elapsed >= sum(delays) / workers * 0.99
+    # After the first four (an address without failures may have four checks at once),
+    # each check waited the capped penalty after the one before it ended: a lower bound
+    # on the time taken (a penalty never ends early).
+    waits = [float(w) for w in re.findall(
+        rf"login delayed id=\S+ client={re.escape(source)} user=<{user}> "
+        r"waited=([0-9.]+)s", proxy.log())]
+    assert len(waits) >= 25
+    assert elapsed >= (30 - 4 - 3) * MAX_DELAY
     # The right password still works, from another address and from the same one.
     assert_serves(proxy, user=user, source="127.0.0.8")
     assert_serves(proxy, user=user, source=source)

@@ -22,7 +22,7 @@ from rig.ports import free_port
 from rig.slapd import Slapd
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from imapproxy.config import load as load_config
 from imapproxy.directory import Route, Server, rendezvous_order
@@ -57,6 +57,8 @@ def make_directory(
     }
     lines = [f"uris = [{', '.join(toml_string(u) for u in uris)}]"]
     for key, value in settings.items():
+        if value is None:  # left out, e.g. base = None: the URIs' DN part is the base
+            continue
         if isinstance(value, bool):
             lines.append(f"{key} = {'true' if value else 'false'}")
         elif isinstance(value, int | float):
@@ -264,6 +266,8 @@ async def test_second_uri_takes_over_when_the_first_is_down(
         directories: Callable[..., LdapDirectory]) -> None:
     dead = f"ldap://127.0.0.1:{free_port()}"  # nothing listens: connection refused
     directory = directories(tmp_path, [dead, entries.uri], cache="max_entries = 0")
+    await directory.service.probed  # it finds the dead URI too, and logs it
+    logged.clear()
     route = await directory.lookup("alice", "imap")
     assert route.servers == (Server(store1.host, store1.imap_port),)
     assert f"{dead} failed" in log_text(logged)
@@ -313,7 +317,7 @@ async def test_stale_cache_then_unavailable_then_recovery(
     server.stop()
     clock.advance(10)  # no longer fresh: the directory is asked, and is down
     assert await directory.lookup("amy", "imap") == fresh
-    assert "serving stale cached route for 'amy' (10s old)" in log_text(logged)
+    assert "serving stale cached route for <amy> (10s old)" in log_text(logged)
     # Nothing cached for ben: a temporary failure, never a guess.
     assert isinstance(await outcome(directory.lookup("ben", "imap")), DirectoryUnavailable)
     clock.advance(90)  # stale_ttl reached
@@ -403,3 +407,126 @@ async def test_wrong_certificate_is_refused(
     assert isinstance(await outcome(directory.lookup("amy", "imap")), DirectoryUnavailable)
     text = log_text(logged).lower()
     assert "certificate" in text or "verify" in text, text
+
+
+# --- every URI form (RFC 4516 section 2, and ldapi), and the start-up probe ------------
+
+
+def uri_form(slapd: Slapd, form: str) -> str:
+    port = slapd.port
+    forms = {
+        "host:port": f"ldap://127.0.0.1:{port}",
+        "host:port/": f"ldap://127.0.0.1:{port}/",
+        "host:port/dn": f"ldap://127.0.0.1:{port}/{slapd.base.replace(',', '%2C')}",
+        "upper-case scheme": f"LDAP://127.0.0.1:{port}/",
+        "ldaps by name": f"ldaps://localhost:{slapd.ldaps_port}/",
+        "ldapi": slapd.ldapi_uri or "",
+    }
+    assert forms[form], f"{slapd} has no {form} listener"
+    return forms[form]
+
+
+@pytest.mark.parametrize("form", ["host:port", "host:port/", "host:port/dn", "upper-case scheme",
+                                  "ldaps by name", "ldapi"])
+@pytest_twisted.ensureDeferred
+async def test_every_uri_form_finds_the_route(
+        form: str, tmp_path: Path, entries: Slapd, store1: Dovecot, test_ca: TestCA,
+        logged: list[LogEvent], directories: Callable[..., LdapDirectory]) -> None:
+    uri = uri_form(entries, form)
+    directory = directories(tmp_path, [uri], ca_file=str(test_ca.ca_path))
+    route = await directory.lookup("alice", "imap")
+    assert route == Route("alice", (Server(store1.host, store1.imap_port),)), log_text(logged)
+    assert await directory.service.probed is True
+    assert f"LDAP directory answers at {uri}" in log_text(logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ldapi_connects_over_the_socket(
+        tmp_path: Path, entries: Slapd, directories: Callable[..., LdapDirectory]) -> None:
+    assert entries.ldapi_uri is not None
+    directory = directories(tmp_path, [entries.ldapi_uri], cache="max_entries = 0")
+    before = entries.log_path.read_text(errors="replace").count("PATH=" + str(entries.ldapi_path))
+    assert (await directory.lookup("bob", "imap")).login == "bob"
+    after = entries.log_path.read_text(errors="replace").count("PATH=" + str(entries.ldapi_path))
+    assert after > before  # slapd logged the connection as one on its ldapi socket
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_dn_part_is_the_search_base(
+        tmp_path: Path, entries: Slapd, logged: list[LogEvent],
+        directories: Callable[..., LdapDirectory]) -> None:
+    good = directories(tmp_path, [f"ldap://127.0.0.1:{entries.port}/{entries.suffix}"],
+                       base=None)
+    assert good.cfg.base == entries.suffix
+    assert (await good.lookup("alice", "imap")).login == "alice"
+    # A base that is not there finds no one; the probe says why.
+    missing = f"ldap://127.0.0.1:{entries.port}/ou=nowhere,{entries.suffix}"
+    bad = directories(tmp_path, [missing], base=None)
+    assert isinstance(await outcome(bad.lookup("alice", "imap")), UserNotFound)
+    assert await bad.service.probed is True
+    assert f"LDAP directory answers at {missing}, but has no entry ou=nowhere" in log_text(logged)
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@pytest_twisted.ensureDeferred
+async def test_ipv6_literal_in_brackets(
+        tmp_path: Path, slapd_factory: Callable[..., Slapd],
+        directories: Callable[..., LdapDirectory]) -> None:
+    server = slapd_factory(tls=False, ipv6=True)
+    server.add_user("amy", mail_host="127.0.0.1:1143")
+    assert server.ipv6_uri is not None
+    directory = directories(tmp_path, [server.ipv6_uri], cache="max_entries = 0")
+    assert (await directory.lookup("amy", "imap")).servers == (Server("127.0.0.1", 1143),)
+    assert await directory.service.probed is True
+    assert "IP=[::1]" in server.log_path.read_text(errors="replace")
+
+
+@pytest_twisted.ensureDeferred
+async def test_probe_logs_a_directory_that_does_not_answer(
+        tmp_path: Path, logged: list[LogEvent],
+        directories: Callable[..., LdapDirectory]) -> None:
+    dead = [f"ldap://127.0.0.1:{free_port()}/", f"ldaps://localhost:{free_port()}"]
+    directory = directories(tmp_path, dead)
+    assert await directory.service.probed is False
+    errors = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"LDAP directory does not answer (every URI failed: {dead[0]}: ")
+    assert f"; {dead[1]}: " in errors[0]
+    assert errors[0].endswith("); starting anyway: cached routes and a later recovery may serve")
+    # The probe leaves the URIs' health to the lookups.
+    assert not any(directory.uri_health.is_down(uri) for uri in dead)
+
+
+@pytest_twisted.ensureDeferred
+async def test_probe_names_the_uri_that_answers_after_one_that_failed(
+        tmp_path: Path, entries: Slapd, logged: list[LogEvent],
+        directories: Callable[..., LdapDirectory]) -> None:
+    dead = f"ldap://127.0.0.1:{free_port()}/"
+    directory = directories(tmp_path, [dead, entries.uri])
+    assert await directory.service.probed is True
+    text = log_text(logged)
+    assert f"LDAP server {dead} failed" in text
+    assert f"LDAP directory answers at {entries.uri}" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_probe_with_a_wrong_password_does_not_log_it(
+        tmp_path: Path, entries: Slapd, logged: list[LogEvent],
+        directories: Callable[..., LdapDirectory]) -> None:
+    secret = "probe-Pa55-do-not-log"
+    directory = directories(tmp_path, [entries.uri], bind_dn=entries.admin_dn,
+                            bind_password=secret)
+    assert await directory.service.probed is False
+    text = log_text(logged)
+    assert f"every URI failed: {entries.uri}: bind as {entries.admin_dn} failed: " \
+           "invalidCredentials" in text
+    assert secret not in text and all(secret not in repr(e) for e in logged)

@@ -1,5 +1,7 @@
-"""Operations end to end: metrics and admin with real sessions, the client's address at
-Dovecot (IMAP ID), HAProxy with send-proxy-v2 in front of two proxies, SIGHUP reloads.
+"""Operations end to end: metrics and admin with real sessions, who may use the admin API
+(token, Host, the socket's mode, another local user), drain and undrain, the client's
+address at Dovecot (IMAP ID), HAProxy with send-proxy-v2 in front of two proxies,
+SIGHUP reloads.
 
 Clients connect from 127.0.0.2, so their address is told apart from the proxies' and
 HAProxy's (127.0.0.1) in every log.
@@ -7,13 +9,16 @@ HAProxy's (127.0.0.1) in every log.
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,8 +30,9 @@ import rig.proxy
 from prometheus_client.parser import text_string_to_metric_families
 from rig.imapraw import RawImap
 from rig.ports import free_port
-from rig.proxy import store_map
+from rig.proxy import ADMIN_TOKEN, admin_token_file, store_map
 
+import imapproxy
 from imapproxy.proxyprotocol import encode_v2
 
 HOST = "127.0.0.1"
@@ -99,9 +105,12 @@ def metric(found: dict[Any, float], name: str, **labels: str) -> float:
     return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def admin(address: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "imapproxy.admincli", "--address", address,
-                             *args], capture_output=True, text=True, timeout=30)
+def admin(where: Any, *args: str) -> str:
+    """imapproxy-admin against a proxy (through its config) or an address."""
+    target = (["--config", str(where.config_path)] if hasattr(where, "config_path")
+              else ["--address", str(where)])
+    result = subprocess.run([sys.executable, "-m", "imapproxy.admincli", *target, *args],
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -111,15 +120,17 @@ def json_log(proxy: Any) -> list[dict[str, Any]]:
 
 
 def test_metrics_admin_and_client_address_at_dovecot(store1, store2, mail_users, start_proxy,
-                                                      server_cert, client_tls):
+                                                      server_cert, client_tls, tmp_path):
     port, tls_port, metrics_port, admin_port = (free_port() for _ in range(4))
     users_map = store_map(store1, store2, mail_users)
+    token = admin_token_file(tmp_path)
     proxy = start_proxy(
         config([{"protocol": "imap", "address": f"{HOST}:{port}", "tls": "none"},
                 {"protocol": "imap", "address": f"{HOST}:{tls_port}", "tls": "implicit"}],
                cert=server_cert,
                extra=f'[metrics]\naddress = "{HOST}:{metrics_port}"\n\n'
-                     f'[admin]\naddress = "{HOST}:{admin_port}"\n\n[log]\nformat = "json"\n'),
+                     f'[admin]\naddress = "{HOST}:{admin_port}"\ntoken_file = "{token}"\n\n'
+                     '[log]\nformat = "json"\n'),
         [port, tls_port, metrics_port, admin_port], {"users.map": users_map})
     alice, bob, carol = (user(mail_users, n) for n in ("alice", "bob", "carol"))
     idler = login(port, alice)
@@ -162,7 +173,7 @@ def test_metrics_admin_and_client_address_at_dovecot(store1, store2, mail_users,
     assert "rip=127.0.0.2" in log_line[-1], log_line
 
     # -- admin: list, kick by user, kick by backend ------------------------------------------
-    listed = [json.loads(line) for line in admin(f"{HOST}:{admin_port}", "sessions",
+    listed = [json.loads(line) for line in admin(proxy, "sessions",
                                                  "--json").splitlines()]
     by_user = {s["user"]: s for s in listed}
     assert by_user["alice"]["state"] == "idle"
@@ -170,16 +181,16 @@ def test_metrics_admin_and_client_address_at_dovecot(store1, store2, mail_users,
     assert by_user["alice"]["backend"] == f"127.0.0.1:{store1.imap_port}"
     assert by_user["bob"]["state"] == "active"
     assert by_user[""]["state"] == "pre-auth"
-    table = admin(f"{HOST}:{admin_port}", "sessions")
+    table = admin(proxy, "sessions")
     assert table.splitlines()[0].split()[:4] == ["PID", "ID", "PROTO", "USER"]
     assert "alice" in table and "idle" in table
 
-    assert admin(f"{HOST}:{admin_port}", "kick", "--user", "alice") == \
+    assert admin(proxy, "kick", "--user", "alice") == \
         "kicked 1 session (user alice)\n"
     assert idler.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
     assert idler.at_eof()
     assert busy.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # bob was not touched
-    out = admin(f"{HOST}:{admin_port}", "kick", "--backend", f"127.0.0.1:{store2.imap_port}")
+    out = admin(proxy, "kick", "--backend", f"127.0.0.1:{store2.imap_port}")
     assert out == f"kicked 1 session (backend 127.0.0.1:{store2.imap_port})\n"
     assert busy.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
     assert busy.at_eof()
@@ -197,6 +208,212 @@ def test_metrics_admin_and_client_address_at_dovecot(store1, store2, mail_users,
     ends = wait_for(lambda: [e for e in json_log(proxy) if e["text"].startswith("session end")
                              and e.get("user") == "alice"], "alice's session end line")
     assert ends[0]["reason"] == "kicked" and ends[0]["bytes_out"] > 0
+
+
+# -- who may use the admin API -----------------------------------------------------------------
+
+#: another local user: nobody, with no supplementary groups
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+#: Debian's interpreter (scripts/install-deps): nobody may not run the tests' one under /root
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+#: run as nobody: GET /sessions without a token, as any local process could
+NOBODY_GET = """
+import http.client, sys
+connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+connection.request("GET", "/sessions")
+response = connection.getresponse()
+print(response.status, response.getheader("www-authenticate"))
+"""
+
+#: run as nobody: connect to a UNIX socket
+NOBODY_CONNECT = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+try:
+    sock.connect(sys.argv[1])
+except PermissionError:
+    print("permission denied")
+else:
+    print("connected")
+"""
+
+
+def as_nobody(*argv: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NOBODY, SYSTEM_PYTHON, "-B", *argv], capture_output=True, text=True,
+                          timeout=30, cwd="/", env={"PATH": "/usr/bin:/bin",
+                                                    "PYTHONPATH": pythonpath})
+
+
+def public_folder() -> Path:
+    """A folder other users may enter (pytest's tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="imapproxy-test-"))
+    folder.chmod(0o755)
+    return folder
+
+
+def ask(port: int, method: str, path: str, headers: list[tuple[str, str]]) -> tuple[int, Any]:
+    """One request with exactly these headers (no Host unless given); status and JSON body."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def free_port_pair() -> int:
+    """A port that is free, and the next one too (worker 1's admin API)."""
+    while True:
+        port = free_port()
+        if port < 65535 and _free(port + 1):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def test_admin_on_tcp_takes_the_token_and_only_its_own_host(store1, store2, mail_users,
+                                                            start_proxy, tmp_path):
+    port, admin_port = free_port(), free_port_pair()
+    token = admin_token_file(tmp_path)
+    proxy = start_proxy(
+        "workers = 2\n" + config(
+            [{"protocol": "imap", "address": f"{HOST}:{port}", "tls": "none"}],
+            extra=f'[admin]\naddress = "{HOST}:{admin_port}"\ntoken_file = "{token}"\n'),
+        [port, admin_port, admin_port + 1], {"users.map": store_map(store1, store2, mail_users)})
+    alice = user(mail_users, "alice")
+    idler = login(port, alice)
+    idle(idler)
+    bearer = ("Authorization", f"Bearer {ADMIN_TOKEN}")
+
+    # Another local user, without the token: refused.
+    result = as_nobody("-c", NOBODY_GET, str(admin_port))
+    assert result.stdout == '401 Bearer realm="imapproxy-admin"\n', result.stderr
+    # With it, each worker answers on its own address (port + index) as Host.
+    listed = []
+    for worker_port in (admin_port, admin_port + 1):
+        code, body = ask(worker_port, "GET", "/sessions", [("Host", f"{HOST}:{worker_port}"),
+                                                            bearer])
+        assert code == 200, body
+        listed += body["sessions"]
+    assert [s["user"] for s in listed] == ["alice"]
+    # A page whose DNS name was rebound to 127.0.0.1 sends its own name: refused, token or not.
+    for headers in ([("Host", f"evil.example:{admin_port}")],
+                    [("Host", f"evil.example:{admin_port}"), bearer],
+                    [("Host", f"{HOST}:{admin_port + 1}"), bearer],  # the other worker's
+                    [bearer]):  # no Host at all
+        code, body = ask(admin_port, "GET", "/sessions", headers)
+        assert code == 421 and body["error"] == f"the Host header must be {HOST}:{admin_port}"
+    code, _ = ask(admin_port, "POST", "/drain", [("Host", f"{HOST}:{admin_port}"), bearer,
+                                                 ("Origin", f"http://{HOST}:{admin_port}")])
+    assert code == 403
+    code, _ = ask(admin_port, "POST", "/drain", [("Host", f"{HOST}:{admin_port}"),
+                                                 ("Authorization", "Bearer not-the-token")])
+    assert code == 401
+    # Nothing was drained: alice still idles, and new clients are greeted.
+    code, body = ask(admin_port, "GET", "/sessions", [("Host", f"{HOST}:{admin_port}"), bearer])
+    code_1, body_1 = ask(admin_port + 1, "GET", "/sessions",
+                         [("Host", f"{HOST}:{admin_port + 1}"), bearer])
+    assert [s["state"] for s in body["sessions"] + body_1["sessions"]] == ["idle"]
+    greeted = RawImap(HOST, port, source=CLIENT)
+    assert greeted.greeting.startswith(b"* OK")
+    greeted.close()
+    refused = wait_for(lambda: [line for line in proxy.log().splitlines()
+                                if "admin: refused" in line], "the refusals in the log")
+    assert any("from 127.0.0.1:" in line and "no bearer token" in line for line in refused)
+    assert any("Host ['evil.example:" in line for line in refused)
+    assert ADMIN_TOKEN not in proxy.log()
+
+    # imapproxy-admin --config: the address of every worker and the token from the config.
+    assert [json.loads(line)["user"] for line in admin(proxy, "sessions", "--json")
+            .splitlines()] == ["alice"]
+    assert admin(proxy, "drain") == "draining 1 session\n"
+    assert idler.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
+    assert idler.at_eof()
+    for _ in range(4):  # SO_REUSEPORT spreads them over both workers: both refuse
+        late = RawImap(HOST, port, source=CLIENT)
+        assert late.greeting == b"* BYE [UNAVAILABLE] Shutting down\r\n"
+        assert late.at_eof()
+    assert admin(proxy, "undrain") == "accepting new sessions again\n"
+    for name in ("alice", "bob", "carol", "dave"):  # and both take logins again
+        again = login(port, user(mail_users, name))
+        assert again.command(b"o", b"LOGOUT")[-1].startswith(b"o OK")
+        again.close()
+
+    # The token file is the service user's: imapproxy-admin run by anyone else cannot
+    # read it, and says so (a copy of the config and the package where nobody may look).
+    public = public_folder()
+    try:
+        shutil.copytree(Path(imapproxy.__file__).parent, public / "imapproxy",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        copied = public / "imapproxy.toml"
+        copied.write_text(proxy.config_path.read_text().replace(str(token),
+                                                                 str(public / "admin.token")))
+        (public / "users.map").write_text("*  127.0.0.1\n")
+        for readable in (copied, public / "users.map"):
+            readable.chmod(0o644)
+        shutil.copy(token, public / "admin.token")  # mode 0600, root's
+        result = as_nobody("-m", "imapproxy.admincli", "--config", str(copied), "sessions",
+                           pythonpath=str(public))
+        assert result.returncode == 1, result.stdout
+        assert result.stderr == (f"imapproxy-admin: config error: {copied}: admin.token_file: "
+                                 f"cannot read {public / 'admin.token'}: Permission denied "
+                                 "(run as the service user or root)\n")
+    finally:
+        shutil.rmtree(public)
+
+
+def test_admin_socket_is_mode_0600_and_no_other_user_connects(store1, store2, mail_users,
+                                                               start_proxy):
+    port = free_port()
+    public = public_folder()  # so that only the socket's own mode keeps nobody out
+    socket_path = public / "admin.sock"
+    try:
+        proxy = start_proxy(
+            config([{"protocol": "imap", "address": f"{HOST}:{port}", "tls": "none"}],
+                   extra=f'[admin]\naddress = "{socket_path}"\n'),
+            [port], {"users.map": store_map(store1, store2, mail_users)})
+        wait_for(socket_path.exists, "the admin socket")
+        mode = socket_path.stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        result = as_nobody("-c", NOBODY_CONNECT, str(socket_path))
+        assert result.stdout == "permission denied\n", result.stderr
+        # imapproxy-admin run by nobody says why (a copy of the package nobody may read).
+        shutil.copytree(Path(imapproxy.__file__).parent, public / "imapproxy",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        result = as_nobody("-m", "imapproxy.admincli", "--address", str(socket_path),
+                           "sessions", pythonpath=str(public))
+        assert result.stderr == (f"imapproxy-admin: {socket_path}: Permission denied "
+                                 "(run as the service user or root)\n")
+        # The service user (root here) needs no token on it, through the config or the path.
+        idler = login(port, user(mail_users, "bob"))
+        assert "bob" in admin(proxy, "sessions")
+        assert admin(socket_path, "drain") == "draining 1 session\n"
+        assert idler.readline() == b"* BYE [UNAVAILABLE] Shutting down\r\n"
+        assert admin(socket_path, "undrain") == "accepting new sessions again\n"
+        login(port, user(mail_users, "bob")).command(b"o", b"LOGOUT")
+        # A browser is refused here too, and the log names the peer by its uid and pid.
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(socket_path))
+            sock.sendall(b"GET /sessions HTTP/1.0\r\nOrigin: http://evil.example\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 403 ")
+        line = wait_for(lambda: [x for x in proxy.log().splitlines() if "admin: refused" in x],
+                        "the refusal in the log")
+        assert "'GET /sessions' from uid 0 pid " in line[0], line
+    finally:
+        shutil.rmtree(public)
 
 
 # -- HAProxy in front ------------------------------------------------------------------------
@@ -303,7 +520,7 @@ def test_haproxy_with_send_proxy_v2_in_front_of_two_proxies(store1, store2, mail
     raw_socket.sendall(b"e LOGIN erin " + erin.password.encode() + b"\r\n")
     assert reader.readline().startswith(b"e OK")
     raw_socket.close()
-    wait_for(lambda: "client=2001:db8::7 user=erin" in proxies[1].log(), "the IPv6 login line")
+    wait_for(lambda: "client=2001:db8::7 user=<erin>" in proxies[1].log(), "the IPv6 login line")
     line = wait_for(lambda: [x for x in store1.log_path.read_text().splitlines()
                              if "Login: user=<erin>" in x and "rip=2001:db8::7" in x],
                     "erin's login at store1 with the IPv6 address")
@@ -318,9 +535,9 @@ def test_haproxy_with_send_proxy_v2_in_front_of_two_proxies(store1, store2, mail
         [chained_port], {"users.map": f"*  127.0.0.1:{ports[1]}\n"}, name="chained")
     raw = login(chained_port, user(mail_users, "frank"))
     raw.close()
-    wait_for(lambda: "client=127.0.0.2 user=frank" in proxies[1].log(),
+    wait_for(lambda: "client=127.0.0.2 user=<frank>" in proxies[1].log(),
              "frank's login at the second proxy with the client's address")
-    assert "client=127.0.0.2 user=frank" in chained.log()
+    assert "client=127.0.0.2 user=<frank>" in chained.log()
 
 
 # -- SIGHUP ---------------------------------------------------------------------------------
@@ -341,7 +558,7 @@ def test_sighup_reloads_the_map_and_keeps_an_idle_session(store1, store2, mail_u
     wait_for(lambda: "reloaded " in proxy.log(), "the reload")
     moved = login(port, alice)
     moved.command(b"o", b"LOGOUT")
-    assert f"user=alice backend=127.0.0.1:{store2.imap_port}" in proxy.log()
+    assert f"user=<alice> backend=127.0.0.1:{store2.imap_port}" in proxy.log()
     # The session opened before the reload is still relayed, from store1.
     store1.deliver("alice", b"From: a@example.org\r\nSubject: after reload\r\n\r\nhi\r\n")
     line = wait_for(lambda: idler.readline(), "the IDLE push")
@@ -354,7 +571,7 @@ def test_sighup_reloads_the_map_and_keeps_an_idle_session(store1, store2, mail_u
     again = login(port, alice)
     again.command(b"o", b"LOGOUT")
     moved_logins = [line for line in proxy.log().splitlines() if "] login id=" in line
-                    and f"user=alice backend=127.0.0.1:{store2.imap_port}" in line]
+                    and f"user=<alice> backend=127.0.0.1:{store2.imap_port}" in line]
     assert len(moved_logins) == 2, proxy.log()
     assert proxy.process is not None and proxy.process.poll() is None
     idler.send(b"DONE\r\n")

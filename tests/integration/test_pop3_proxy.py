@@ -414,7 +414,7 @@ def test_session_end_line(plain_proxy: ProxyProcess, store2: Dovecot,
     client.user(bob.name)
     client.pass_(bob.password)
     client.quit()
-    line = log_line(plain_proxy, "session end", "user=bob")
+    line = log_line(plain_proxy, "session end", "user=<bob>")
     for field in ("client=127.0.0.1:", f"backend=127.0.0.1:{store2.pop3_port}", "duration=",
                   "in=", "out=", "reason="):
         assert field in line

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import signal
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,7 +19,7 @@ HOST = "127.0.0.1"
 ROBERT = "ldt-robert"  # an entry whose mailbox is bob's: mailLoginName = bob
 
 
-def ldap_config(port: int, slapd: Slapd, cache: str = "") -> str:
+def ldap_config(port: int, slapd: Slapd, cache: str = "", uri: str | None = None) -> str:
     return f"""
 [[listen]]
 protocol = "imap"
@@ -31,7 +33,7 @@ plaintext_auth = true
 type = "ldap"
 
 [directory.ldap]
-uris = ["{slapd.uri}"]
+uris = ["{uri or slapd.uri}"]
 base = "{slapd.base}"
 filter = "(|(uid={{user}})(mail={{user}}))"
 host_attribute = "mailHost"
@@ -82,20 +84,24 @@ def robert(slapd: Slapd, store2: Dovecot) -> Iterator[str]:
 def ldap_proxy(tmp_path_factory: pytest.TempPathFactory, slapd: Slapd,
                robert: str) -> Iterator[ProxyProcess]:
     port = free_port()
-    process = ProxyProcess(tmp_path_factory.mktemp("ldapproxy"), ldap_config(port, slapd), [port])
+    # The usual form, with its trailing "/" (OpenLDAP's ldap.conf, RFC 4516), which
+    # once made every lookup fail with "port must be an integer" (issue 13).
+    config = ldap_config(port, slapd, uri=f"ldap://127.0.0.1:{slapd.port}/")
+    process = ProxyProcess(tmp_path_factory.mktemp("ldapproxy"), config, [port])
     process.start()
     yield process
     process.stop()
 
 
 def test_login_is_routed_by_ldap(ldap_proxy: ProxyProcess, store1: Dovecot, store2: Dovecot,
-                                 mail_users: list[MailUser]) -> None:
+                                 mail_users: list[MailUser], slapd: Slapd) -> None:
     pw = passwords(mail_users)
     assert login(ldap_proxy.port, "alice", pw["alice"])[0] == "OK"
     assert login(ldap_proxy.port, "bob", pw["bob"])[0] == "OK"
     log = ldap_proxy.log()
-    assert f"user=alice backend={store1.host}:{store1.imap_port}" in log
-    assert f"user=bob backend={store2.host}:{store2.imap_port}" in log
+    assert f"user=<alice> backend={store1.host}:{store1.imap_port}" in log
+    assert f"user=<bob> backend={store2.host}:{store2.imap_port}" in log
+    assert f"LDAP directory answers at ldap://127.0.0.1:{slapd.port}/" in log
 
 
 def test_backend_login_uses_the_directory_login_name(
@@ -135,5 +141,41 @@ def test_ldap_down_gives_unavailable_and_cache_still_serves(
         assert typ == "NO" and "[UNAVAILABLE]" in text, text
         server.start()  # the proxy recovers by itself
         assert login(port, "erin", pw["erin"])[0] == "OK"
+    finally:
+        proxy.stop()
+
+
+def wait_for_log(proxy: ProxyProcess, text: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in proxy.log():
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{proxy.log()}"
+        time.sleep(0.05)
+    return proxy.log()
+
+
+def test_proxy_starts_without_ldap_says_so_and_recovers_on_reload(
+        slapd_factory: Callable[..., Slapd], tmp_path_factory: pytest.TempPathFactory,
+        store1: Dovecot, mail_users: list[MailUser]) -> None:
+    server = slapd_factory(tls=False)
+    server.add_user("alice", mail_host=store1.host, imap_port=store1.imap_port)
+    server.stop()  # its port is known, and dead
+    uri = f"ldap://127.0.0.1:{server.port}/"
+    port = free_port()
+    proxy = ProxyProcess(tmp_path_factory.mktemp("ldapdead"), ldap_config(port, server, uri=uri),
+                         [port])
+    proxy.start()  # listens although the directory does not answer
+    try:
+        log = wait_for_log(proxy, "LDAP directory does not answer")
+        line = next(x for x in log.splitlines() if "LDAP directory does not answer" in x)
+        assert f"(every URI failed: {uri}: " in line
+        assert line.endswith("); starting anyway: cached routes and a later recovery may serve")
+        password = passwords(mail_users)["alice"]
+        typ, text = login(port, "alice", password)
+        assert typ == "NO" and "[UNAVAILABLE]" in text, text
+        # A reload tries the directory again, and says it answers now.
+        server.start()
+        proxy.signal(signal.SIGHUP)
+        wait_for_log(proxy, f"LDAP directory answers at {uri}")
+        assert login(port, "alice", password)[0] == "OK"
     finally:
         proxy.stop()

@@ -82,13 +82,18 @@ def test_workers_share_the_load(store1, start_proxy, mail_users):
     proxy = start_proxy(imap_config(port, top="workers = 2\n"), [port],
                         {"users.map": f"*  127.0.0.1:{store1.imap_port}\n"})
     alice = _user(mail_users, "alice")
-    time.sleep(1.0)  # the second worker starts after the first listens
-    clients = []
-    for _ in range(24):
-        client = imaplib.IMAP4(HOST, proxy.port)
-        client.login(alice.name, alice.password)
-        clients.append(client)
-    for client in clients:
-        client.logout()
-    pids = set(re.findall(r"login id=\S+ .* pid=(\d+)", proxy.log()))
+    # The second worker starts after the first listens, and binds its own socket
+    # (SO_REUSEPORT) when it is up, which on a busy machine takes a while: log in in
+    # rounds until logins have come through both processes.
+    deadline = time.monotonic() + 30
+    pids: set[str] = set()
+    while len(pids) < 2 and time.monotonic() < deadline:
+        clients = []
+        for _ in range(12):
+            client = imaplib.IMAP4(HOST, proxy.port)
+            client.login(alice.name, alice.password)
+            clients.append(client)
+        for client in clients:
+            client.logout()
+        pids = set(re.findall(r"login id=\S+ .* pid=(\d+)", proxy.log()))
     assert len(pids) >= 2, proxy.log()

@@ -44,12 +44,13 @@ def main() -> None:
         store.deliver(user.name, b"From: postmaster@example.org\r\nSubject: Welcome to "
                       b"imapproxy\r\n\r\nThis message came through the proxy.\r\n")
     starttls_port, implicit_port = port_or_free(1143), port_or_free(1993)
-    metrics_port, admin_port = port_or_free(9143), port_or_free(9144)
+    metrics_port = port_or_free(9143)
+    admin_socket = workdir / "proxy" / "admin.sock"
     config = (ROOT / "conf" / "imapproxy.toml").read_text()
     config = (config.replace("127.0.0.1:143", f"127.0.0.1:{starttls_port}")
                     .replace("127.0.0.1:993", f"127.0.0.1:{implicit_port}")
                     .replace("127.0.0.1:9143", f"127.0.0.1:{metrics_port}")
-                    .replace("127.0.0.1:9144", f"127.0.0.1:{admin_port}")
+                    .replace('"/run/imapproxy/admin.sock"', f'"{admin_socket}"')
                     .replace('"/etc/imapproxy/cert.pem"', f'"{cert.chain_path}"')
                     .replace('"/etc/imapproxy/key.pem"', f'"{cert.key_path}"')
                     .replace('"/etc/imapproxy/users.map"', '"users.map"'))
@@ -74,7 +75,7 @@ ssl_context=ssl.create_default_context(cafile='{ca.ca_path}')); c.login('demo1',
 c.select(); print(c.fetch('1','(BODY[HEADER.FIELDS (SUBJECT)])')); c.logout()"
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{starttls_port} -CAfile {ca.ca_path}
   curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^imapproxy_sessions
-  {admin_command} --address 127.0.0.1:{admin_port} sessions
+  {admin_command} --address {admin_socket} sessions
   kill -HUP {pid}    # reload, after editing {proxy.workdir / "users.map"}
 """, flush=True)
     stopping = False

@@ -28,6 +28,7 @@ import pwd
 import resource
 import shutil
 import socket
+import string
 import subprocess
 import tempfile
 import time
@@ -248,6 +249,14 @@ class Dovecot:
         os.chown(self.passwd_path, 0, pwd.getpwnam("dovecot").pw_gid)
         self.passwd_path.chmod(0o640)
 
+    def _username_chars(self) -> str:
+        """Dovecot refuses login names outside its auth_username_chars (ASCII letters,
+        digits and ".-_@"); an empty setting allows any, for users named "jürgen"."""
+        allowed = set(string.ascii_letters + string.digits + ".-_@")
+        if all(set(name) <= allowed for name in self.users):
+            return ""
+        return "auth_username_chars =\n"
+
     def _config(self) -> str:
         n = self.max_sessions
         # Every session is one imap/pop3 process (client_limit 1) plus a slot in a
@@ -282,7 +291,7 @@ first_valid_uid = {FIRST_VALID_UID}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_failure_delay = {self.auth_failure_delay} secs
-passdb {{
+{self._username_chars()}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.passwd_path}
 }}

@@ -122,6 +122,22 @@ max_connections_per_user_ip = 100
 """
 
 
+#: the [admin] token of test proxies that listen for admin on TCP (admin_token_file)
+ADMIN_TOKEN = "rig-admin-token-0123456789abcdef"
+
+
+def admin_token_file(folder: Path, token: str = ADMIN_TOKEN,
+                     name: str = "admin.token") -> Path:
+    """Write an [admin] token_file the way the proxy wants it: mode 0600 from the start."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    path.chmod(0o600)  # an existing file keeps its mode through os.open
+    return path
+
+
 def imap_config(port: int, map_file: str = "users.map", tls: str = "none",
                 plaintext_auth: bool = True, cert: tuple[str, str] | None = None,
                 extra: str = "", top: str = "", protocol: str = "imap") -> str:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
+from urllib.parse import quote
 
 import ldap3
 from ldap3.utils.dn import escape_rdn
@@ -40,6 +41,8 @@ SCHEMAS = ("core", "cosine", "inetorgperson", "nis", "misc")
 START_TIMEOUT = 10.0
 #: Seconds stop() waits after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 10.0
+#: Bytes of a Unix socket path (Linux's sun_path, less its terminating NUL).
+MAX_SOCKET_PATH = 107
 
 
 class _Unchanged:
@@ -61,7 +64,11 @@ def _values(value: object) -> list[str]:
 
 
 class Slapd:
-    """One slapd on free 127.0.0.1 ports; with ``cert`` also ldaps:// and StartTLS."""
+    """One slapd on free 127.0.0.1 ports; with ``cert`` also ldaps:// and StartTLS.
+
+    It also listens on ldapi:// (a Unix socket in ``workdir``) when the path is short
+    enough for a socket address, and with ``ipv6`` on a free port of [::1] too.
+    """
 
     host = "127.0.0.1"
     suffix = "dc=example,dc=org"
@@ -69,11 +76,16 @@ class Slapd:
     admin_dn = "cn=admin,dc=example,dc=org"
     admin_password = "admin-secret"
 
-    def __init__(self, workdir: Path, cert: CertPair | None = None) -> None:
+    def __init__(self, workdir: Path, cert: CertPair | None = None, ipv6: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
         self.cert = cert
         self.port = free_port(self.host)
         self.ldaps_port: int | None = free_port(self.host) if cert else None
+        self.ipv6_port: int | None = free_port("::1") if ipv6 else None
+        socket_path = self.workdir / "ldapi"
+        # A deep pytest tmp dir can be too long for a socket address: no ldapi then.
+        self.ldapi_path: Path | None = (
+            socket_path if len(str(socket_path).encode()) <= MAX_SOCKET_PATH else None)
         self.config_path = self.workdir / "slapd.conf"
         self.db_dir = self.workdir / "db"
         self.log_path = self.workdir / "slapd.log"
@@ -91,6 +103,18 @@ class Slapd:
     def ldaps_uri(self) -> str | None:
         """``ldaps://127.0.0.1:PORT`` (implicit TLS), or None without a cert."""
         return None if self.ldaps_port is None else f"ldaps://{self.host}:{self.ldaps_port}"
+
+    @property
+    def ldapi_uri(self) -> str | None:
+        """``ldapi://%2F...%2Fldapi/`` (the socket path percent-encoded), or None."""
+        if self.ldapi_path is None:
+            return None
+        return f"ldapi://{quote(str(self.ldapi_path), safe='')}/"
+
+    @property
+    def ipv6_uri(self) -> str | None:
+        """``ldap://[::1]:PORT/`` when started with ``ipv6``, else None."""
+        return None if self.ipv6_port is None else f"ldap://[::1]:{self.ipv6_port}/"
 
     def _config(self) -> str:
         includes = "".join(f"include {SCHEMA_DIR / name}.schema\n" for name in SCHEMAS)
@@ -146,6 +170,10 @@ access to *
         listeners = f"{self.uri}/"
         if self.ldaps_uri is not None:
             listeners += f" {self.ldaps_uri}/"
+        if self.ldapi_uri is not None:
+            listeners += f" {self.ldapi_uri}"
+        if self.ipv6_uri is not None:
+            listeners += f" {self.ipv6_uri}"
         with self.log_path.open("ab") as log:
             # -d keeps slapd in the foreground; "stats" logs connections and operations.
             self._process = subprocess.Popen(
@@ -187,6 +215,13 @@ access to *
             if self.ldaps_port is not None:
                 with socket.create_connection((self.host, self.ldaps_port), timeout=1.0):
                     pass
+            if self.ipv6_port is not None:
+                with socket.create_connection(("::1", self.ipv6_port), timeout=1.0):
+                    pass
+            if self.ldapi_path is not None:
+                with socket.socket(socket.AF_UNIX) as unix:
+                    unix.settimeout(1.0)
+                    unix.connect(str(self.ldapi_path))
             connection = ldap3.Connection(
                 ldap3.Server(self.host, port=self.port, connect_timeout=1), auto_bind=True
             )
