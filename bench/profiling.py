@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -23,7 +24,9 @@ class PySpy:
 
     def __init__(self, outdir: Path) -> None:
         self.outdir = outdir
-        self.exe = shutil.which("py-spy")
+        # bench/install-deps puts py-spy into .venv/bin, beside this interpreter.
+        here = os.path.dirname(sys.executable)
+        self.exe = shutil.which("py-spy", path=os.pathsep.join([here, os.environ.get("PATH", "")]))
         self.proc: subprocess.Popen[bytes] | None = None
         self.current: Path | None = None
         self.summaries: dict[str, Any] = {}

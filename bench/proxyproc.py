@@ -92,9 +92,9 @@ class ImapProxy:
         self.write_config()
         self.log_path.unlink(missing_ok=True)
         err = open(self.workdir / f"{self.name}.stderr", "ab")
-        # --proxy-python: run the proxy on another interpreter, e.g. Debian's python3 with
-        # its python3-twisted/python3-openssl (OpenSSL 3.0 rather than the 4.0 bundled in
-        # PyPI's cryptography wheels: about 7 KiB less per TLS session).
+        # --proxy-python: run the proxy on another interpreter, e.g. .venv-debian/bin/python
+        # with Debian's python3-twisted/python3-openssl (OpenSSL 3.0 rather than the 4.0
+        # bundled in PyPI's cryptography wheels: about 7 KiB less per TLS session).
         python = os.environ.get("BENCH_PROXY_PYTHON") or sys.executable
         argv = [python, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", f"--logfile={self.log_path}",

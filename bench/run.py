@@ -632,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-toml", default="",
                     help="extra TOML appended to the proxy config (e.g. 'workers = 2')")
     ap.add_argument("--proxy-python", default="",
-                    help="interpreter for imapproxy (default: this one), e.g. /usr/bin/python3")
+                    help="interpreter for imapproxy (default: this one), "
+                    "e.g. .venv-debian/bin/python")
     ap.add_argument("--proxy-pythonpath", default="",
                     help="put this first on the proxy's PYTHONPATH (packages for --proxy-python)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))

@@ -25,6 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import __version__
 from .config import ConfigError, authority, is_token, load, parse_address
 
 DEFAULT_CONFIG = "/etc/imapproxy/imapproxy.toml"
@@ -150,6 +151,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="with --address: the file holding the [admin] token "
                    "(required for HOST:PORT)")
     p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per request")
+    p.add_argument("--version", action="version", version=f"imapproxy-admin {__version__}")
     commands = p.add_subparsers(dest="command", required=True)
     sessions = commands.add_parser("sessions", help="list sessions")
     sessions.add_argument("--user", help="only this user's")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -11,8 +12,8 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.logger import Logger
 from twisted.python import usage
 
+from . import __version__, operations, sdnotify
 from . import config as configmodule
-from . import operations
 from .config import Config, ConfigError, Listener
 from .directory import StaticDirectory
 from .health import BackendHealth
@@ -78,6 +79,9 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     """
     top = LoggingRoot()
     configure_logs(top, config.log, config.path)
+    log.info("imapproxy {version} starting, pid {pid}{worker}, config {config}; {stack}",
+             version=__version__, pid=os.getpid(), config=config.path,
+             worker=f", worker {worker_index}" if worker else "", stack=sdnotify.stack())
     directory, extra = build_directory(config, reactor)
     for child in extra:
         child.setServiceParent(top)
@@ -140,6 +144,10 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
         directory=directory, directory_services=extra, server_tls=tls,
         header_factories=header_factories, build_directory=build_directory,
         build_connector=build_connector, worker_index=worker_index, workers=pool)
+    if not worker:
+        # Last in the tree: READY=1 once every listener above has bound, STOPPING=1 first
+        # on SIGTERM (for the Type=notify unit; nothing without $NOTIFY_SOCKET).
+        sdnotify.ReadyNotifier(sdnotify.serving(config.listeners)).setServiceParent(top)
     top.factories = factories  # type: ignore[attr-defined]
     top.directory = directory  # type: ignore[attr-defined]
     top.registry = registry  # type: ignore[attr-defined]

@@ -204,3 +204,12 @@ def test_unix_socket(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from imapproxy import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        admincli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"imapproxy-admin {__version__}\n"

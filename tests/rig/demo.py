@@ -58,6 +58,8 @@ def main() -> None:
                          {"users.map": f"*  127.0.0.1:{store.imap_port}\n"})
     proxy.start()
     pid = proxy.process.pid if proxy.process is not None else "PID"
+    # The project's .venv is not on PATH: name its imapproxy-admin in full.
+    admin_command = Path(sys.executable).parent / "imapproxy-admin"
     print(f"""
 imapproxy demo is running (Ctrl-C stops it).
   proxy: IMAP with STARTTLS on 127.0.0.1:{starttls_port}, implicit TLS on 127.0.0.1:{implicit_port}
@@ -73,7 +75,7 @@ ssl_context=ssl.create_default_context(cafile='{ca.ca_path}')); c.login('demo1',
 c.select(); print(c.fetch('1','(BODY[HEADER.FIELDS (SUBJECT)])')); c.logout()"
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{starttls_port} -CAfile {ca.ca_path}
   curl -s http://127.0.0.1:{metrics_port}/metrics | grep ^imapproxy_sessions
-  imapproxy-admin --address {admin_socket} sessions
+  {admin_command} --address {admin_socket} sessions
   kill -HUP {pid}    # reload, after editing {proxy.workdir / "users.map"}
 """, flush=True)
     stopping = False

@@ -47,11 +47,17 @@ class ProxyProcess:
         return [*_twistd(), "-n", "--pidfile=", *self.extra_args, "imapproxy",
                 "--config", str(self.config_path)]
 
-    def start(self) -> ProxyProcess:
+    def spawn(self) -> ProxyProcess:
+        """Start the process and return at once (start() also waits for the listeners)."""
         env = dict(os.environ if self.env is None else self.env)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def start(self) -> ProxyProcess:
+        self.spawn()
+        assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT
         pending = list(self.ports)
         while pending:
