@@ -94,7 +94,8 @@ def attach(top: service.MultiService, config: Config, reactor: Any, *, registry:
            directory_services: list[Any], server_tls: Any, header_factories: list[Any],
            build_directory: Callable[[Config, Any], tuple[Any, list[Any]]],
            build_connector: Callable[[Config], Any], worker_index: int = 0,
-           workers: Any = None, install_signal: bool = True) -> Operations:
+           workers: Any = None, install_signal: bool = True,
+           ready: Callable[[], bool] | None = None) -> Operations:
     """Add metrics, admin and reload to the tree ``top`` that service.py built."""
     metrics: NullMetrics = NULL_METRICS
     if config.metrics is not None:
@@ -120,7 +121,7 @@ def attach(top: service.MultiService, config: Config, reactor: Any, *, registry:
     if isinstance(metrics, Metrics) and config.metrics is not None:
         endpoint = tcp_endpoint(reactor, config.metrics.host, config.metrics.port + worker_index)
         ops.services.append(internet.StreamServerEndpointService(endpoint,
-                                                                 metrics_site(metrics)))
+                                                                 metrics_site(metrics, ready)))
     if config.admin is not None:
         ops.services.append(internet.StreamServerEndpointService(
             admin_endpoint(reactor, config, worker_index),

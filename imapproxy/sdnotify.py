@@ -92,9 +92,14 @@ class ReadyNotifier(service.Service):
     binds in privilegedStartService, before any startService) and stopped first, as the
     shutdown and the drain begin."""
 
-    def __init__(self, status: str, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: str, environ: Mapping[str, str] | None = None,
+                 systemd: bool = True) -> None:
         self.status = status
         self.environ = environ
+        #: tell systemd (the main process only; workers just keep ``serving``)
+        self.systemd = systemd
+        #: every listener is up and the process is not stopping (GET /readyz)
+        self.serving = False
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -103,10 +108,15 @@ class ReadyNotifier(service.Service):
             # No READY=1: systemd fails the start after TimeoutStartSec instead of
             # reporting a proxy that does not serve as running.
             log.critical("not ready: a listener could not bind (see the error above)")
-            notify("STATUS=a listener could not bind", self.environ)
+            if self.systemd:
+                notify("STATUS=a listener could not bind", self.environ)
             return
-        notify(f"READY=1\nSTATUS={self.status}", self.environ)
+        self.serving = True
+        if self.systemd:
+            notify(f"READY=1\nSTATUS={self.status}", self.environ)
 
     def stopService(self) -> None:  # noqa: N802
         super().stopService()
-        notify("STOPPING=1\nSTATUS=draining sessions", self.environ)
+        self.serving = False
+        if self.systemd:
+            notify("STOPPING=1\nSTATUS=draining sessions", self.environ)

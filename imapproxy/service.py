@@ -139,15 +139,17 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     sweeper = internet.TimerService(config.timeouts.sweep_interval, registry.sweep)
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
+    # Last in the tree: ready once every listener above has bound, no longer as soon as
+    # the process stops; READY=1 / STOPPING=1 to systemd from the main process (for the
+    # Type=notify unit; nothing without $NOTIFY_SOCKET); GET /readyz from every one.
+    ready = sdnotify.ReadyNotifier(sdnotify.serving(config.listeners), systemd=not worker)
     top.operations = operations.attach(  # type: ignore[attr-defined]
         top, config, reactor, registry=registry, factories=factories, connector=connector,
         directory=directory, directory_services=extra, server_tls=tls,
         header_factories=header_factories, build_directory=build_directory,
-        build_connector=build_connector, worker_index=worker_index, workers=pool)
-    if not worker:
-        # Last in the tree: READY=1 once every listener above has bound, STOPPING=1 first
-        # on SIGTERM (for the Type=notify unit; nothing without $NOTIFY_SOCKET).
-        sdnotify.ReadyNotifier(sdnotify.serving(config.listeners)).setServiceParent(top)
+        build_connector=build_connector, worker_index=worker_index, workers=pool,
+        ready=lambda: ready.serving and not registry.draining)
+    ready.setServiceParent(top)
     top.factories = factories  # type: ignore[attr-defined]
     top.directory = directory  # type: ignore[attr-defined]
     top.registry = registry  # type: ignore[attr-defined]

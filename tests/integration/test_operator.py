@@ -433,7 +433,7 @@ frontend imap
     default_backend proxies
 backend proxies
     balance roundrobin
-{servers}
+{check}{servers}
 """
 
 
@@ -444,12 +444,17 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[list[int]], int]]:
         pytest.fail("haproxy is not installed: run scripts/install-deps")
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(backends: list[int]) -> int:
+    def start(backends: list[int], health: list[int] | None = None) -> int:
+        """``health``: each proxy's metrics port, checked with GET /readyz."""
         port = free_port()
-        servers = "".join(f"    server p{i} 127.0.0.1:{p} send-proxy-v2\n"
-                          for i, p in enumerate(backends))
+        servers = "".join(
+            f"    server p{i} 127.0.0.1:{p} send-proxy-v2"
+            + (f" check port {health[i]} inter 200ms fall 1 rise 1" if health else "") + "\n"
+            for i, p in enumerate(backends))
+        check = ("    option httpchk GET /readyz\n    http-check expect status 200\n"
+                 if health else "")
         path = tmp_path / "haproxy.cfg"
-        path.write_text(HAPROXY_CONFIG.format(port=port, servers=servers))
+        path.write_text(HAPROXY_CONFIG.format(port=port, servers=servers, check=check))
         with (tmp_path / "haproxy.log").open("ab") as log:
             process = subprocess.Popen([HAPROXY, "-db", "-f", str(path)], stdout=log,
                                        stderr=subprocess.STDOUT)
@@ -538,6 +543,59 @@ def test_haproxy_with_send_proxy_v2_in_front_of_two_proxies(store1, store2, mail
     wait_for(lambda: "client=127.0.0.2 user=<frank>" in proxies[1].log(),
              "frank's login at the second proxy with the client's address")
     assert "client=127.0.0.2 user=<frank>" in chained.log()
+
+
+def test_haproxy_takes_a_drained_instance_out_of_the_pool_by_readyz(store1, store2, mail_users,
+                                                                   start_proxy, haproxy,
+                                                                   tmp_path):
+    """/readyz answers 503 from the start of a drain: HAProxy's httpchk takes the
+    instance out before its sessions are ended, and puts it back after an undrain."""
+    users_map = store_map(store1, store2, mail_users)
+    ports, health = [free_port(), free_port()], [free_port(), free_port()]
+    proxies = [start_proxy(config([{"protocol": "imap", "address": f"{HOST}:{p}",
+                                    "tls": "none", "proxy_protocol": True}],
+                                  extra='[proxy_protocol]\ntrusted = ["127.0.0.1/32"]\n'
+                                        f'[metrics]\naddress = "{HOST}:{h}"\n'
+                                        f'[admin]\naddress = "{tmp_path}/admin{i}.sock"\n'),
+                           [p, h], {"users.map": users_map}, name=f"ready{i}")
+               for i, (p, h) in enumerate(zip(ports, health, strict=True))]
+
+    def readyz(port: int) -> int:
+        connection = http.client.HTTPConnection(HOST, port, timeout=5)
+        try:
+            connection.request("GET", "/readyz")
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    def livez(port: int) -> int:
+        connection = http.client.HTTPConnection(HOST, port, timeout=5)
+        try:
+            connection.request("GET", "/livez")
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    assert [readyz(h) for h in health] == [200, 200]
+    front = haproxy(ports, health)
+    admin(proxies[0], "drain")
+    assert readyz(health[0]) == 503 and livez(health[0]) == 200
+    time.sleep(0.8)  # a few of HAProxy's 200 ms checks
+    before = [p.log().count("] login id=") for p in proxies]
+    for name in ["alice", "bob", "carol", "dave"]:
+        raw = login(front, user(mail_users, name))
+        raw.command(b"o", b"LOGOUT")
+        raw.close()
+    after = [p.log().count("] login id=") for p in proxies]
+    assert after[0] == before[0] and after[1] == before[1] + 4, (before, after)
+    admin(proxies[0], "undrain")
+    assert readyz(health[0]) == 200
+    time.sleep(0.8)
+    for name in ["alice", "bob", "carol", "dave"]:
+        raw = login(front, user(mail_users, name))
+        raw.command(b"o", b"LOGOUT")
+        raw.close()
+    assert proxies[0].log().count("] login id=") > after[0], "back in the pool"
 
 
 # -- SIGHUP ---------------------------------------------------------------------------------
