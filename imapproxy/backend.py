@@ -11,15 +11,15 @@ from __future__ import annotations
 import re
 from enum import Enum, auto
 
-from .credentials import Credentials
-from .errors import AuthenticationFailed, BackendProtocolError, BackendRefused, BackendUnavailable
-from .events import (
+from .actions import (
     BackendAction,
     BackendLoggedIn,
     BackendLoginFailed,
     SendToBackend,
     StartBackendTLS,
 )
+from .credentials import Credentials
+from .errors import AuthenticationFailed, BackendProtocolError, BackendRefused, BackendUnavailable
 from .imapwire import quoted
 
 #: Backend lines before login are short; a capability list is the longest.

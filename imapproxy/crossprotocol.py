@@ -5,7 +5,7 @@ ALPACA (Brinkmann et al., USENIX Security 2021): a web page makes the browser se
 HTTP(S) request to the IMAP or POP3 port, hoping that the mail server echoes parts of
 it (IMAP echoes the tag of a bad command) and that the browser renders the echo as the
 HTTP response. The pre-login sessions close the connection, without a word, on a line
-that is an HTTP request line. ALPN (servertls.py) stops the TLS variant earlier for
+that is an HTTP request line. ALPN (clienttls.py) stops the TLS variant earlier for
 browsers, which always offer it.
 """
 

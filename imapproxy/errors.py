@@ -124,7 +124,7 @@ class TooManyConnections(ProxyError):
 
 
 class RoutingLoop(BackendUnavailable):
-    """The route leads back to one of the proxy's own listeners (loops.py)."""
+    """The route leads back to one of the proxy's own listeners (routingloops.py)."""
 
     def __init__(self) -> None:
         super().__init__("routing loop: the route leads back to a proxy")

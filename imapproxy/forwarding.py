@@ -37,7 +37,7 @@ TRUSTED_PREFIXES = ("x-forward-",)
 MAX_ID_PAIRS = 30
 #: Loop guard between proxies, Dovecot's own convention (login-proxy's proxy_ttl, which
 #: also starts at 5): every hop passes ``x-proxy-ttl`` on one lower, and a login that
-#: arrives with nothing left is refused. Our own-listener check (loops.py) cannot see a
+#: arrives with nothing left is refused. Our own-listener check (routingloops.py) cannot see a
 #: loop through a second proxy instance; this can, with imapproxy or Dovecot proxies.
 PROXY_TTL = 5
 

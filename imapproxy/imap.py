@@ -2,7 +2,7 @@
 
 Bytes go in through ``receive_data``, results of the login come back through
 ``login_succeeded``/``login_failed``, and every method returns the actions
-(events.py) for the adapter to carry out. The session ends in ``Splice``.
+(actions.py) for the adapter to carry out. The session ends in ``Splice``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from collections.abc import Callable
 from enum import Enum, auto
 
 from . import imapwire
+from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
-from .events import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .imapwire import ArgumentReader, CommandReceived, LiteralRejected, NeedContinuation, response
 
 

@@ -44,10 +44,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from .breaker import CircuitBreaker, Clock
 from .config import CacheConfig, Config, ConfigError, LdapConfig
 from .directory import Route, Server, parse_server, rendezvous_order
 from .errors import DirectoryUnavailable, UserNotFound
-from .health import BackendHealth, Clock
 from .ldapfilter import build_filter
 from .ldapurl import LdapUri, parse_ldap_uri
 from .logquote import quoted
@@ -553,7 +553,7 @@ class LdapDirectory:
         self.cfg = cfg
         self.clock = clock
         self.cache = RouteCache(cache, clock)
-        self.uri_health: BackendHealth[str] = BackendHealth(clock, uri_cooldown)
+        self.uri_health: CircuitBreaker[str] = CircuitBreaker(clock, uri_cooldown)
         self.delimiter = delimiter
         self._run = run_in_thread
         self._search = search
@@ -603,7 +603,7 @@ class LdapDirectory:
     def clear_cache(self) -> None:
         """Forget cached answers and URI health (reload / SIGHUP)."""
         self.cache.clear()
-        self.uri_health = BackendHealth(self.clock, self.uri_health.cooldown)
+        self.uri_health = CircuitBreaker(self.clock, self.uri_health.cooldown)
         self.log.info("LDAP directory cache cleared")
 
     def probe(self, when: str = "start") -> Deferred[bool]:

@@ -2,7 +2,7 @@
 
 Same shape as imap.py: bytes go in through ``receive_data``, the outcome of the login
 comes back through ``login_succeeded``/``login_failed``, and every method returns the
-actions (events.py) for the adapter to carry out. The session ends in ``Splice``.
+actions (actions.py) for the adapter to carry out. The session ends in ``Splice``.
 
 Also holds the POP3 line framing (``LineReader``, ``reply``) that pop3backend.py reuses.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum, auto
 
+from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
-from .events import Action, Close, Login, SendToClient, Splice, StartClientTLS
 
 # -- framing ---------------------------------------------------------------------------------
 

@@ -14,6 +14,13 @@ from base64 import b64encode
 from collections.abc import Callable
 from enum import Enum, auto
 
+from .actions import (
+    BackendAction,
+    BackendLoggedIn,
+    BackendLoginFailed,
+    SendToBackend,
+    StartBackendTLS,
+)
 from .credentials import Credentials
 from .errors import (
     AuthenticationFailed,
@@ -21,13 +28,6 @@ from .errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
-)
-from .events import (
-    BackendAction,
-    BackendLoggedIn,
-    BackendLoginFailed,
-    SendToBackend,
-    StartBackendTLS,
 )
 from .pop3 import RFC_COMMAND_LINE, LineReader, LineTooLong
 

@@ -32,7 +32,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import forwarding
+from .actions import (
+    BackendLoggedIn,
+    BackendLoginFailed,
+    Close,
+    Login,
+    SendToBackend,
+    SendToClient,
+    Splice,
+    StartBackendTLS,
+    StartClientTLS,
+)
 from .backend import ImapBackendLogin
+from .backendtls import backend_client_options
+from .clienttls import NoApplicationProtocol
 from .closing import LOGOUT_GRACE, Backpressure, Leg
 from .config import Config, Listener, Timeouts
 from .credentials import Credentials
@@ -47,32 +60,19 @@ from .errors import (
     RoutingLoop,
     TooManyConnections,
 )
-from .events import (
-    BackendLoggedIn,
-    BackendLoginFailed,
-    Close,
-    Login,
-    SendToBackend,
-    SendToClient,
-    Splice,
-    StartBackendTLS,
-    StartClientTLS,
-)
 from .haproxy import HeaderFirstEndpoint
 from .imap import ImapSession
 from .imapwire import response
 from .limits import ConnectionLimiter, Refusal, Ticket, client_key
 from .logquote import quoted
-from .loops import is_own_listener, names_own_listener
 from .metrics import NULL_METRICS
 from .penalty import Outcome, Penalty
 from .penaltygate import LocalGate, LoginsRefused
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
+from .registry import SessionRegistry
 from .relay import Relay, write_now
-from .servertls import NoApplicationProtocol
-from .sessions import SessionRegistry
-from .tls import backend_client_options
+from .routingloops import is_own_listener, names_own_listener
 from .usernames import rewrite, username_problem
 
 log = Logger(namespace="imapproxy")
@@ -230,7 +230,7 @@ class BackendConnector:
                  trust_root: object = None, client_certificate: Any = None) -> None:
         self.reactor = reactor
         self.config = config.backend
-        #: our own listening addresses: never a backend (loops.py)
+        #: our own listening addresses: never a backend (routingloops.py)
         self.listeners = config.listeners
         #: shown to backends that ask for a client certificate (tls.py)
         self.client_certificate = client_certificate

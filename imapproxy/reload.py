@@ -118,7 +118,7 @@ class Reloader:
             else:
                 directory, services = self.builders.directory(new)
             connector = self.builders.connector(new)
-            # Last, as it is the one step that changes something: servertls.ServerTLS
+            # Last, as it is the one step that changes something: clienttls.ServerTLS
             # loads the new certificates, or raises ConfigError and keeps the old ones.
             reload_tls = getattr(self.server_tls, "reload", None)
             if reload_tls is not None and new.tls.certificate is not None:

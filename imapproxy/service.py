@@ -14,17 +14,17 @@ from twisted.python import usage
 
 from . import __version__, operations, sdnotify
 from . import config as configmodule
+from .backendtls import backend_client_certificate, backend_trust_root, cleartext_warning
+from .breaker import CircuitBreaker
+from .clienttls import ServerTLS
 from .config import Config, ConfigError, Listener
 from .directory import StaticDirectory
-from .health import BackendHealth
 from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
 from .penaltygate import process_gate
 from .protocol import BackendConnector, ProxyFactory
-from .servertls import ServerTLS
-from .sessions import SessionRegistry
-from .tls import backend_client_certificate, backend_trust_root, cleartext_warning
+from .registry import SessionRegistry
 from .workers import BACKLOG, ReusePortService, WorkerPool
 
 log = Logger(namespace="imapproxy")
@@ -85,7 +85,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     directory, extra = build_directory(config, reactor)
     for child in extra:
         child.setServiceParent(top)
-    health = BackendHealth(reactor, config.backend.down_cooldown)
+    health = CircuitBreaker(reactor, config.backend.down_cooldown)
     if config.backend.insecure_skip_verify and config.backend.tls != "none":
         log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
                      "and host names are NOT verified; anyone on the path to a backend can "
@@ -115,7 +115,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     factories = []
     header_factories = []
     for listener in config.listeners:
-        # The same certificates, with this listener's ALPN protocol (servertls.py).
+        # The same certificates, with this listener's ALPN protocol (clienttls.py).
         listener_tls = tls.for_protocol(listener.protocol) if tls is not None else None
         factory = ProxyFactory(reactor, config, listener, directory, connector, registry,
                                listener_tls, limiter=limiter, penalty=penalty)

@@ -21,7 +21,7 @@ from imapproxy.config import (
 )
 from imapproxy.directory import StaticDirectory, parse_map
 from imapproxy.protocol import BackendConnector, FrontendProtocol, ProxyFactory
-from imapproxy.sessions import SessionRegistry
+from imapproxy.registry import SessionRegistry
 
 DOVECOT_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID IDLE] Dovecot ready.\r\n"
 

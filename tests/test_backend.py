@@ -14,6 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imapproxy.actions import (
+    BackendLoggedIn,
+    BackendLoginFailed,
+    SendToBackend,
+    StartBackendTLS,
+)
 from imapproxy.backend import (
     MAX_BACKEND_LINE,
     ImapBackendLogin,
@@ -29,12 +35,6 @@ from imapproxy.errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
-)
-from imapproxy.events import (
-    BackendLoggedIn,
-    BackendLoginFailed,
-    SendToBackend,
-    StartBackendTLS,
 )
 
 DOVECOT_CAPS = (b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS "

@@ -13,9 +13,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from imapproxy.clienttls import ServerTLS
 from imapproxy.closing import CLOSE_TIMEOUT, Backpressure, Leg, tls_layer
 from imapproxy.config import TlsConfig
-from imapproxy.servertls import ServerTLS
 
 
 class Producer:

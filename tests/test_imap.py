@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transcripts import LoginFails, LoginOk, Step, TimesOut, merged, run
 
+from imapproxy.actions import Close, Login, SendToClient, Splice, StartClientTLS
 from imapproxy.config import Limits
 from imapproxy.credentials import Credentials, Secret
 from imapproxy.errors import (
@@ -25,7 +26,6 @@ from imapproxy.errors import (
     ProxyError,
     UserNotFound,
 )
-from imapproxy.events import Close, Login, SendToClient, Splice, StartClientTLS
 from imapproxy.imap import SERVER_ID, ImapSession, State
 
 # -- transcript machinery -------------------------------------------------------------------

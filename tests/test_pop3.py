@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from transcripts import LoginFails, LoginOk, Step, TimesOut, merged
 from transcripts import run as run_steps
 
+from imapproxy.actions import Close, Login, SendToClient, Splice, StartClientTLS
 from imapproxy.config import Limits
 from imapproxy.credentials import Credentials, Secret
 from imapproxy.errors import (
@@ -27,7 +28,6 @@ from imapproxy.errors import (
     ProxyError,
     UserNotFound,
 )
-from imapproxy.events import Close, Login, SendToClient, Splice, StartClientTLS
 from imapproxy.pop3 import (
     DEFAULT_LIMITS,
     LINE_TOO_LONG,

@@ -15,6 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imapproxy.actions import (
+    BackendLoggedIn,
+    BackendLoginFailed,
+    SendToBackend,
+    StartBackendTLS,
+)
 from imapproxy.credentials import Credentials, Secret
 from imapproxy.errors import (
     AuthenticationFailed,
@@ -22,12 +28,6 @@ from imapproxy.errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
-)
-from imapproxy.events import (
-    BackendLoggedIn,
-    BackendLoginFailed,
-    SendToBackend,
-    StartBackendTLS,
 )
 from imapproxy.pop3backend import MAX_BACKEND_LINE, MAX_CAPA_LINES, Pop3BackendLogin, Step
 

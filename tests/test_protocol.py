@@ -6,8 +6,8 @@ import pytest
 from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
 from twisted.logger import capturedLogs, formatEvent
 
+from imapproxy.breaker import CircuitBreaker
 from imapproxy.config import Limits, Timeouts
-from imapproxy.health import BackendHealth
 
 
 def closed(transport: object) -> bool:
@@ -452,7 +452,7 @@ def test_a_backend_that_drops_the_login_refuses_it_and_is_not_marked_down() -> N
     """Dovecot closes the connection on a name it finds too long: the client sent that,
     so it is a refused login, not a backend failure (no failover, no circuit breaker)."""
     h = Harness()
-    h.factory.connector.health = BackendHealth(h.reactor, 30)
+    h.factory.connector.health = CircuitBreaker(h.reactor, 30)
     client, transport = h.connect_client()
     transport.clear()
     with capturedLogs() as events:
@@ -468,7 +468,7 @@ def test_a_backend_that_drops_the_login_refuses_it_and_is_not_marked_down() -> N
 
 def test_a_backend_gone_before_the_login_is_a_backend_failure_with_its_reason() -> None:
     h = Harness()
-    h.factory.connector.health = BackendHealth(h.reactor, 30)
+    h.factory.connector.health = CircuitBreaker(h.reactor, 30)
     client, transport = h.connect_client()
     with capturedLogs() as events:
         client.dataReceived(b"a1 LOGIN alice secret\r\n")

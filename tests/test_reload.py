@@ -12,9 +12,9 @@ from helpers import FakeEndpoint, Harness
 from twisted.application.service import MultiService, Service
 from twisted.logger import capturedLogs, formatEvent
 
+from imapproxy.breaker import CircuitBreaker
 from imapproxy.config import Config, ConfigError, load
 from imapproxy.directory import StaticDirectory
-from imapproxy.health import BackendHealth
 from imapproxy.metrics import Metrics
 from imapproxy.penalty import Outcome
 from imapproxy.protocol import BackendConnector
@@ -170,7 +170,7 @@ def test_limits_the_penalty_and_the_cooldown_apply_at_once(tmp_path: Path) -> No
     """SIGHUP used to leave [limits], the penalty and down_cooldown as they were."""
     rig = Rig(tmp_path)
     factory = rig.h.factory
-    factory.connector.health = BackendHealth(rig.h.reactor, 30)
+    factory.connector.health = CircuitBreaker(rig.h.reactor, 30)
     rig.reloader.builders.connector = lambda config: BackendConnector(
         rig.h.reactor, config, health=factory.connector.health)
     gate = factory.penalty

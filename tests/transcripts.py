@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from imapproxy.actions import SendToClient
 from imapproxy.errors import ProxyError
-from imapproxy.events import SendToClient
 
 
 @dataclass(frozen=True)

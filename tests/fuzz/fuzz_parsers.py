@@ -21,10 +21,10 @@ import sys
 from collections.abc import Callable
 
 from imapproxy import backend, imapwire, pop3, pop3backend, tracker
+from imapproxy.actions import BackendLoggedIn, BackendLoginFailed, Close, Login
 from imapproxy.config import Limits
 from imapproxy.credentials import Credentials, Secret, decode_sasl_plain
 from imapproxy.errors import ClientProtocolError, ProxyError
-from imapproxy.events import BackendLoggedIn, BackendLoginFailed, Close, Login
 from imapproxy.imap import ImapSession
 from imapproxy.imap import State as ImapState
 from imapproxy.pop3 import Pop3Session

@@ -11,14 +11,14 @@ from OpenSSL import SSL
 from rig.certs import TestCA
 from tlspump import pump
 
-from imapproxy.config import BackendConfig, ConfigError
-from imapproxy.directory import StaticDirectory, parse_map
-from imapproxy.tls import (
+from imapproxy.backendtls import (
     backend_client_certificate,
     backend_client_options,
     backend_trust_root,
     cleartext_warning,
 )
+from imapproxy.config import BackendConfig, ConfigError
+from imapproxy.directory import StaticDirectory, parse_map
 
 
 class FakeTLSProtocol:

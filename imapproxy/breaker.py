@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.test_breaker -*-
 """A circuit breaker for backends (and LDAP servers): skip what failed, for a while.
 
 A server that failed is "down" for ``cooldown`` seconds, then tried again (half-open):
@@ -24,7 +24,7 @@ class Clock(Protocol):
     def seconds(self) -> float: ...
 
 
-class BackendHealth(Generic[K]):
+class CircuitBreaker(Generic[K]):
     """Remembers which servers failed recently."""
 
     def __init__(self, clock: Clock, cooldown: float) -> None:

@@ -1,5 +1,7 @@
-"""TLS settings built from the config: the certificate shown to clients, and the
-verification of backend certificates (service_identity, through Twisted)."""
+# -*- test-case-name: tests.test_backendtls -*-
+"""TLS towards the backends: the CAs their certificates are checked against
+(service_identity, through Twisted), the client certificate shown to them, and the
+warning when passwords go to them in clear."""
 
 from __future__ import annotations
 
@@ -11,60 +13,10 @@ from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
-from .config import BackendConfig, ConfigError, TlsConfig
+from .certificates import read_pem_certificates
+from .config import BackendConfig, ConfigError
 from .directory import StaticDirectory
 from .proxyprotocol import parse_ip
-
-_MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-def read_pem_certificates(path: Path) -> list[crypto.X509]:
-    data = path.read_bytes()
-    certificates = []
-    marker = b"-----BEGIN CERTIFICATE-----"
-    for chunk in data.split(marker)[1:]:
-        certificates.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + chunk))
-    return certificates
-
-
-def server_options(config: TlsConfig, config_path: Path | str) -> ssl.CertificateOptions:
-    """Options for client-facing TLS: the certificate with its chain, TLS 1.2 minimum."""
-    assert config.certificate is not None and config.key is not None
-    try:
-        chain = read_pem_certificates(config.certificate)
-        if not chain:
-            raise ConfigError(config_path, "tls.certificate", "no PEM certificate in file")
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, config.key.read_bytes())
-    except (OSError, crypto.Error, ValueError) as e:
-        raise ConfigError(config_path, "tls.certificate", f"cannot load certificate/key: {e}") \
-            from None
-    extra: dict[str, object] = {}
-    if config.ciphers:
-        # Otherwise Twisted's default: forward-secret AEAD suites first, and none of
-        # RC4, 3DES, MD5, DSS or anonymous key exchange.
-        extra["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
-            config.ciphers)
-    try:
-        options = ssl.CertificateOptions(
-            privateKey=key,
-            certificate=chain[0],
-            extraCertChain=chain[1:],
-            raiseMinimumTo=_MIN_VERSIONS[config.min_version],
-            **extra,  # type: ignore[arg-type]
-        )
-    except ValueError as e:  # no usable cipher in the string
-        raise ConfigError(config_path, "tls.ciphers", str(e)) from None
-    try:
-        # A key that does not belong to the certificate fails here, at start-up.
-        context = options.getContext()  # cached by CertificateOptions and shared
-        context.check_privatekey()
-        # Idle connections (most of an IDLE-heavy load) give their read/write buffers
-        # back to OpenSSL's allocator: tens of KiB per connection.
-        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    except SSL.Error as e:
-        raise ConfigError(config_path, "tls.key", f"key does not match certificate: {e}") \
-            from None
-    return options
 
 
 def cleartext_warning(config: BackendConfig, directory: object) -> str | None:

@@ -1,4 +1,4 @@
-"""Tests for imapproxy.health: the backend circuit breaker, driven by a fake clock."""
+"""Tests for imapproxy.breaker: the backend circuit breaker, driven by a fake clock."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from imapproxy.breaker import CircuitBreaker
 from imapproxy.directory import Server
-from imapproxy.health import BackendHealth
 
 A, B, C = Server("a"), Server("b", 1143), Server("c")
 
 
-def make(cooldown: float = 30.0) -> tuple[Clock, BackendHealth[Server]]:
+def make(cooldown: float = 30.0) -> tuple[Clock, CircuitBreaker[Server]]:
     clock = Clock()
-    return clock, BackendHealth(clock, cooldown)
+    return clock, CircuitBreaker(clock, cooldown)
 
 
 def test_unknown_server_is_up() -> None:
@@ -87,7 +87,7 @@ def test_zero_cooldown_disables_the_breaker() -> None:
 def test_keys_need_only_be_hashable() -> None:
     # The LDAP directory uses the same breaker for its URIs.
     clock = Clock()
-    health: BackendHealth[str] = BackendHealth(clock, 1.0)
+    health: CircuitBreaker[str] = CircuitBreaker(clock, 1.0)
     health.mark_failed("ldap://one")
     assert health.order(["ldap://one", "ldap://two"]) == ["ldap://two", "ldap://one"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imapproxy.config import Listener
-from imapproxy.loops import is_own_listener, names_own_listener
+from imapproxy.routingloops import is_own_listener, names_own_listener
 
 EXPLICIT = (Listener("imap", "127.0.0.1", 143, "starttls"),
             Listener("imap", "2001:db8::10", 993, "implicit"))

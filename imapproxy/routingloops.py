@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_loops -*-
+# -*- test-case-name: tests.test_routingloops -*-
 """Loop protection: never use one of the proxy's own listeners as a backend.
 
 A map entry or an LDAP mailHost that names the proxy itself (a typo, a DNS name that

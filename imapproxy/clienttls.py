@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_servertls -*-
+# -*- test-case-name: tests.test_clienttls -*-
 """Client-facing TLS: the default certificate, certificates chosen by SNI, and reload.
 
 ``ServerTLS`` is what listeners and STARTTLS/STLS are given (an
@@ -21,17 +21,17 @@ POP3; a client that offers no ALPN is served as before.
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .certificates import not_after, read_pem_certificates
 from .config import ConfigError, TlsConfig
-from .tls import read_pem_certificates, server_options
 
 log = Logger(namespace="imapproxy")
 
@@ -76,6 +76,49 @@ def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | ob
     raise NoApplicationProtocol(offered, wanted)
 
 
+_MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_options(config: TlsConfig, config_path: Path | str) -> ssl.CertificateOptions:
+    """Options for client-facing TLS: the certificate with its chain, TLS 1.2 minimum."""
+    assert config.certificate is not None and config.key is not None
+    try:
+        chain = read_pem_certificates(config.certificate)
+        if not chain:
+            raise ConfigError(config_path, "tls.certificate", "no PEM certificate in file")
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, config.key.read_bytes())
+    except (OSError, crypto.Error, ValueError) as e:
+        raise ConfigError(config_path, "tls.certificate", f"cannot load certificate/key: {e}") \
+            from None
+    extra: dict[str, object] = {}
+    if config.ciphers:
+        # Otherwise Twisted's default: forward-secret AEAD suites first, and none of
+        # RC4, 3DES, MD5, DSS or anonymous key exchange.
+        extra["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+            config.ciphers)
+    try:
+        options = ssl.CertificateOptions(
+            privateKey=key,
+            certificate=chain[0],
+            extraCertChain=chain[1:],
+            raiseMinimumTo=_MIN_VERSIONS[config.min_version],
+            **extra,  # type: ignore[arg-type]
+        )
+    except ValueError as e:  # no usable cipher in the string
+        raise ConfigError(config_path, "tls.ciphers", str(e)) from None
+    try:
+        # A key that does not belong to the certificate fails here, at start-up.
+        context = options.getContext()  # cached by CertificateOptions and shared
+        context.check_privatekey()
+        # Idle connections (most of an IDLE-heavy load) give their read/write buffers
+        # back to OpenSSL's allocator: tens of KiB per connection.
+        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    except SSL.Error as e:
+        raise ConfigError(config_path, "tls.key", f"key does not match certificate: {e}") \
+            from None
+    return options
+
+
 def _context(config: TlsConfig, config_path: Path | str, key_prefix: str) -> SSL.Context:
     try:
         context = server_options(config, config_path).getContext()
@@ -90,18 +133,6 @@ def _context(config: TlsConfig, config_path: Path | str, key_prefix: str) -> SSL
     return context
 
 
-def _not_after(path: Path | None) -> float:
-    """When the (first) certificate in a PEM file stops being valid (Unix time)."""
-    if path is None:
-        return 0.0
-    certificates = read_pem_certificates(path)
-    stamp = certificates[0].get_notAfter() if certificates else None
-    if not stamp:
-        return 0.0
-    when = datetime.datetime.strptime(stamp.decode("ascii"), "%Y%m%d%H%M%SZ")
-    return when.replace(tzinfo=datetime.UTC).timestamp()
-
-
 class _Contexts:
     """One immutable generation of contexts: the default one and those by SNI name."""
 
@@ -114,7 +145,7 @@ class _Contexts:
         self.wildcard: dict[str, SSL.Context] = {}
         #: certificate (the default one as "default", the others by SNI domain) -> the
         #: Unix time its validity ends (for the metrics: renewals that did not happen)
-        self.expiry: dict[str, float] = {"default": _not_after(config.certificate)}
+        self.expiry: dict[str, float] = {"default": not_after(config.certificate)}
         for i, entry in enumerate(config.sni):
             per_name = TlsConfig(certificate=entry.certificate, key=entry.key,
                                  min_version=config.min_version, ciphers=config.ciphers)
@@ -123,7 +154,7 @@ class _Contexts:
                 self.wildcard[entry.domain[2:]] = context
             else:
                 self.exact[entry.domain] = context
-            self.expiry[entry.domain] = _not_after(entry.certificate)
+            self.expiry[entry.domain] = not_after(entry.certificate)
 
     def lookup(self, name: str) -> SSL.Context | None:
         """An exact name first, then "*.parent" for one label (RFC 6125 section 6.4.3)."""

@@ -12,8 +12,8 @@ from OpenSSL import SSL
 from rig.certs import CertPair, TestCA
 from tlspump import client_handshake, dns_names, pump
 
+from imapproxy.clienttls import ServerTLS
 from imapproxy.config import ConfigError, SniCertificate, TlsConfig, load
-from imapproxy.servertls import ServerTLS
 
 
 def copy_pair(pair: CertPair, directory: Path, stem: str) -> tuple[Path, Path]:
