@@ -127,5 +127,6 @@ def test_only_the_main_process_notifies(tmp_path: Path) -> None:
                     '[tls]\nplaintext_auth = true\n[directory]\nmap = "users.map"\n')
     main = build_service(load(path), MemoryReactorClock())
     worker = build_service(load(path), MemoryReactorClock(), worker=True, worker_index=1)
-    assert [type(s) for s in main][-1] is ReadyNotifier
-    assert not any(isinstance(s, ReadyNotifier) for s in worker)
+    assert [type(s) for s in main][-1] is ReadyNotifier and list(main)[-1].systemd
+    # A worker keeps its readiness for GET /readyz, and tells systemd nothing.
+    assert [type(s) for s in worker][-1] is ReadyNotifier and not list(worker)[-1].systemd
