@@ -35,17 +35,21 @@ import hmac
 import json
 import os
 import socket
+import stat
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from .config import parse_address
+from .config import Config, authority, parse_address
 from .credentials import Secret
 from .metrics import QuietSite, session_protocol, session_state
+from .transports import tcp_server_endpoint
 
 log = Logger(namespace="imapproxy")
 
@@ -80,7 +84,7 @@ def _backend_port(session: Any) -> int | None:
     server = session.backend.server
     if server.port is not None:
         return int(server.port)
-    backend = session.factory.config.backend
+    backend = session.runtime.config.backend
     return int(backend.imap_port if session_protocol(session) == "imap" else backend.pop3_port)
 
 
@@ -146,13 +150,23 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: Any, clock: Any, *, authority: str | None,
+    def __init__(self, current: Any, clock: Any, *, authority: str | None,
                  token: Secret | None) -> None:
         super().__init__()
-        self.registry = registry
+        #: the runtime in force (runtime.Current): its sessions and its drain time
+        self.current = current
         self.clock = clock
         self.authority = authority
         self.token = token
+
+    @property
+    def registry(self) -> Any:
+        return self.current.runtime.registry
+
+    @property
+    def grace(self) -> float:
+        """[timeouts] drain: how long a drain or a kick waits for commands in flight."""
+        return float(self.current.runtime.config.timeouts.drain)
 
     def render(self, request: Request) -> bytes:
         refused = self._refusal(request)
@@ -169,7 +183,7 @@ class AdminResource(Resource):
         if path == b"/drain" and method == b"POST":
             count = len(self.registry.sessions)
             log.info("admin: drain requested ({count} sessions)", count=count)
-            self.registry.drain()
+            self.registry.drain(self.grace)
             return self._reply(request, 200, {"pid": os.getpid(), "draining": count})
         if path == b"/undrain" and method == b"POST":
             return self._undrain(request)
@@ -240,7 +254,7 @@ class AdminResource(Resource):
         except (UnicodeDecodeError, ValueError) as e:
             return self._reply(request, 400, {"error": str(e)})
         log.info("admin: kick {what}: {count} sessions", what=what, count=len(chosen))
-        grace = self.registry.timeouts.drain
+        grace = self.grace
         for session in chosen:
             kick(session, self.clock, grace)
         return self._reply(request, 200, {"pid": os.getpid(), "kicked": len(chosen),
@@ -289,6 +303,37 @@ def _refused(request: Request, reason: str, hosts: list[str] | None = None) -> N
              host=f" (Host {hosts!r})" if hosts is not None else "")
 
 
-def admin_site(registry: Any, clock: Any, *, authority: str | None,
+def admin_site(current: Any, clock: Any, *, authority: str | None,
                token: Secret | None) -> QuietSite:
-    return QuietSite(AdminResource(registry, clock, authority=authority, token=token))
+    return QuietSite(AdminResource(current, clock, authority=authority, token=token))
+
+
+def admin_endpoint(reactor: Any, config: Config, index: int) -> Any:
+    """Where worker ``index`` serves the API: the socket path (".index" appended after
+    worker 0), or the TCP port plus the index."""
+    admin = config.admin
+    assert admin is not None
+    if admin.socket is not None:
+        path = Path(f"{admin.socket}.{index}" if index else str(admin.socket))
+        _remove_stale_socket(path)
+        return UNIXServerEndpoint(reactor, str(path), mode=0o600)
+    return tcp_server_endpoint(reactor, admin.host, admin.port + index)
+
+
+def admin_authority(config: Config, index: int) -> str | None:
+    """The Host header worker ``index``'s admin API accepts: its own address (the
+    configured port plus the index); None on a UNIX socket, where any Host is fine."""
+    admin = config.admin
+    assert admin is not None
+    if admin.socket is not None:
+        return None
+    return authority(admin.host, admin.port + index)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A socket file left by a process that died would make bind() fail."""
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -128,3 +128,12 @@ class RoutingLoop(BackendUnavailable):
 
     def __init__(self) -> None:
         super().__init__("routing loop: the route leads back to a proxy")
+
+
+class LoginsRefused(TooManyConnections):
+    """Too many login attempts wait for this address or user (penalty.py): refused,
+    unchecked."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("Too many login attempts, try again later")
+        self.reason = reason

@@ -295,3 +295,17 @@ def response(tag: bytes, status: bytes, text: str, code: str | None = None) -> b
     code_part = f"[{code}] " if code else ""
     # Texts are ours; never reflect raw client bytes into them.
     return tag + b" " + status + b" " + f"{code_part}{text}".encode() + b"\r\n"
+
+
+# -- the proxy's own untagged lines ---------------------------------------------------------
+# Each text exists here once: the pre-login session (imap.py) and the relay's policy
+# (relaysession.py) both say them.
+
+#: RFC 5530 UNAVAILABLE: the client should come back later (a drain, a kick, SIGTERM)
+BYE_SHUTDOWN = b"* BYE [UNAVAILABLE] Shutting down\r\n"
+#: RFC 3501 section 7.1.5: BYE before closing for inactivity
+BYE_TIMEOUT = b"* BYE Autologout; idle for too long\r\n"
+#: RFC 5530 UNAVAILABLE: the backend went away; reconnect now
+BYE_BACKEND_GONE = b"* BYE [UNAVAILABLE] Backend closed the connection\r\n"
+#: RFC 3501 section 7.1: an untagged OK is allowed at any time (a keepalive)
+STILL_HERE = b"* OK Still here\r\n"

@@ -32,18 +32,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from .errors import TooManyConnections
+from .errors import LoginsRefused
 from .penalty import Outcome, Penalty, Refused
 
 log = Logger(namespace="imapproxy")
-
-
-class LoginsRefused(TooManyConnections):
-    """Too many login attempts wait for this address or user: refused, unchecked."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__("Too many login attempts, try again later")
-        self.reason = reason
 
 
 class Admission:
@@ -404,24 +396,22 @@ class _GateServerService(StreamServerEndpointService):
         return remove(stopped)
 
 
-def process_gate(limits: Any, reactor: Any, parent: Any, *, workers: int, worker: bool,
-                 socket_path: str | None) -> tuple[Any, str | None]:
-    """This process's gate, added to the service tree ``parent`` with what it needs.
+def process_gate(limits: Any, reactor: Any, *, workers: int, worker: bool,
+                 socket_path: str | None) -> tuple[Any, Service | None, str | None]:
+    """This process's gate, the service it needs running (if any), and the socket path
+    the workers are to be given (if any).
 
     One process: its own. With workers, the main process serves its own to the others
-    on a socket in a new private directory (its path is returned, for the workers'
-    command line), and a worker asks that one.
+    on a socket in a new private directory, and a worker asks that one.
     """
     local = LocalGate(Penalty.from_limits(limits, reactor.seconds), reactor)
     if workers <= 1:
-        return local, None
+        return local, None, None
     if worker:
         if socket_path is None:
             log.warn("penalty: no --penalty-socket given to this worker; it counts alone")
-            return local, None
+            return local, None, None
         remote = RemoteGate(reactor, socket_path, local)
-        remote.service.setServiceParent(parent)
-        return remote, None
+        return remote, remote, None
     server = _GateServerService(reactor, tempfile.mkdtemp(prefix="imapproxy-"), local)
-    server.setServiceParent(parent)
-    return local, server.path
+    return local, server, server.path

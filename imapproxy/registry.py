@@ -15,9 +15,8 @@ log = Logger(namespace="imapproxy")
 class SessionRegistry:
     """Tracks FrontendProtocols; sweeps relayed ones for timeouts and keepalives."""
 
-    def __init__(self, clock: Any, timeouts: Timeouts) -> None:
+    def __init__(self, clock: Any) -> None:
         self.clock = clock
-        self.timeouts = timeouts
         self.sessions: set[Any] = set()
         #: backend connections of ended sessions, closing after our LOGOUT
         self.closing: set[Any] = set()
@@ -51,25 +50,22 @@ class SessionRegistry:
                 self._drains.remove(drain)
                 done.callback(None)
 
-    def sweep(self) -> None:
+    def sweep(self, timeouts: Timeouts) -> None:
         """The one timer: idle/inactivity timeouts and IDLE keepalives for every session."""
         now = self.clock.seconds()
-        timeouts = self.timeouts
         for session in list(self.sessions):
             relay = session.relay
             if relay is not None:
                 relay.tick(now, timeouts)
 
-    def drain(self, timeout: float | None = None, *,
-              stopping: bool = False) -> defer.Deferred[None]:
-        """End every session without losing anything; close what is left after ``timeout``.
+    def drain(self, timeout: float, *, stopping: bool = False) -> defer.Deferred[None]:
+        """End every session without losing anything; close what is left after ``timeout``
+        seconds ([timeouts] drain).
 
         ``stopping``: this is the process's last drain (SIGTERM); undrain() refuses then.
         """
         self.draining = True
         self.stopping = self.stopping or stopping
-        if timeout is None:
-            timeout = self.timeouts.drain
         log.info("draining {count} sessions (at most {timeout:g}s)", count=len(self.sessions),
                  timeout=timeout)
         if not self.sessions and not self.closing:

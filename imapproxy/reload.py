@@ -1,20 +1,18 @@
 # -*- test-case-name: tests.test_reload -*-
 """Reload on SIGHUP: config, static map, certificates, LDAP settings; no session dropped.
 
-The new config is read and everything it needs is built first (map parsed,
-certificate and key loaded and matched, LDAP filter checked). Any error there and
-nothing changes: one log line says why, and the running config stays. Otherwise
-the listeners' factories get the new config, directory, backend connector and
-certificate at once. Sessions already relayed don't look at any of it, so they
-go on; sessions still logging in use the new directory for their next lookup.
-
-Everything else applies at once: [limits] (connection limits and the brute-force
-penalty, which keeps what it has learnt), [timeouts], [username], [backend] (down_cooldown
-included), [proxy_protocol], [tls] certificates, the directory. What a running process
-cannot take over (listen addresses, workers, the metrics and admin addresses, log
-destinations) is named key by key in the "reloaded" line ("reloaded ...; listen[1].address
-needs a restart") and left as it is. With ``workers = N`` the main process passes SIGHUP
-on to every worker.
+The new config is read and a new ``Runtime`` (runtime.py) built from it first (map
+parsed, certificate and key loaded and matched, LDAP filter checked). Any error there
+and nothing changes: one log line says why, and the running config stays. Otherwise
+the shared parts that hold live state are reconfigured in place, and the new runtime
+is put in force in one assignment: new sessions use it; sessions already there keep
+the one they came with. So [limits] (connection limits and the brute-force penalty,
+which keeps what it has learnt), [timeouts], [username], [backend] (down_cooldown
+included), [proxy_protocol], [tls] certificates and the directory all apply at once.
+What a running process cannot take over (listen addresses, workers, the metrics and
+admin addresses, log destinations, the sweep's period) is named key by key in the
+"reloaded" line ("reloaded ...; listen[1].address needs a restart") and left as it is.
+With ``workers = N`` the main process passes SIGHUP on to every worker.
 """
 
 from __future__ import annotations
@@ -30,13 +28,15 @@ from twisted.logger import Logger
 
 from . import config as configmodule
 from .config import Config, ConfigError
-from .proxyprotocol import TrustedNetworks
+from .runtime import Current, Runtime, build
 
 log = Logger(namespace="imapproxy")
 
 #: parts of the config a reload cannot apply (attribute name, its key in the file)
 RESTART_ONLY = (("listeners", "listen"), ("workers", "workers"), ("metrics", "metrics"),
                 ("admin", "admin"), ("log", "log"))
+#: single keys a reload cannot apply either (the one timer's period is fixed at start)
+RESTART_ONLY_KEYS = (("timeouts", "sweep_interval"),)
 
 
 def changed_keys(old: Any, new: Any, key: str) -> Iterator[str]:
@@ -62,7 +62,9 @@ _LISTEN_FIELDS = {"host": "address", "port": "address"}
 
 def restart_keys(old: Config, new: Config) -> list[str]:
     """The keys changed in ``new`` that only a restart can apply."""
-    found: list[str] = []
+    found: list[str] = [f"{section}.{key}" for section, key in RESTART_ONLY_KEYS
+                        if getattr(getattr(old, section), key)
+                        != getattr(getattr(new, section), key)]
     for attribute, key in RESTART_ONLY:
         for changed in changed_keys(getattr(old, attribute), getattr(new, attribute), key):
             head, dot, leaf = changed.rpartition(".")
@@ -73,37 +75,24 @@ def restart_keys(old: Config, new: Config) -> list[str]:
     return found
 
 
-class Builders:
-    """How to build the reloadable parts from a config (service.py provides these)."""
-
-    def __init__(self, directory: Callable[[Config], tuple[Any, list[Any]]],
-                 connector: Callable[[Config], Any]) -> None:
-        self.directory = directory
-        self.connector = connector
-
-
 class Reloader:
-    """Swaps a new config into a running service tree, or refuses it whole."""
+    """Builds a new runtime from the config file and puts it in force, or refuses it whole."""
 
-    def __init__(self, config: Config, root: Any, factories: list[Any], registry: Any,
-                 builders: Builders, directory: Any, directory_services: list[Any],
-                 server_tls: Any, metrics: Any,
-                 header_factories: list[Any] | None = None, workers: Any = None) -> None:
-        self.config = config
+    def __init__(self, current: Current, root: Any, workers: Any = None,
+                 builder: Callable[..., Runtime] = build) -> None:
+        self.current = current
+        #: the service tree, where a new directory's services (LDAP pool) are started
         self.root = root
-        self.factories = factories
-        self.registry = registry
-        self.builders = builders
-        self.directory = directory
-        self.directory_services = directory_services
-        self.server_tls = server_tls
-        self.metrics = metrics
-        self.header_factories = header_factories or []
+        #: the worker processes, told to reload too (workers.WorkerPool)
         self.workers = workers
+        #: how a runtime is built from a config (runtime.build)
+        self.builder = builder
 
     def reload(self) -> bool:
         """Read the config file again and apply it; False (and a log line) if refused."""
-        path = self.config.path
+        old = self.current.runtime
+        shared = old.shared
+        path = old.config.path
         log.info("reloading {path}", path=str(path))
         if self.workers is not None:
             for _worker, transport in list(self.workers.workers.values()):
@@ -111,79 +100,49 @@ class Reloader:
                     transport.signalProcess("HUP")
         try:
             new = configmodule.load(path)
-            keep_directory = (new.directory == self.config.directory
-                              and new.directory.type == "ldap")
-            if keep_directory:
-                directory, services = self.directory, self.directory_services
-            else:
-                directory, services = self.builders.directory(new)
-            connector = self.builders.connector(new)
-            # Last, as it is the one step that changes something: clienttls.ServerTLS
-            # loads the new certificates, or raises ConfigError and keeps the old ones.
-            reload_tls = getattr(self.server_tls, "reload", None)
-            if reload_tls is not None and new.tls.certificate is not None:
-                reload_tls(new.tls)
+            keep = new.directory == old.config.directory and new.directory.type == "ldap"
+            runtime = self.builder(new, shared, directory=old.directory if keep else None,
+                                   directory_services=old.directory_services if keep else ())
+            # Last, as it is the one step that changes something: the client TLS loads
+            # the new certificates, or raises ConfigError and keeps the old ones.
+            shared.reload_certificates(new)
         except ConfigError as e:
             log.error("reload refused, the running config stays: {error}", error=str(e))
-            self.metrics.reloaded(False)
+            shared.metrics.reloaded(False)
             return False
         except Exception:
             log.failure("reload refused, the running config stays: unexpected error")
-            self.metrics.reloaded(False)
+            shared.metrics.reloaded(False)
             return False
-        self._apply(new, directory, services, connector, keep_directory)
-        self.metrics.reloaded(True)
-        return True
-
-    def _apply(self, new: Config, directory: Any, services: list[Any], connector: Any,
-               keep_directory: bool) -> None:
-        old = self.config
-        restart = restart_keys(old, new)
-        for factory in self.factories:
-            factory.config = new
-            factory.directory = directory
-            factory.connector = connector
-        # Shared by every listener: the connection limits, the brute-force penalty (what
-        # it has learnt stays) and the backends' circuit breaker take the new settings.
-        limiters = {id(f.limiter): f.limiter for f in self.factories}
-        gates = {id(f.penalty): f.penalty for f in self.factories}
-        for limiter in limiters.values():
-            limiter.reconfigure(new.limits)
-        for gate in gates.values():
-            gate.reconfigure(new.limits)
-        health = getattr(connector, "health", None)
-        if health is not None:
-            health.cooldown = new.backend.down_cooldown
-        for header_factory in self.header_factories:
-            header_factory.trusted = _trusted(new)
-            header_factory.timeout = new.proxy_protocol.timeout
-        self.registry.timeouts = new.timeouts
-        if keep_directory:
-            clear = getattr(self.directory, "clear_cache", None)
-            if clear is not None:
-                clear()
-            # A new LDAP directory is tried when its service starts; the kept one here
-            # (in the background; the outcome is logged).
-            probe = getattr(self.directory, "probe", None)
-            if probe is not None:
-                probe("reload")
+        shared.reconfigure(new)
+        if keep:
+            self._refresh(runtime.directory)
         else:
-            for service in services:
+            for service in runtime.directory_services:
                 service.setServiceParent(self.root)  # starts it if the tree runs
-            for service in self.directory_services:
+            for service in old.directory_services:
                 # The old LDAP pool finishes the searches in flight, then stops.
                 service.disownServiceParent()
-        self.directory, self.directory_services = directory, services
-        self.config = new
+        self.current.runtime = runtime  # the one assignment: new sessions use it
+        restart = restart_keys(old.config, new)
         needs = "".join(f"; {key} needs a restart" for key in restart)
         log.info("reloaded {path}: {listeners} listeners, directory {kind}, "
                  "{sessions} sessions kept{needs}", path=str(new.path),
                  listeners=len(new.listeners), kind=new.directory.type,
-                 sessions=len(self.registry.sessions), needs=needs, restart=restart)
+                 sessions=len(shared.registry.sessions), needs=needs, restart=restart)
+        shared.metrics.reloaded(True)
+        return True
 
-
-def _trusted(config: Config) -> TrustedNetworks:
-    return TrustedNetworks(config.proxy_protocol.trusted)
+    @staticmethod
+    def _refresh(directory: Any) -> None:
+        """A directory kept across the reload (LDAP, same settings): fresh answers, and
+        one probe (a new one is probed when its service starts)."""
+        clear = getattr(directory, "clear_cache", None)
+        if clear is not None:
+            clear()
+        probe = getattr(directory, "probe", None)
+        if probe is not None:
+            probe("reload")
 
 
 class ReloadService(Service):

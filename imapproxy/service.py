@@ -1,7 +1,16 @@
-"""twistd glue: ``twistd imapproxy --config FILE`` builds the service tree from the config."""
+# -*- test-case-name: tests.test_service -*-
+"""twistd glue: ``twistd imapproxy --config FILE`` builds the service tree from the config.
+
+The tree is built once, in ``build_service``: the shared parts (runtime.Shared), one
+``Runtime`` put in ``current``, one listening service per [[listen]] table whose factory
+reads ``current``, the one timer of all sessions, the drain on SIGTERM, metrics, the
+admin API, reload on SIGHUP, readiness, and with ``workers = N`` the other workers.
+Nothing is patched afterwards: a reload replaces ``current.runtime``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -10,21 +19,29 @@ from twisted.application import internet, service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from . import __version__, operations, sdnotify
+from . import __version__, sdnotify
 from . import config as configmodule
-from .backendtls import backend_client_certificate, backend_trust_root, cleartext_warning
+from .admin import admin_authority, admin_endpoint, admin_site
+from .backendtls import cleartext_warning
 from .breaker import CircuitBreaker
+from .certificates import not_after
 from .clienttls import ServerTLS
 from .config import Config, ConfigError, Listener
-from .directory import StaticDirectory
+from .frontend import ProxyFactory
+from .haproxy import ProxyHeaderFactory
 from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
+from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
 from .penaltygate import process_gate
-from .protocol import BackendConnector, ProxyFactory
+from .proxyprotocol import TrustedNetworks
 from .registry import SessionRegistry
+from .reload import Reloader, ReloadService
+from .runtime import Current, Shared, build
+from .transports import tcp_server_endpoint
 from .workers import BACKLOG, ReusePortService, WorkerPool
 
 log = Logger(namespace="imapproxy")
@@ -47,6 +64,16 @@ class Options(usage.Options):
     ]
 
 
+class ProxyService(LoggingRoot):
+    """The root of the tree: what tests and operators may look at once it is built."""
+
+    #: the runtime in force (a reload replaces current.runtime)
+    current: Current
+    #: one per [[listen]] table, in order
+    factories: list[ProxyFactory]
+    reloader: Reloader
+
+
 def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> Any:
     """A server endpoint for one [[listen]] table; implicit TLS wraps it (RFC 8314)."""
     if listener.tls == "implicit":
@@ -58,74 +85,70 @@ def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> An
     return TCP4ServerEndpoint(reactor, listener.port, backlog=BACKLOG, interface=listener.host)
 
 
-def build_directory(config: Config, reactor: Any) -> tuple[Any, list[service.IService]]:
-    """The configured directory plus any services it needs running (LDAP thread pool)."""
-    if config.directory.type == "ldap":
-        from .ldapdirectory import LdapDirectory
+def proxy_listener(reactor: Any, config: Config, listener: Listener, factory: Any,
+                   tls: Any, metrics: NullMetrics) -> tuple[Listener, ProxyHeaderFactory]:
+    """For a ``proxy_protocol = true`` listener: the plain TCP listener to bind, and the
+    factory stack (PROXY header, then TLS for an implicit-TLS listener, then the proxy)."""
+    inner = TLSMemoryBIOFactory(tls, False, factory) if listener.tls == "implicit" else factory
+    header = ProxyHeaderFactory(inner, TrustedNetworks(config.proxy_protocol.trusted), reactor,
+                                config.proxy_protocol.timeout, metrics)
+    return dataclasses.replace(listener, tls="none"), header
 
-        directory = LdapDirectory.from_config(config, reactor)
-        return directory, [directory.service]
-    assert config.directory.map is not None
-    return StaticDirectory.from_file(config.directory.map), []
+
+def certificate_expiry(current: Current) -> dict[str, float]:
+    """Every certificate of the running config -> when it expires (for the metrics)."""
+    runtime = current.runtime
+    client_tls = runtime.shared.client_tls
+    found = dict(client_tls.expiry) if client_tls is not None else {}
+    backend = runtime.config.backend
+    if backend.client_certificate is not None:
+        found["backend client"] = not_after(backend.client_certificate)
+    return found
 
 
 def build_service(config: Config, reactor: Any, worker: bool = False,
-                  worker_index: int = 0,
-                  penalty_socket: str | None = None) -> service.MultiService:
+                  worker_index: int = 0, penalty_socket: str | None = None) -> ProxyService:
     """The whole proxy as a MultiService: one listening service per [[listen]] table.
 
     With ``workers = N`` every process listens with SO_REUSEPORT, and the main one
     (``worker`` False) also supervises the other N-1.
     """
-    top = LoggingRoot()
+    top = ProxyService()
     configure_logs(top, config.log, config.path)
     log.info("imapproxy {version} starting, pid {pid}{worker}, config {config}; {stack}",
              version=__version__, pid=os.getpid(), config=config.path,
              worker=f", worker {worker_index}" if worker else "", stack=sdnotify.stack())
-    directory, extra = build_directory(config, reactor)
-    for child in extra:
-        child.setServiceParent(top)
-    health = CircuitBreaker(reactor, config.backend.down_cooldown)
-    if config.backend.insecure_skip_verify and config.backend.tls != "none":
-        log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
-                     "and host names are NOT verified; anyone on the path to a backend can "
-                     "read every password. Never use this outside a lab.")
-    cleartext = cleartext_warning(config.backend, directory)
-    if cleartext is not None:
-        log.warn("{message}", message=cleartext)
-
-    def build_connector(new: Config) -> BackendConnector:
-        trust_root = backend_trust_root(new.backend) if new.backend.tls != "none" else None
-        return BackendConnector(reactor, new, health=health, trust_root=trust_root,
-                                client_certificate=backend_client_certificate(new.backend,
-                                                                              new.path))
-
-    connector = build_connector(config)
-    # Reload certificates with top.server_tls.reload(new_config.tls) (e.g. on SIGHUP).
-    tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
-    # Shared by every listener of this process: limits and failures count per process.
-    limiter = ConnectionLimiter.from_limits(config.limits)
+    registry = SessionRegistry(reactor)
     # With workers, one penalty for all of them (penaltygate.py).
-    penalty, penalty_socket = process_gate(config.limits, reactor, top,
-                                           workers=config.workers, worker=worker,
-                                           socket_path=penalty_socket)
-    registry = SessionRegistry(reactor, config.timeouts)
+    penalty, penalty_service, penalty_socket = process_gate(
+        config.limits, reactor, workers=config.workers, worker=worker,
+        socket_path=penalty_socket)
+    client_tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
+    metrics: NullMetrics = NULL_METRICS
+    if config.metrics is not None:
+        metrics = Metrics(lambda: registry.sessions, draining=lambda: registry.draining,
+                          certificates=lambda: certificate_expiry(current))
+    shared = Shared(reactor, registry, ConnectionLimiter.from_limits(config.limits), penalty,
+                    CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls)
+    runtime = build(config, shared)
+    top.current = current = Current(runtime)
     # Started first, so stopped last: by then the listeners no longer accept.
-    DrainService(registry).setServiceParent(top)
-    factories = []
-    header_factories = []
+    DrainService(current).setServiceParent(top)
+    for child in (penalty_service, *runtime.directory_services):
+        if child is not None:
+            child.setServiceParent(top)
+    _warn(config, runtime.directory)
+    top.factories = []
     for listener in config.listeners:
         # The same certificates, with this listener's ALPN protocol (clienttls.py).
-        listener_tls = tls.for_protocol(listener.protocol) if tls is not None else None
-        factory = ProxyFactory(reactor, config, listener, directory, connector, registry,
-                               listener_tls, limiter=limiter, penalty=penalty)
-        factories.append(factory)
+        listener_tls = client_tls.for_protocol(listener.protocol) if client_tls else None
+        factory = ProxyFactory(current, listener, listener_tls)
+        top.factories.append(factory)
         served: Any = factory
         if listener.proxy_protocol:
             # PROXY header first, then TLS (implicit) and the proxy: a plain TCP port.
-            listener, served = operations.proxy_listener(reactor, config, listener, factory,
-                                                         listener_tls)
-            header_factories.append(served)
+            listener, served = proxy_listener(reactor, config, listener, factory, listener_tls,
+                                              metrics)
         if config.workers > 1:
             ReusePortService(reactor, listener, served, listener_tls).setServiceParent(top)
         else:
@@ -136,38 +159,51 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
         pool = WorkerPool(reactor, str(config.path), config.workers,
                           penalty_socket=penalty_socket)
         pool.setServiceParent(top)
-    sweeper = internet.TimerService(config.timeouts.sweep_interval, registry.sweep)
+    sweeper = internet.TimerService(config.timeouts.sweep_interval,
+                                    lambda: registry.sweep(current.runtime.config.timeouts))
     sweeper.clock = reactor
     sweeper.setServiceParent(top)
+    top.reloader = Reloader(current, top, pool)
+    ReloadService(top.reloader, reactor).setServiceParent(top)
     # Last in the tree: ready once every listener above has bound, no longer as soon as
     # the process stops; READY=1 / STOPPING=1 to systemd from the main process (for the
     # Type=notify unit; nothing without $NOTIFY_SOCKET); GET /readyz from every one.
     ready = sdnotify.ReadyNotifier(sdnotify.serving(config.listeners), systemd=not worker)
-    top.operations = operations.attach(  # type: ignore[attr-defined]
-        top, config, reactor, registry=registry, factories=factories, connector=connector,
-        directory=directory, directory_services=extra, server_tls=tls,
-        header_factories=header_factories, build_directory=build_directory,
-        build_connector=build_connector, worker_index=worker_index, workers=pool,
-        ready=lambda: ready.serving and not registry.draining)
+    if isinstance(metrics, Metrics) and config.metrics is not None:
+        endpoint = tcp_server_endpoint(reactor, config.metrics.host,
+                                       config.metrics.port + worker_index)
+        site = metrics_site(metrics, lambda: ready.serving and not registry.draining)
+        internet.StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    if config.admin is not None:
+        internet.StreamServerEndpointService(
+            admin_endpoint(reactor, config, worker_index),
+            admin_site(current, reactor, authority=admin_authority(config, worker_index),
+                       token=config.admin.token)).setServiceParent(top)
     ready.setServiceParent(top)
-    top.factories = factories  # type: ignore[attr-defined]
-    top.directory = directory  # type: ignore[attr-defined]
-    top.registry = registry  # type: ignore[attr-defined]
-    top.server_tls = tls  # type: ignore[attr-defined]
-    top.limiter = limiter  # type: ignore[attr-defined]
-    top.penalty = penalty  # type: ignore[attr-defined]
     return top
+
+
+def _warn(config: Config, directory: Any) -> None:
+    """What an operator must hear at every start."""
+    if config.backend.insecure_skip_verify and config.backend.tls != "none":
+        log.critical("INSECURE: [backend] insecure_skip_verify = true: backend certificates "
+                     "and host names are NOT verified; anyone on the path to a backend can "
+                     "read every password. Never use this outside a lab.")
+    cleartext = cleartext_warning(config.backend, getattr(directory, "directory", directory))
+    if cleartext is not None:
+        log.warn("{message}", message=cleartext)
 
 
 class DrainService(service.Service):
     """On stop (SIGTERM), drain every session gracefully before the reactor exits."""
 
-    def __init__(self, registry: SessionRegistry) -> None:
-        self.registry = registry
+    def __init__(self, current: Current) -> None:
+        self.current = current
 
     def stopService(self) -> Any:  # noqa: N802
         super().stopService()
-        return self.registry.drain(stopping=True)
+        runtime = self.current.runtime
+        return runtime.registry.drain(runtime.config.timeouts.drain, stopping=True)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:  # noqa: N802
@@ -184,5 +220,3 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService: 
     except ConfigError as e:
         sys.stderr.write(f"imapproxy: config error: {e}\n")
         raise SystemExit(1) from None
-
-

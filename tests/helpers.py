@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 
+from imapproxy.backendconn import BackendConnector
+from imapproxy.breaker import CircuitBreaker
 from imapproxy.config import (
     BackendConfig,
     Config,
@@ -20,8 +23,13 @@ from imapproxy.config import (
     TlsConfig,
 )
 from imapproxy.directory import StaticDirectory, parse_map
-from imapproxy.protocol import BackendConnector, FrontendProtocol, ProxyFactory
+from imapproxy.frontend import FrontendProtocol, ProxyFactory
+from imapproxy.limits import ConnectionLimiter
+from imapproxy.metrics import NULL_METRICS, NullMetrics
+from imapproxy.penalty import Penalty
+from imapproxy.penaltygate import LocalGate
 from imapproxy.registry import SessionRegistry
+from imapproxy.runtime import Current, Runtime, Shared
 
 DOVECOT_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID IDLE] Dovecot ready.\r\n"
 
@@ -47,29 +55,41 @@ class FakeEndpoint:
 
 @dataclass
 class Harness:
-    """A proxy factory on a MemoryReactorClock with fake backends."""
+    """A proxy factory on a MemoryReactorClock with fake backends, built as service.py
+    builds it (a Runtime in a Current, its Shared parts), minus the listening."""
 
     reactor: MemoryReactorClock = field(default_factory=MemoryReactorClock)
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     routes: str = "* 10.0.0.1:143\n"
     protocol: str = "imap"
-    backends: list[Any] = field(default_factory=list)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    #: builds the metrics from the harness (its registry is there already)
+    make_metrics: Callable[[Harness], NullMetrics] | None = None
 
     def __post_init__(self) -> None:
         listener = Listener(self.protocol, "127.0.0.1", 1143, "none")
         self.config = Config(
             path=Path("/nonexistent/test.toml"), listeners=(listener,),
             tls=TlsConfig(plaintext_auth=True), directory=DirectoryConfig(),
-            backend=BackendConfig(), limits=self.limits, timeouts=self.timeouts)
-        self.registry = SessionRegistry(self.reactor, self.timeouts)
-        connector = BackendConnector(
-            self.reactor, self.config,
-            endpoint_factory=lambda host, port: FakeEndpoint(self.reactor, host, port,
-                                                              self.backends))
-        self.factory = ProxyFactory(self.reactor, self.config, listener,
-                                    StaticDirectory(parse_map(self.routes)), connector,
-                                    self.registry)
+            backend=self.backend, limits=self.limits, timeouts=self.timeouts)
+        self.registry = SessionRegistry(self.reactor)
+        self.backends: list[Any] = []
+        self.metrics = NULL_METRICS if self.make_metrics is None else self.make_metrics(self)
+        reactor, metrics = self.reactor, self.metrics
+        self.shared = Shared(
+            reactor, self.registry, ConnectionLimiter.from_limits(self.limits),
+            LocalGate(Penalty.from_limits(self.limits, reactor.seconds), reactor),
+            CircuitBreaker(reactor, self.config.backend.down_cooldown), metrics, None)
+        connector = BackendConnector(reactor, self.config, endpoint_factory=metrics.timed_endpoints(
+            lambda host, port: FakeEndpoint(reactor, host, port, self.backends), reactor))
+        directory = metrics.timed_directory(StaticDirectory(parse_map(self.routes)), reactor)
+        self.current = Current(Runtime(self.config, directory, (), connector, self.shared))
+        self.factory = ProxyFactory(self.current, listener)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.current.runtime
 
     def connect_client(self, host: str = "192.0.2.7") -> tuple[FrontendProtocol, Any]:
         protocol = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
@@ -98,5 +118,5 @@ class Harness:
         while remaining > 0:
             delta = min(step, remaining)
             self.reactor.advance(delta)
-            self.registry.sweep()
+            self.registry.sweep(self.runtime.config.timeouts)
             remaining -= delta

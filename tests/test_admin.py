@@ -11,10 +11,10 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from imapproxy.admin import AdminResource, describe, kick, parse_backend, select
-from imapproxy.closing import LOGOUT_GRACE
 from imapproxy.credentials import Secret
-from imapproxy.relay import BYE_SHUTDOWN
+from imapproxy.imapwire import BYE_SHUTDOWN
 from imapproxy.service import DrainService
+from imapproxy.transports import LOGOUT_GRACE
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
 ADDRESS = b"127.0.0.1:9144"
@@ -28,11 +28,11 @@ def closed(transport: Any) -> bool:
 
 def on_socket(h: Harness) -> AdminResource:
     """The API on a UNIX socket without a token: any Host, no Authorization."""
-    return AdminResource(h.registry, h.reactor, authority=None, token=None)
+    return AdminResource(h.current, h.reactor, authority=None, token=None)
 
 
 def on_tcp(h: Harness) -> AdminResource:
-    return AdminResource(h.registry, h.reactor, authority=ADDRESS.decode(),
+    return AdminResource(h.current, h.reactor, authority=ADDRESS.decode(),
                          token=Secret(TOKEN))
 
 
@@ -215,11 +215,11 @@ def test_tcp_requests_need_this_listeners_own_host() -> None:
 def test_worker_ipv6_and_port_80_authorities() -> None:
     h = Harness()
     token = Secret(TOKEN)
-    worker_2 = AdminResource(h.registry, h.reactor, authority="[::1]:9146", token=token)
+    worker_2 = AdminResource(h.current, h.reactor, authority="[::1]:9146", token=token)
     auth = (b"authorization", b"Bearer " + TOKEN)
     assert call(worker_2, b"GET", b"/sessions", headers=[(b"host", b"[::1]:9146"), auth])[0] == 200
     assert call(worker_2, b"GET", b"/sessions", headers=[(b"host", b"[::1]:9144"), auth])[0] == 421
-    port_80 = AdminResource(h.registry, h.reactor, authority="127.0.0.1:80", token=token)
+    port_80 = AdminResource(h.current, h.reactor, authority="127.0.0.1:80", token=token)
     for host in (b"127.0.0.1:80", b"127.0.0.1"):  # RFC 9110 section 7.2: 80 may be left out
         assert call(port_80, b"GET", b"/sessions", headers=[(b"host", host), auth])[0] == 200
 
@@ -239,7 +239,7 @@ def test_socket_takes_any_host_but_a_configured_token_is_required() -> None:
     plain = on_socket(h)
     assert call(plain, b"GET", b"/sessions", headers={b"host": b"localhost"})[0] == 200
     assert call(plain, b"GET", b"/sessions")[0] == 200
-    with_token = AdminResource(h.registry, h.reactor, authority=None, token=Secret(TOKEN))
+    with_token = AdminResource(h.current, h.reactor, authority=None, token=Secret(TOKEN))
     assert call(with_token, b"GET", b"/sessions", headers={b"host": b"localhost"})[0] == 401
     assert call(with_token, b"GET", b"/sessions",
                 headers={b"host": b"anything", b"authorization": b"Bearer " + TOKEN})[0] == 200
@@ -325,7 +325,7 @@ def test_undrain_is_refused_while_the_process_stops() -> None:
     resource = on_socket(h)
     client, transport, _ = h.logged_in_client()
     client.dataReceived(b"f1 FETCH 1:* BODY[]\r\n")
-    stopping = DrainService(h.registry).stopService()  # what SIGTERM does
+    stopping = DrainService(h.current).stopService()  # what SIGTERM does
     code, body = call(resource, b"POST", b"/undrain")
     assert code == 409 and "stopping" in body["error"]
     assert h.registry.draining

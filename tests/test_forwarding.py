@@ -3,14 +3,13 @@ and, through the adapters, the ID and PROXY header a backend really receives."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from helpers import DOVECOT_GREETING, Harness
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.protocols.haproxy._v2parser import V2Parser
 
 from imapproxy.backend import ImapBackendLogin
+from imapproxy.config import BackendConfig
 from imapproxy.credentials import Credentials, Secret
 from imapproxy.errors import RoutingLoop
 from imapproxy.forwarding import (
@@ -101,10 +100,7 @@ def test_proxy_sends_client_address_by_id_by_default() -> None:
 
 
 def test_proxy_v2_header_is_the_first_thing_the_backend_gets() -> None:
-    h = Harness()
-    h.config = replace(h.config, backend=replace(h.config.backend, forward_client="proxy-v2"))
-    h.factory.config = h.config
-    h.factory.connector.config = h.config.backend
+    h = Harness(backend=BackendConfig(forward_client="proxy-v2"))
     client, transport = h.connect_client("192.0.2.7")
     client.dataReceived(b"a1 LOGIN alice secret\r\n")
     backend = h.backends[-1]
@@ -119,9 +115,7 @@ def test_proxy_v2_header_is_the_first_thing_the_backend_gets() -> None:
 
 
 def test_forward_none_sends_no_id() -> None:
-    h = Harness()
-    h.factory.config = replace(h.config, backend=replace(h.config.backend,
-                                                         forward_client="none"))
+    h = Harness(backend=BackendConfig(forward_client="none"))
     client, _ = h.connect_client()
     client.dataReceived(b"a1 LOGIN alice secret\r\n")
     backend = h.backends[-1]

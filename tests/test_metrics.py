@@ -40,14 +40,9 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 def instrumented() -> tuple[Harness, Metrics]:
-    h = Harness()
-    metrics = Metrics(lambda: h.registry.sessions)
-    h.factory.metrics = metrics
-    h.factory.connector.metrics = metrics
-    h.factory.connector.endpoint_factory = metrics.timed_endpoints(
-        h.factory.connector.endpoint_factory, h.reactor)
-    h.factory.directory = metrics.timed_directory(h.factory.directory, h.reactor)
-    return h, metrics
+    h = Harness(make_metrics=lambda h: Metrics(lambda: h.registry.sessions))
+    assert isinstance(h.metrics, Metrics)
+    return h, h.metrics
 
 
 def test_sessions_by_state_are_read_when_scraped() -> None:
@@ -89,7 +84,7 @@ def test_backend_failures_per_backend() -> None:
 
             return defer.fail(ConnectionRefusedError())
 
-    h.factory.connector.endpoint_factory = metrics.timed_endpoints(
+    h.runtime.connector.endpoint_factory = metrics.timed_endpoints(
         lambda host, port: Refusing(h.reactor, host, port, []), h.reactor)
     client, transport = h.connect_client()
     client.dataReceived(b"a1 LOGIN alice secret\r\n")
@@ -123,13 +118,13 @@ def test_bytes_are_counted_live_and_kept_after_the_end() -> None:
 def test_operators_metrics_process_build_draining_certificates_refusals() -> None:
     """Issue 13: the standard process metrics, the version, a draining gauge, the days a
     certificate has left, and what each limit refused."""
-    h = Harness(limits=Limits(max_connections_per_ip=1))
     now = 1_000_000.0
-    metrics = Metrics(lambda: h.registry.sessions, draining=lambda: h.registry.draining,
-                      certificates=lambda: {"default": now + 86400.0,
-                                            "mail.example.org": now - 60.0},
-                      clock=lambda: now)
-    h.factory.metrics = metrics
+    h = Harness(limits=Limits(max_connections_per_ip=1), make_metrics=lambda h: Metrics(
+        lambda: h.registry.sessions, draining=lambda: h.registry.draining,
+        certificates=lambda: {"default": now + 86400.0, "mail.example.org": now - 60.0},
+        clock=lambda: now))
+    metrics = h.metrics
+    assert isinstance(metrics, Metrics)
     h.connect_client("192.0.2.1")
     h.connect_client("192.0.2.1")  # over the per-address limit
     assert value(metrics, "imapproxy_refused_total", limit="per_client") == 1

@@ -75,10 +75,9 @@ def test_reload_applies_the_new_settings_to_the_gate() -> None:
 
 
 def test_one_process_keeps_its_own_gate() -> None:
-    parent = type("Parent", (), {"addService": lambda self, s: None})()
-    local, path = process_gate(Limits(), MemoryReactorClock(), parent, workers=1,
-                               worker=False, socket_path=None)
-    assert isinstance(local, LocalGate) and path is None
+    local, service, path = process_gate(Limits(), MemoryReactorClock(), workers=1,
+                                        worker=False, socket_path=None)
+    assert isinstance(local, LocalGate) and service is None and path is None
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:

@@ -30,5 +30,5 @@ def test_sweep_only_ticks_relayed_sessions() -> None:
     waiting, _ = h.connect_client()
     relayed, _, _ = h.logged_in_client()
     assert waiting.relay is None and relayed.relay is not None
-    h.registry.sweep()  # must not fail on the pre-login one
+    h.registry.sweep(h.config.timeouts)  # must not fail on the pre-login one
     assert {waiting, relayed} <= h.registry.sessions

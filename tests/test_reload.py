@@ -3,6 +3,7 @@ refused whole; LDAP settings and restart-only keys; SIGHUP runs it in the reacto
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -12,13 +13,13 @@ from helpers import FakeEndpoint, Harness
 from twisted.application.service import MultiService, Service
 from twisted.logger import capturedLogs, formatEvent
 
-from imapproxy.breaker import CircuitBreaker
+from imapproxy.backendconn import BackendConnector
 from imapproxy.config import Config, ConfigError, load
 from imapproxy.directory import StaticDirectory
 from imapproxy.metrics import Metrics
 from imapproxy.penalty import Outcome
-from imapproxy.protocol import BackendConnector
-from imapproxy.reload import Builders, Reloader, ReloadService
+from imapproxy.reload import Reloader, ReloadService
+from imapproxy.runtime import Runtime, Shared
 
 CONFIG = """
 [[listen]]
@@ -48,33 +49,36 @@ def write(folder: Path, directory: str = STATIC, idle: int = 1860, listen_extra:
 
 
 class Rig:
-    """A Harness whose factory runs on a config file, with a Reloader over it."""
+    """A Harness whose runtime comes from a config file, with a Reloader over it; the
+    directories and connectors it builds are the harness's kind (fakes for LDAP)."""
 
     def __init__(self, folder: Path, current: Any = None, services: list[Any] | None = None,
-                 **config: Any) -> None:
+                 client_tls: Any = None, **config: Any) -> None:
         self.path = write(folder, **config)
         self.config = load(self.path)
-        self.h = Harness()
-        self.h.factory.config = self.config
-        self.root = MultiService()
         self.metrics = Metrics()
+        self.h = Harness(make_metrics=lambda _: self.metrics)
+        self.root = MultiService()
         self.built: list[Config] = []
-        self.reloader = Reloader(
-            self.config, self.root, [self.h.factory], self.h.registry,
-            Builders(self._directory, self._connector),
-            current if current is not None else self.h.factory.directory,
-            services or [], None, self.metrics)
+        h = self.h
+        shared = dataclasses.replace(h.shared, client_tls=client_tls)
+        directory = current if current is not None else h.runtime.directory
+        h.current.runtime = self.build(self.config, shared, directory=directory,
+                                       directory_services=tuple(services or ()))
+        self.reloader = Reloader(h.current, self.root, builder=self.build)
 
-    def _directory(self, config: Config) -> tuple[Any, list[Any]]:
-        self.built.append(config)
-        if config.directory.type == "ldap":
-            return Ldap(), [Service()]
-        assert config.directory.map is not None
-        return StaticDirectory.from_file(config.directory.map), []
-
-    def _connector(self, config: Config) -> BackendConnector:
-        return BackendConnector(self.h.reactor, config, endpoint_factory=lambda host, port:
-                                FakeEndpoint(self.h.reactor, host, port, self.h.backends))
+    def build(self, config: Config, shared: Shared, *, directory: Any = None,
+              directory_services: tuple[Any, ...] = ()) -> Runtime:
+        if directory is None:
+            self.built.append(config)
+            if config.directory.type == "ldap":
+                directory, directory_services = Ldap(), (Service(),)
+            else:
+                assert config.directory.map is not None
+                directory = StaticDirectory.from_file(config.directory.map)
+        connector = BackendConnector(self.h.reactor, config, endpoint_factory=lambda host, port:
+                                     FakeEndpoint(self.h.reactor, host, port, self.h.backends))
+        return Runtime(config, directory, directory_services, connector, shared)
 
 
 class Ldap:
@@ -99,7 +103,7 @@ def test_new_map_routes_new_logins_while_an_idle_session_stays(tmp_path: Path) -
     assert idle_backend.transport.getPeer().host == "10.0.0.1"
     write(tmp_path, routes="* 10.0.0.2:143\n", idle=3600)
     assert rig.reloader.reload()
-    assert h.registry.timeouts.idle == 3600
+    assert h.runtime.config.timeouts.idle == 3600  # the sweep reads it there
     _, _, new_backend = h.logged_in_client()
     assert new_backend.transport.getPeer().host == "10.0.0.2"
     assert idler_transport.connected and not idler_transport.disconnecting
@@ -118,7 +122,7 @@ def test_bad_config_is_refused_and_the_old_one_stays(tmp_path: Path) -> None:
     assert backend.transport.getPeer().host == "10.0.0.1"
     (tmp_path / "imapproxy.toml").write_text("[[listen]]\nnot toml at all")
     assert not rig.reloader.reload()
-    assert rig.reloader.config is rig.config
+    assert rig.h.runtime.config is rig.config
     families = rig.metrics.render().decode()
     assert 'imapproxy_reloads_total{result="refused"} 2.0' in families
 
@@ -126,10 +130,10 @@ def test_bad_config_is_refused_and_the_old_one_stays(tmp_path: Path) -> None:
 def test_unexpected_errors_refuse_too(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
 
-    def broken(config: Config) -> Any:
+    def broken(config: Config, shared: Shared, **kept: Any) -> Any:
         raise RuntimeError("bug")
 
-    rig.reloader.builders.connector = broken
+    rig.reloader.builder = broken
     with capturedLogs() as events:
         assert not rig.reloader.reload()
     assert any(e.get("log_failure") is not None for e in events)
@@ -150,7 +154,7 @@ def test_unchanged_ldap_settings_only_clear_the_cache(tmp_path: Path) -> None:
     assert rig.built[-1].directory.ldap.timeout == 7
     assert service.parent is None  # the old pool is stopped
     assert ldap.probes == ["reload"]  # a new directory is tried by its own service
-    (new_service,) = rig.reloader.directory_services
+    (new_service,) = rig.h.runtime.directory_services
     assert new_service.parent is rig.root and new_service.running
 
 
@@ -169,11 +173,8 @@ def test_restart_only_changes_are_named_key_by_key_in_the_reloaded_line(tmp_path
 def test_limits_the_penalty_and_the_cooldown_apply_at_once(tmp_path: Path) -> None:
     """SIGHUP used to leave [limits], the penalty and down_cooldown as they were."""
     rig = Rig(tmp_path)
-    factory = rig.h.factory
-    factory.connector.health = CircuitBreaker(rig.h.reactor, 30)
-    rig.reloader.builders.connector = lambda config: BackendConnector(
-        rig.h.reactor, config, health=factory.connector.health)
-    gate = factory.penalty
+    shared = rig.h.runtime.shared
+    gate = shared.penalty
     gate.enter("192.0.2.7", gate.user_key("alice")).result.finish(
         Outcome.FAILURE, gate.fingerprint("alice", b"typo"))
     path = tmp_path / "imapproxy.toml"
@@ -190,23 +191,21 @@ down_cooldown = 3
     with capturedLogs() as events:
         assert rig.reloader.reload()
     assert not any("needs a restart" in formatEvent(e) for e in events)
-    assert factory.limiter.max_per_client == 1
+    assert shared.limiter.max_per_client == 1
     rig.h.connect_client("192.0.2.9")
     _second, transport = rig.h.connect_client("192.0.2.9")
     assert b"Too many connections from this address" in transport.value()
     assert gate.penalty.base == 5 and gate.penalty.is_exempt("198.51.100.7")
     assert gate.penalty.failures("192.0.2.7", "alice") == (1, 1), "what was learnt stays"
-    assert rig.reloader.factories[0].connector.health.cooldown == 3
+    assert shared.breaker.cooldown == 3
 
 
 def test_tls_reload_failure_refuses_everything(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-
     class ServerTLS:
         def reload(self, tls: Any) -> None:
             raise ConfigError(tmp_path, "tls.certificate", "cannot load")
 
-    rig.reloader.server_tls = ServerTLS()
+    rig = Rig(tmp_path, client_tls=ServerTLS())
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("x")
     key.write_text("x")
@@ -215,7 +214,7 @@ def test_tls_reload_failure_refuses_everything(tmp_path: Path) -> None:
     (tmp_path / "imapproxy.toml").write_text(text)
     (tmp_path / "users.map").write_text("* 10.0.0.9\n")
     assert not rig.reloader.reload()
-    assert rig.h.factory.config is rig.config
+    assert rig.h.runtime.config is rig.config
 
 
 class _Reactor:
@@ -241,14 +240,13 @@ def test_sighup_runs_the_reload_in_the_reactor(tmp_path: Path) -> None:
 
 
 def test_certificates_are_reloaded_with_the_new_tls_table(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
     loaded: list[Any] = []
 
     class ServerTLS:
         def reload(self, tls: Any) -> None:
             loaded.append(tls)
 
-    rig.reloader.server_tls = ServerTLS()
+    rig = Rig(tmp_path, client_tls=ServerTLS())
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("x")
     key.write_text("x")

@@ -1,4 +1,5 @@
-"""operations: what attach() adds to a built service tree, on a MemoryReactorClock."""
+"""service: the tree build_service makes, on a MemoryReactorClock: listeners, metrics,
+admin, PROXY headers, all reading the one runtime in ``current``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ from rig.proxy import ADMIN_TOKEN, admin_token_file
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from imapproxy.admin import AdminResource
+from imapproxy.admin import AdminResource, admin_endpoint
 from imapproxy.config import load
+from imapproxy.frontend import ProxyFactory
 from imapproxy.haproxy import ProxyHeaderFactory
-from imapproxy.metrics import Metrics, TimedDirectory
-from imapproxy.operations import admin_endpoint
-from imapproxy.protocol import ProxyFactory
+from imapproxy.metrics import NULL_METRICS, Metrics, TimedDirectory
 from imapproxy.service import build_service
 
 CONFIG = """
@@ -56,11 +56,12 @@ def config_file(tmp_path: Path, admin: str = "127.0.0.1:9144") -> Path:
     return path
 
 
-def test_attach_wires_metrics_admin_and_proxy_listeners(tmp_path: Path) -> None:
+def test_the_tree_wires_metrics_admin_and_proxy_listeners(tmp_path: Path) -> None:
     reactor = MemoryReactorClock()
     top = build_service(load(config_file(tmp_path)), reactor, worker_index=2)
-    ops = top.operations
-    assert isinstance(ops.metrics, Metrics)
+    runtime = top.current.runtime
+    metrics = runtime.metrics
+    assert isinstance(metrics, Metrics)
     top.privilegedStartService()
     top.startService()
     try:
@@ -72,14 +73,13 @@ def test_attach_wires_metrics_admin_and_proxy_listeners(tmp_path: Path) -> None:
         assert admin.token is not None and admin.token.reveal() == ADMIN_TOKEN.encode()
         header = ports[1110][0]
         assert isinstance(header, ProxyHeaderFactory) and header.timeout == 3
-        assert header.metrics is ops.metrics
+        assert header.metrics is metrics
         assert isinstance(header.wrappedFactory, ProxyFactory)
         assert header.trusted.allows("10.9.9.9") and not header.trusted.allows("127.0.0.1")
-        for factory in top.factories:
-            assert factory.metrics is ops.metrics
-            assert isinstance(factory.directory, TimedDirectory)
-        assert factory.connector.metrics is ops.metrics
-        assert ops.reloader.factories == top.factories
+        # Every factory reads the one runtime; the metrics time what it was built with.
+        assert all(factory.current is top.current for factory in top.factories)
+        assert isinstance(runtime.directory, TimedDirectory)
+        assert top.reloader.current is top.current
     finally:
         top.stopService()
 
@@ -88,12 +88,12 @@ def test_implicit_tls_behind_a_proxy_header(tmp_path: Path) -> None:
     from twisted.internet.ssl import CertificateOptions
 
     from imapproxy.config import Listener
-    from imapproxy.operations import proxy_listener
+    from imapproxy.service import proxy_listener
 
     config = load(config_file(tmp_path))
     listener = Listener("imap", "127.0.0.1", 993, "implicit", True)
     bound, stack = proxy_listener(MemoryReactorClock(), config, listener, object(),
-                                  CertificateOptions())
+                                  CertificateOptions(), NULL_METRICS)
     assert bound.tls == "none" and bound.port == 993  # TLS comes after the header
     assert isinstance(stack.wrappedFactory, TLSMemoryBIOFactory)
 

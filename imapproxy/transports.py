@@ -1,10 +1,22 @@
-# -*- test-case-name: tests.test_closing -*-
-"""Ending a connection: the one place that knows how a transport must be closed.
+# -*- test-case-name: tests.test_transports -*-
+"""What the proxy does to Twisted's transports, in one place: socket options, writing at
+once on the hot path, backpressure, and ending a connection.
 
-Every way a session ends (LOGOUT, the backend going away, a kick, a drain, a timeout,
-too many bad commands) closes its connections through ``Leg.close()``, on both legs.
-It knows three things about Twisted's transports that a plain ``loseConnection()``
-does not take care of:
+Socket options (``configure_socket``): TCP_NODELAY, and TCP keepalive tuned for the
+NATs of mobile carriers, on both legs.
+
+Writing (``write_now``): Twisted's write() only queues, and the send waits for the
+reactor's next turn; on the relay's hot path that turn is pure latency (one per hop, two
+per round trip: NOOP's added latency went from 0.084 to 0.057 ms with this), so when
+nothing is queued on a plain TCP transport the bytes go out at once. Twisted has no
+public API for it: this reads tcp.Connection's queue (``dataBuffer``, ``offset``,
+``_tempDataLen``) and calls ``writeSomeData``; tests/test_transports.py checks those
+parts on whatever Twisted it runs on (each supported stack runs it).
+
+Ending a connection. Every way a session ends (LOGOUT, the backend going away, a kick,
+a drain, a timeout, too many bad commands) closes its connections through
+``Leg.close()``, on both legs. It knows three things about Twisted's transports that a
+plain ``loseConnection()`` does not take care of:
 
 - Twisted's TLS layer (``twisted.protocols.tls``) sends its close_notify only once no
   producer is registered on it, and a relay registers producers both ways
@@ -21,10 +33,17 @@ does not take care of:
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet import tcp
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+from .config import Timeouts
 
 #: Seconds a closing connection may take to flush what we wrote before it is aborted.
 #: Far above any real client's reading of a BYE line; a client that does not read at
@@ -33,6 +52,54 @@ CLOSE_TIMEOUT = 10.0
 #: Seconds a backend has to answer the LOGOUT the proxy sent for a client and close by
 #: itself (RFC 3501 section 6.1.3) before the proxy closes the connection anyway.
 LOGOUT_GRACE = 5.0
+
+
+def tcp_server_endpoint(reactor: Any, host: str, port: int, backlog: int = 50) -> Any:
+    """A TCP listening endpoint on ``host`` (IPv4 or IPv6) and ``port``."""
+    if isIPv6Address(host):
+        return TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+    return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+
+
+def configure_socket(transport: Any, timeouts: Timeouts) -> None:
+    """TCP_NODELAY (no Nagle stalls on multi-part replies) and tuned TCP keepalive."""
+    if not hasattr(transport, "setTcpNoDelay"):
+        return  # not TCP (an in-memory transport in tests)
+    transport.setTcpNoDelay(True)
+    transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    if not hasattr(sock, "setsockopt"):
+        return
+    for option, value in ((getattr(socket, "TCP_KEEPIDLE", None), timeouts.tcp_keepalive_idle),
+                          (getattr(socket, "TCP_KEEPINTVL", None),
+                           timeouts.tcp_keepalive_interval),
+                          (getattr(socket, "TCP_KEEPCNT", None), timeouts.tcp_keepalive_count)):
+        if option is not None:
+            with contextlib.suppress(OSError):  # not every kernel has every option
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+#: transports write_now may send on directly (exact types: subclasses may differ)
+PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write, sending at once when nothing is queued on a plain TCP transport.
+
+    TLS transports (and anything else) keep the ordinary path; so does a transport with
+    bytes queued already (order), or one that is closing.
+    """
+    if type(transport) not in PLAIN_TCP or (
+            transport.TLS  # after startTLS the same transport encrypts inside write()
+            or len(transport.dataBuffer) > transport.offset or transport._tempDataLen
+            or transport.disconnecting or not transport.connected):
+        transport.write(data)
+        return
+    sent = transport.writeSomeData(data)
+    if isinstance(sent, Exception) or sent < 0:
+        transport.write(data)  # the reactor's next write attempt reports the error
+    elif sent < len(data):
+        transport.write(data[sent:])
 
 
 class Backpressure:

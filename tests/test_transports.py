@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
+import pytest
+import pytest_twisted
 from rig.certs import TestCA
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -13,9 +16,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from imapproxy import transports
 from imapproxy.clienttls import ServerTLS
-from imapproxy.closing import CLOSE_TIMEOUT, Backpressure, Leg, tls_layer
 from imapproxy.config import TlsConfig
+from imapproxy.transports import CLOSE_TIMEOUT, Backpressure, Leg, tls_layer
 
 
 class Producer:
@@ -148,3 +152,65 @@ def test_closing_a_tls_connection_that_is_already_gone_is_harmless(tmp_path: Pat
     leg = Leg(tls, MemoryReactorClock())
     leg.close()
     assert tls_layer(tls) is tls
+
+
+class _FakeTcp:
+    """Just enough of twisted.internet.tcp.Server for write_now."""
+
+    def __init__(self, tls: bool = False, queued: bytes = b"", takes: int = 1 << 20) -> None:
+        self.TLS = tls
+        self.dataBuffer = queued
+        self.offset = 0
+        self._tempDataLen = 0
+        self.disconnecting = False
+        self.connected = True
+        self.sent: list[bytes] = []
+        self.queued: list[bytes] = []
+        self.takes = takes
+
+    def writeSomeData(self, data: bytes) -> int:  # noqa: N802
+        self.sent.append(data[: self.takes])
+        return min(len(data), self.takes)
+
+    def write(self, data: bytes) -> None:
+        self.queued.append(data)
+
+
+def test_write_now_sends_at_once_when_nothing_is_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transports, "PLAIN_TCP", (_FakeTcp,))
+    t = _FakeTcp()
+    transports.write_now(t, b"a OK\r\n")
+    assert t.sent == [b"a OK\r\n"] and t.queued == []
+    partial = _FakeTcp(takes=3)
+    transports.write_now(partial, b"abcdef")
+    assert partial.sent == [b"abc"] and partial.queued == [b"def"]
+    busy = _FakeTcp(queued=b"earlier")
+    transports.write_now(busy, b"later")
+    assert busy.sent == [] and busy.queued == [b"later"]  # order kept
+    tls = _FakeTcp(tls=True)
+    transports.write_now(tls, b"secret")
+    assert tls.sent == [] and tls.queued == [b"secret"]  # never around the TLS layer
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_sends_before_the_reactor_turns_on_this_twisted() -> None:
+    """write_now reads tcp.Connection's queue: on the Twisted this runs on (each supported
+    stack runs this test), bytes written with nothing queued leave at once."""
+    from twisted.internet import defer, reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    queued: defer.Deferred[tuple[int, int]] = defer.Deferred()
+
+    class Greeter(Protocol):
+        def connectionMade(self) -> None:  # noqa: N802
+            transports.write_now(self.transport, b"* OK hello\r\n")
+            t = self.transport
+            queued.callback((len(t.dataBuffer) - t.offset, t._tempDataLen))
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Greeter), interface="127.0.0.1")
+    try:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) as sock:
+            assert await queued == (0, 0), "nothing left for the reactor's next turn"
+            assert sock.recv(100) == b"* OK hello\r\n"
+    finally:
+        await port.stopListening()

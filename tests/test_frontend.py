@@ -6,7 +6,6 @@ import pytest
 from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
 from twisted.logger import capturedLogs, formatEvent
 
-from imapproxy.breaker import CircuitBreaker
 from imapproxy.config import Limits, Timeouts
 
 
@@ -210,7 +209,7 @@ def test_connections_over_the_per_ip_limit_get_bye_and_the_listener_goes_on() ->
     first.connectionLost()
     _again, again_transport = h.connect_client("192.0.2.7")
     assert again_transport.value().startswith(b"* OK [CAPABILITY ")
-    assert h.factory.limiter.connections_from("192.0.2.7") == 2
+    assert h.shared.limiter.connections_from("192.0.2.7") == 2
 
 
 def test_pop3_connections_over_the_total_get_err_sys_temp() -> None:
@@ -275,7 +274,7 @@ def test_a_right_password_from_a_penalised_address_waits_like_a_wrong_one() -> N
     backend.dataReceived(DOVECOT_GREETING)
     backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
     assert transport.value() == b"a9 OK [CAPABILITY IMAP4rev1] Logged in\r\n"
-    assert h.factory.penalty.penalty.failures("192.0.2.7", "alice") == (0, 0)
+    assert h.shared.penalty.penalty.failures("192.0.2.7", "alice") == (0, 0)
 
 
 def test_the_same_wrong_password_again_is_not_counted_again() -> None:
@@ -286,7 +285,7 @@ def test_the_same_wrong_password_again_is_not_counted_again() -> None:
         client.dataReceived(b"t%d LOGIN alice %s\r\n" % (i, password))
         h.reactor.advance(15)
         refuse_new_backends(h, answered)
-    assert h.factory.penalty.penalty.failures("192.0.2.7", "alice") == (2, 2)
+    assert h.shared.penalty.penalty.failures("192.0.2.7", "alice") == (2, 2)
 
 
 def test_guesses_sent_in_parallel_reach_the_backend_one_at_a_time() -> None:
@@ -313,11 +312,11 @@ def test_a_client_that_goes_away_while_it_waits_frees_its_place_at_once() -> Non
     h.reactor.advance(1)
     waiting, _waiting_transport = h.connect_client()
     waiting.dataReceived(b"a2 LOGIN alice guess2\r\n")
-    assert h.factory.penalty.penalty.waiting == 1
-    assert h.factory.limiter.connections_from("192.0.2.7") == 2
+    assert h.shared.penalty.penalty.waiting == 1
+    assert h.shared.limiter.connections_from("192.0.2.7") == 2
     waiting.connectionLost()
-    assert h.factory.penalty.penalty.waiting == 0
-    assert h.factory.limiter.connections_from("192.0.2.7") == 1
+    assert h.shared.penalty.penalty.waiting == 0
+    assert h.shared.limiter.connections_from("192.0.2.7") == 1
 
 
 def test_the_owner_elsewhere_gets_in_at_once_while_the_account_is_attacked() -> None:
@@ -333,7 +332,7 @@ def test_the_owner_elsewhere_gets_in_at_once_while_the_account_is_attacked() -> 
         attacker.dataReceived(b"g LOGIN alice guess%d\r\n" % i)
         h.reactor.advance(20)
         refuse_new_backends(h, answered)
-    assert h.factory.penalty.penalty.failures("203.0.113.0", "alice")[1] >= 4
+    assert h.shared.penalty.penalty.failures("203.0.113.0", "alice")[1] >= 4
     owner, owner_transport = h.connect_client("198.51.100.20")
     owner_transport.clear()
     connected = len(h.backends)
@@ -351,7 +350,7 @@ def test_names_no_mailbox_can_have_are_failed_logins_without_a_lookup(name: byte
     assert not h.backends
     h.reactor.advance(2)
     assert transport.value() == REFUSED_NO
-    assert h.factory.penalty.penalty.failures("192.0.2.7", "x") == (1, 0)
+    assert h.shared.penalty.penalty.failures("192.0.2.7", "x") == (1, 0)
 
 
 def test_unknown_user_is_answered_like_a_wrong_password_at_the_same_time() -> None:
@@ -439,7 +438,7 @@ def test_a_route_to_our_own_listener_is_refused_without_dialling() -> None:
 
 def test_a_name_that_leads_back_to_our_own_listener_is_refused_once_connected() -> None:
     h = Harness(routes="* proxy.example.org:1143\n")
-    h.factory.connector.endpoint_factory = lambda host, port: FakeEndpoint(
+    h.runtime.connector.endpoint_factory = lambda host, port: FakeEndpoint(
         h.reactor, "127.0.0.1", port, h.backends)  # the name resolves to ourselves
     client, transport = h.connect_client()
     transport.clear()
@@ -452,7 +451,6 @@ def test_a_backend_that_drops_the_login_refuses_it_and_is_not_marked_down() -> N
     """Dovecot closes the connection on a name it finds too long: the client sent that,
     so it is a refused login, not a backend failure (no failover, no circuit breaker)."""
     h = Harness()
-    h.factory.connector.health = CircuitBreaker(h.reactor, 30)
     client, transport = h.connect_client()
     transport.clear()
     with capturedLogs() as events:
@@ -462,17 +460,16 @@ def test_a_backend_that_drops_the_login_refuses_it_and_is_not_marked_down() -> N
         backend.transport.loseConnection()
         h.reactor.advance(2)
     assert transport.value() == REFUSED_NO
-    assert h.factory.connector.health.down() == []
+    assert h.shared.breaker.down() == []
     assert not [e for e in events if "unavailable for" in formatEvent(e)]
 
 
 def test_a_backend_gone_before_the_login_is_a_backend_failure_with_its_reason() -> None:
     h = Harness()
-    h.factory.connector.health = CircuitBreaker(h.reactor, 30)
     client, transport = h.connect_client()
     with capturedLogs() as events:
         client.dataReceived(b"a1 LOGIN alice secret\r\n")
         h.backends[-1].transport.loseConnection()  # before its greeting
-    assert [s.host for s in h.factory.connector.health.down()] == ["10.0.0.1"]
+    assert [s.host for s in h.shared.breaker.down()] == ["10.0.0.1"]
     lines = [formatEvent(e) for e in events if "unavailable for" in formatEvent(e)]
     assert lines and lines[0].endswith(": closed the connection during the login")
