@@ -2,18 +2,24 @@
 
 Every error names the file and the dotted key, so an operator can fix it from one line.
 No Twisted import here: the config is plain data passed down to whoever needs it.
+
+Each key is a dataclass field of the same name, and its default and rules (bounds,
+choices) are written once, on that field (``_key``): the loaders read them from there, so
+a plain section is read by one generic call (``_section``) and the others only add their
+checks that span keys.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
 from .credentials import Secret
 from .ldapurl import parse_ldap_uri, redact, same_dn
@@ -30,6 +36,19 @@ SYSLOG_FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "lo
                      "local4", "local5", "local6", "local7")
 LDAP_SCOPES = ("base", "one", "sub")
 
+#: What a field's metadata may say about its key, besides its type (see _read): bounds for
+#: numbers (a number's minimum is 0 unless given), the strings allowed, that a string must
+#: not be empty, or a kind read by its own function (a list of CIDR networks, [[tls.sni]]).
+_RULES = frozenset({"minimum", "maximum", "choices", "required", "kind"})
+
+
+def _key(default: T, **rules: Any) -> T:
+    """A field whose key has rules besides its type, e.g. ``_key(8192, minimum=512)``."""
+    unknown = set(rules) - _RULES
+    if unknown:
+        raise TypeError(f"unknown config rule: {', '.join(sorted(unknown))}")
+    return field(default=default, metadata=rules)
+
 
 class ConfigError(Exception):
     """A config problem, rendered as one line: FILE: KEY: what is wrong."""
@@ -43,6 +62,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Listener:
+    # No defaults for the first four: a Listener is always whole. The "imap" and
+    # "starttls" that absent protocol and tls keys mean are written in _listener only.
     protocol: str
     host: str
     port: int
@@ -66,12 +87,12 @@ class TlsConfig:
     certificate: Path | None = None
     key: Path | None = None
     plaintext_auth: bool = False
-    min_version: str = "1.2"
+    min_version: str = _key("1.2", choices=("1.2", "1.3"))
     #: OpenSSL cipher string for TLS 1.2; "" keeps Twisted's default (forward-secret
     #: AEAD suites first, no RC4/3DES/MD5/anonymous). TLS 1.3 suites are OpenSSL's.
     ciphers: str = ""
     #: certificates chosen by SNI; a client naming no listed domain gets the default one
-    sni: tuple[SniCertificate, ...] = ()
+    sni: tuple[SniCertificate, ...] = _key((), kind="sni")
 
 
 @dataclass(frozen=True)
@@ -88,19 +109,20 @@ class UsernameConfig:
 @dataclass(frozen=True)
 class LdapConfig:
     uris: tuple[str, ...] = ("ldap://127.0.0.1:389",)
+    #: required, unless the URIs carry it (_ldap_uris_and_base)
     base: str = ""
-    scope: str = "sub"
+    scope: str = _key("sub", choices=LDAP_SCOPES)
     filter: str = "(uid={user})"
     bind_dn: str = ""
     bind_password: str = field(default="", repr=False)
     starttls: bool = False
     ca_file: Path | None = None
-    host_attribute: str = "mailHost"
+    host_attribute: str = _key("mailHost", required=True)
     imap_port_attribute: str = ""
     pop3_port_attribute: str = ""
     login_attribute: str = ""
-    timeout: float = 5.0
-    pool_size: int = 4
+    timeout: float = _key(5.0, minimum=0.1)
+    pool_size: int = _key(4, minimum=1, maximum=64)
 
 
 @dataclass(frozen=True)
@@ -113,7 +135,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DirectoryConfig:
-    type: str = "static"
+    type: str = _key("static", choices=("static", "ldap"))
     map: Path | None = None
     ldap: LdapConfig | None = None
     cache: CacheConfig = CacheConfig()
@@ -121,12 +143,12 @@ class DirectoryConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    imap_port: int = 143
-    pop3_port: int = 110
-    tls: str = "none"
+    imap_port: int = _key(143, minimum=1, maximum=65535)
+    pop3_port: int = _key(110, minimum=1, maximum=65535)
+    tls: str = _key("none", choices=TLS_MODES)
     ca_file: Path | None = None
-    connect_timeout: float = 10.0
-    login_timeout: float = 30.0
+    connect_timeout: float = _key(10.0, minimum=0.1)
+    login_timeout: float = _key(30.0, minimum=0.1)
     #: seconds a backend that failed to connect is skipped (circuit breaker)
     down_cooldown: float = 30.0
     #: explicit and loud: only for labs; certificates are verified otherwise
@@ -135,18 +157,19 @@ class BackendConfig:
     client_certificate: Path | None = None
     client_key: Path | None = None
     #: how the backend learns the client's address: see FORWARD_CLIENT
-    forward_client: str = "id"
+    forward_client: str = _key("id", choices=FORWARD_CLIENT)
 
 
 @dataclass(frozen=True)
 class Limits:
-    #: RFC 3501 gives no limit; 8 KiB is far above any real pre-auth command.
-    max_line: int = 8192
+    #: RFC 3501 gives no limit (RFC 7162 section 4 suggests accepting at least 8000
+    #: octets); 8 KiB is far above any real pre-auth command.
+    max_line: int = _key(8192, minimum=512)
     #: A LOGIN literal holds a name or a password; 64 KiB is generous.
-    max_preauth_literal: int = 65536
-    preauth_timeout: float = 60.0
-    max_bad_commands: int = 10
-    max_failed_logins: int = 5
+    max_preauth_literal: int = _key(65536, minimum=256)
+    preauth_timeout: float = _key(60.0, minimum=1.0)
+    max_bad_commands: int = _key(10, minimum=1)
+    max_failed_logins: int = _key(5, minimum=1)
     #: concurrent client connections of this process; 0 = automatic: (RLIMIT_NOFILE - 64)
     #: / 2, as each session holds two descriptors (client and backend)
     max_connections: int = 0
@@ -155,7 +178,7 @@ class Limits:
     max_connections_per_ip: int = 2000
     #: IPv6 clients are counted per network of this prefix length (RFC 6177: a /64 or
     #: more per subscriber)
-    ipv6_prefix: int = 64
+    ipv6_prefix: int = _key(64, minimum=1, maximum=128)
     #: logged-in sessions per user from one client address (Dovecot's
     #: mail_max_userip_connections is 10 and counts per protocol); 0 = off
     max_connections_per_user_ip: int = 20
@@ -169,34 +192,34 @@ class Limits:
     #: seconds a failed login is remembered for the penalty
     login_failure_memory: float = 900.0
     #: CIDR networks never penalised nor counted (webmail hosts, other trusted callers)
-    penalty_exempt: tuple[str, ...] = ()
+    penalty_exempt: tuple[str, ...] = _key((), kind="networks")
     #: logins checked at once from one address without recent failures (a penalised
     #: address: one at a time); more wait their turn
-    max_parallel_logins_per_ip: int = 32
+    max_parallel_logins_per_ip: int = _key(32, minimum=1)
     #: seconds an address stays "known" for a user after a successful login there: from
     #: a known address the user penalty does not apply (the owner is never locked out)
     known_address_memory: float = 30 * 86400.0
     #: longest username in bytes (RFC 5321: 64 + 1 + 255); longer is a failed login
-    max_username: int = 320
+    max_username: int = _key(320, minimum=1, maximum=65536)
 
 
 @dataclass(frozen=True)
 class Timeouts:
     #: RFC 3501 section 5.4: at least 30 minutes for an authenticated session.
-    authenticated: float = 1860.0
+    authenticated: float = _key(1860.0, minimum=1800.0)
     #: RFC 2177: clients re-issue IDLE every 29 minutes, so 31 leaves a margin.
-    idle: float = 1860.0
+    idle: float = _key(1860.0, minimum=60.0)
     #: seconds between "* OK Still here" lines to an idling client; 0 = off. Mobile
     #: NATs drop silent flows after a few minutes; Dovecot itself sends one every 2.
     idle_keepalive: float = 0.0
     #: how often the one timer of all relayed sessions runs (timeouts, keepalives)
-    sweep_interval: float = 15.0
+    sweep_interval: float = _key(15.0, minimum=0.1)
     #: seconds a graceful drain (SIGTERM) waits for sessions before closing them
     drain: float = 30.0
     #: TCP keepalive on both legs: idle seconds, probe interval, probe count
-    tcp_keepalive_idle: int = 300
-    tcp_keepalive_interval: int = 60
-    tcp_keepalive_count: int = 5
+    tcp_keepalive_idle: int = _key(300, minimum=1)
+    tcp_keepalive_interval: int = _key(60, minimum=1)
+    tcp_keepalive_count: int = _key(5, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -227,9 +250,9 @@ class ProxyProtocolConfig:
     """[proxy_protocol]: who may put a PROXY header in front of a connection."""
 
     #: CIDR networks of the load balancers; headers from anywhere else: connection closed
-    trusted: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    trusted: tuple[str, ...] = _key(("127.0.0.1/32", "::1/128"), kind="networks")
     #: seconds a trusted peer has to send its header
-    timeout: float = 10.0
+    timeout: float = _key(10.0, minimum=0.1)
 
 
 @dataclass(frozen=True)
@@ -237,15 +260,15 @@ class LogConfig:
     """[log]: where twisted.logger events go besides twistd's own log."""
 
     #: "text": twistd's lines; "json": one JSON object per line instead
-    format: str = "text"
+    format: str = _key("text", choices=LOG_FORMATS)
     #: "info", or "debug" for the proxy's own per-connection detail (twistd has no
     #: level filter of its own, so debug events are only made when asked for)
-    level: str = "info"
+    level: str = _key("info", choices=("info", "debug"))
     #: also send every event to syslog
     syslog: bool = False
     #: a UNIX datagram socket path, or "host:port" for UDP
     syslog_address: str = "/dev/log"
-    syslog_facility: str = "mail"
+    syslog_facility: str = _key("mail", choices=SYSLOG_FACILITIES)
 
 
 @dataclass(frozen=True)
@@ -258,7 +281,7 @@ class Config:
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     username: UsernameConfig = UsernameConfig()
-    workers: int = 1
+    workers: int = _key(1, minimum=1, maximum=256)
     metrics: MetricsConfig | None = None
     admin: AdminConfig | None = None
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
@@ -347,6 +370,55 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+S = TypeVar("S")
+
+
+@functools.cache
+def _fields_of(cls: type) -> dict[str, tuple[Any, Any, Any]]:
+    """Field name -> (type, default, rules) of a config dataclass, in declaration order."""
+    hints = get_type_hints(cls)
+    return {f.name: (hints[f.name], f.default, f.metadata) for f in fields(cls)}
+
+
+def _read(table: _Table, cls: type, name: str) -> Any:
+    """The key ``name`` of ``table``, read as the field ``name`` of ``cls`` says: its
+    type, its default and its rules (_key)."""
+    hint, default, rules = _fields_of(cls)[name]
+    if "kind" in rules:
+        return _KINDS[rules["kind"]](table, name, default)
+    if "choices" in rules:
+        return table.choice(name, rules["choices"], default)
+    if hint is int:
+        return table.integer(name, default, rules.get("minimum", 0), rules.get("maximum"))
+    if hint is float:
+        return table.number(name, default, rules.get("minimum", 0.0))
+    if hint == Path | None:
+        return table.file(name, required=rules.get("required", False))
+    if hint is bool or hint is str:
+        value = table.get(name, hint, default)
+        if rules.get("required") and not value:
+            raise table.error(name, "is required")
+        return value
+    raise TypeError(f"{cls.__name__}.{name}: no way to read a {hint}")
+
+
+def _build(cls: type[S], table: _Table, **given: Any) -> S:
+    """A ``cls`` from ``table``: the fields in ``given`` as given (the caller read and
+    checked them), every other one read from its key, in field order."""
+    return cls(**{name: given[name] if name in given else _read(table, cls, name)
+                  for name in _fields_of(cls)})
+
+
+def _section(cls: type[S], table: _Table | None) -> S:
+    """A section whose keys are checked one by one (no rule spans two): all defaults when
+    the table is absent."""
+    if table is None:
+        return cls()
+    config = _build(cls, table)
+    table.finish()
+    return config
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """Split "host:port" or "[v6]:port"; raises ValueError with a reason."""
     if text.startswith("["):
@@ -381,7 +453,7 @@ def _listener(table: _Table) -> Listener:
     except ValueError as e:
         raise table.error("address", str(e)) from None
     tls = table.choice("tls", TLS_MODES, "starttls")
-    proxy_protocol = table.get("proxy_protocol", bool, False)
+    proxy_protocol = _read(table, Listener, "proxy_protocol")
     table.finish()
     return Listener(protocol, host, port, tls, proxy_protocol)
 
@@ -389,25 +461,26 @@ def _listener(table: _Table) -> Listener:
 def _tls(table: _Table | None) -> TlsConfig:
     if table is None:
         return TlsConfig()
-    cert = table.file("certificate")
-    key = table.file("key")
-    plaintext = table.get("plaintext_auth", bool, False)
-    min_version = table.choice("min_version", ("1.2", "1.3"), "1.2")
-    ciphers = table.get("ciphers", str, "")
-    sni = tuple(_sni(_Table(table.path, f"{table.key('sni')}[{i}]", item))
-                for i, item in enumerate(table.get("sni", list, [])))
+    config = _build(TlsConfig, table)
     table.finish()
-    if (cert is None) != (key is None):
-        missing = "key" if key is None else "certificate"
+    if (config.certificate is None) != (config.key is None):
+        missing = "key" if config.key is None else "certificate"
         raise table.error(missing, "certificate and key go together")
-    if sni and cert is None:
+    if config.sni and config.certificate is None:
         raise table.error("certificate", "[[tls.sni]] needs a default certificate and key")
-    domains = [entry.domain for entry in sni]
+    domains = [entry.domain for entry in config.sni]
     for i, domain in enumerate(domains):
         if domain in domains[:i]:
             raise ConfigError(table.path, f"{table.key('sni')}[{i}].domain",
                               f"{domain!r} is listed twice")
-    return TlsConfig(cert, key, plaintext, min_version, ciphers, sni)
+    return config
+
+
+def _sni_list(table: _Table, name: str, default: tuple[SniCertificate, ...]
+              ) -> tuple[SniCertificate, ...]:
+    """The [[tls.sni]] tables."""
+    return tuple(_sni(_Table(table.path, f"{table.key(name)}[{i}]", item))
+                 for i, item in enumerate(table.get(name, list, list(default))))
 
 
 def _sni(table: _Table) -> SniCertificate:
@@ -427,7 +500,7 @@ def _sni(table: _Table) -> SniCertificate:
 def _ldap_uris_and_base(table: _Table) -> tuple[list[str], str]:
     """The URIs, each checked (kept as written: they name the servers in logs), and
     the search base: the ``base`` key, else the DN part the URIs agree on."""
-    uris = table.get("uris", list, ["ldap://127.0.0.1:389"])
+    uris = table.get("uris", list, list(LdapConfig.uris))
     if not uris:
         raise table.error("uris", "must be a non-empty list of LDAP URIs")
     dns: list[tuple[int, str]] = []
@@ -440,7 +513,7 @@ def _ldap_uris_and_base(table: _Table) -> tuple[list[str], str]:
             raise table.error(f"uris[{i}]", f"{redact(text)!r} {e}") from None
         if uri.dn:
             dns.append((i, uri.dn))
-    base = table.get("base", str, "")
+    base = _read(table, LdapConfig, "base")
     if not base and not dns:
         raise table.error("base", "is required (or give it as the DN part of the URIs, "
                                   "as in ldap://ldap.example.org/ou=people,dc=example,dc=org)")
@@ -458,8 +531,8 @@ def _ldap_uris_and_base(table: _Table) -> tuple[list[str], str]:
 
 def _ldap(table: _Table) -> LdapConfig:
     uris, base = _ldap_uris_and_base(table)
-    scope = table.choice("scope", LDAP_SCOPES, "sub")
-    search_filter = table.get("filter", str, "(uid={user})")
+    scope = _read(table, LdapConfig, "scope")
+    search_filter = _read(table, LdapConfig, "filter")
     if not (search_filter.startswith("(") and search_filter.endswith(")")):
         raise table.error("filter", "must be an LDAP filter in parentheses")
     try:
@@ -467,8 +540,8 @@ def _ldap(table: _Table) -> LdapConfig:
     except (KeyError, IndexError, ValueError) as e:
         raise table.error("filter",
                           f"only {{user}}, {{local}} and {{domain}} may be used ({e})") from None
-    bind_dn = table.get("bind_dn", str, "")
-    password = table.get("bind_password", str, "")
+    bind_dn = _read(table, LdapConfig, "bind_dn")
+    password = _read(table, LdapConfig, "bind_password")
     password_file = table.file("bind_password_file")
     if password and password_file:
         raise table.error("bind_password_file", "give bind_password or bind_password_file")
@@ -477,34 +550,8 @@ def _ldap(table: _Table) -> LdapConfig:
             password = password_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
             raise table.error("bind_password_file", f"cannot read: {e}") from None
-    starttls = table.get("starttls", bool, False)
-    ca_file = table.file("ca_file")
-    host_attribute = table.get("host_attribute", str, "mailHost")
-    if not host_attribute:
-        raise table.error("host_attribute", "is required")
-    config = LdapConfig(
-        uris=tuple(uris), base=base, scope=scope, filter=search_filter, bind_dn=bind_dn,
-        bind_password=password, starttls=starttls, ca_file=ca_file,
-        host_attribute=host_attribute,
-        imap_port_attribute=table.get("imap_port_attribute", str, ""),
-        pop3_port_attribute=table.get("pop3_port_attribute", str, ""),
-        login_attribute=table.get("login_attribute", str, ""),
-        timeout=table.number("timeout", 5.0, minimum=0.1),
-        pool_size=table.integer("pool_size", 4, minimum=1, maximum=64),
-    )
-    table.finish()
-    return config
-
-
-def _cache(table: _Table | None) -> CacheConfig:
-    if table is None:
-        return CacheConfig()
-    config = CacheConfig(
-        positive_ttl=table.number("positive_ttl", 300.0),
-        negative_ttl=table.number("negative_ttl", 30.0),
-        stale_ttl=table.number("stale_ttl", 3600.0),
-        max_entries=table.integer("max_entries", 100_000, minimum=0),
-    )
+    config = _build(LdapConfig, table, uris=tuple(uris), base=base, scope=scope,
+                    filter=search_filter, bind_dn=bind_dn, bind_password=password)
     table.finish()
     return config
 
@@ -512,13 +559,13 @@ def _cache(table: _Table | None) -> CacheConfig:
 def _directory(table: _Table | None, path: Path) -> DirectoryConfig:
     if table is None:
         raise ConfigError(path, "directory", "is required")
-    kind = table.choice("type", ("static", "ldap"), "static")
+    kind = _read(table, DirectoryConfig, "type")
     map_path = table.file("map", required=(kind == "static"))
     ldap_table = table.table("ldap")
     if kind == "ldap" and ldap_table is None:
         raise table.error("ldap", 'is required when type = "ldap"')
     ldap = _ldap(ldap_table) if ldap_table is not None else None
-    cache = _cache(table.table("cache"))
+    cache = _section(CacheConfig, table.table("cache"))
     table.finish()
     return DirectoryConfig(kind, map_path, ldap, cache)
 
@@ -529,45 +576,7 @@ def _backend(table: _Table | None) -> BackendConfig:
     if ("client_certificate" in table.data) != ("client_key" in table.data):
         missing = "client_key" if "client_certificate" in table.data else "client_certificate"
         raise table.error(missing, "client_certificate and client_key go together")
-    config = BackendConfig(
-        imap_port=table.integer("imap_port", 143, 1, 65535),
-        pop3_port=table.integer("pop3_port", 110, 1, 65535),
-        tls=table.choice("tls", TLS_MODES, "none"),
-        ca_file=table.file("ca_file"),
-        connect_timeout=table.number("connect_timeout", 10.0, minimum=0.1),
-        login_timeout=table.number("login_timeout", 30.0, minimum=0.1),
-        down_cooldown=table.number("down_cooldown", 30.0),
-        insecure_skip_verify=table.get("insecure_skip_verify", bool, False),
-        client_certificate=table.file("client_certificate"),
-        client_key=table.file("client_key"),
-        forward_client=table.choice("forward_client", FORWARD_CLIENT, "id"),
-    )
-    table.finish()
-    return config
-
-
-def _limits(table: _Table | None) -> Limits:
-    if table is None:
-        return Limits()
-    config = Limits(
-        max_line=table.integer("max_line", 8192, minimum=512),
-        max_preauth_literal=table.integer("max_preauth_literal", 65536, minimum=256),
-        preauth_timeout=table.number("preauth_timeout", 60.0, minimum=1.0),
-        max_bad_commands=table.integer("max_bad_commands", 10, minimum=1),
-        max_failed_logins=table.integer("max_failed_logins", 5, minimum=1),
-        max_connections=table.integer("max_connections", 0, minimum=0),
-        max_connections_per_ip=table.integer("max_connections_per_ip", 2000, minimum=0),
-        ipv6_prefix=table.integer("ipv6_prefix", 64, minimum=1, maximum=128),
-        max_connections_per_user_ip=table.integer("max_connections_per_user_ip", 20,
-                                                  minimum=0),
-        login_delay=table.number("login_delay", 2.0),
-        login_delay_max=table.number("login_delay_max", 15.0),
-        login_failure_memory=table.number("login_failure_memory", 900.0),
-        penalty_exempt=_networks(table, "penalty_exempt", ()),
-        max_parallel_logins_per_ip=table.integer("max_parallel_logins_per_ip", 32, minimum=1),
-        known_address_memory=table.number("known_address_memory", 30 * 86400.0),
-        max_username=table.integer("max_username", 320, minimum=1, maximum=65536),
-    )
+    config = _build(BackendConfig, table)
     table.finish()
     return config
 
@@ -585,36 +594,17 @@ def _networks(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, 
     return tuple(items)
 
 
-def _timeouts(table: _Table | None) -> Timeouts:
-    if table is None:
-        return Timeouts()
-    config = Timeouts(
-        authenticated=table.number("authenticated", 1860.0, minimum=1800.0),
-        idle=table.number("idle", 1860.0, minimum=60.0),
-        idle_keepalive=table.number("idle_keepalive", 0.0),
-        sweep_interval=table.number("sweep_interval", 15.0, minimum=0.1),
-        drain=table.number("drain", 30.0),
-        tcp_keepalive_idle=table.integer("tcp_keepalive_idle", 300, minimum=1),
-        tcp_keepalive_interval=table.integer("tcp_keepalive_interval", 60, minimum=1),
-        tcp_keepalive_count=table.integer("tcp_keepalive_count", 5, minimum=1),
-    )
-    table.finish()
-    return config
+#: readers of the fields whose rules name a kind: (table, key, default) -> value
+_KINDS = {"networks": _networks, "sni": _sni_list}
 
 
 def _username(table: _Table | None) -> UsernameConfig:
     if table is None:
         return UsernameConfig()
-    delimiter = table.get("domain_delimiter", str, "@")
+    delimiter = _read(table, UsernameConfig, "domain_delimiter")
     if len(delimiter) != 1:
         raise table.error("domain_delimiter", "must be a single character")
-    config = UsernameConfig(
-        domain_delimiter=delimiter,
-        lowercase=table.get("lowercase", bool, False),
-        default_domain=table.get("default_domain", str, ""),
-        strip_domain_for_lookup=table.get("strip_domain_for_lookup", bool, False),
-        strip_domain_for_backend=table.get("strip_domain_for_backend", bool, False),
-    )
+    config = _build(UsernameConfig, table, domain_delimiter=delimiter)
     table.finish()
     return config
 
@@ -703,27 +693,10 @@ def _admin_token(table: _Table, path: Path) -> Secret:
     return Secret(data)
 
 
-def _proxy_protocol(table: _Table | None) -> ProxyProtocolConfig:
-    if table is None:
-        return ProxyProtocolConfig()
-    config = ProxyProtocolConfig(
-        trusted=_networks(table, "trusted", ProxyProtocolConfig.trusted),
-        timeout=table.number("timeout", 10.0, minimum=0.1),
-    )
-    table.finish()
-    return config
-
-
 def _log(table: _Table | None) -> LogConfig:
     if table is None:
         return LogConfig()
-    config = LogConfig(
-        format=table.choice("format", LOG_FORMATS, "text"),
-        level=table.choice("level", ("info", "debug"), "info"),
-        syslog=table.get("syslog", bool, False),
-        syslog_address=table.get("syslog_address", str, "/dev/log"),
-        syslog_facility=table.choice("syslog_facility", SYSLOG_FACILITIES, "mail"),
-    )
+    config = _build(LogConfig, table)
     if not config.syslog_address.startswith("/"):
         try:
             parse_address(config.syslog_address)
@@ -751,13 +724,13 @@ def _sections(path: Path, data: dict[str, Any]) -> Config:
         tls=tls,
         directory=_directory(root.table("directory"), path),
         backend=_backend(root.table("backend")),
-        limits=_limits(root.table("limits")),
-        timeouts=_timeouts(root.table("timeouts")),
+        limits=_section(Limits, root.table("limits")),
+        timeouts=_section(Timeouts, root.table("timeouts")),
         username=_username(root.table("username")),
-        workers=root.integer("workers", 1, minimum=1, maximum=256),
+        workers=_read(root, Config, "workers"),
         metrics=_metrics(root.table("metrics")),
         admin=_admin(root.table("admin")),
-        proxy_protocol=_proxy_protocol(root.table("proxy_protocol")),
+        proxy_protocol=_section(ProxyProtocolConfig, root.table("proxy_protocol")),
         log=_log(root.table("log")),
     )
     root.finish()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .config import Limits
 from .errors import ClientProtocolError
 
-#: Default longest pre-login line. RFC 3501 sets no limit (RFC 7162 section 4 suggests
-#: accepting at least 8000 octets); nothing sent before login comes near it.
-MAX_LINE = 8192
-#: Default largest pre-login literal: a username or password, never a message.
-MAX_PREAUTH_LITERAL = 65536
+#: Default longest pre-login line: [limits] max_line's default (see Limits).
+MAX_LINE = Limits.max_line
+#: Default largest pre-login literal: a username or password, never a message
+#: ([limits] max_preauth_literal's default).
+MAX_PREAUTH_LITERAL = Limits.max_preauth_literal
 #: Default bound on a whole pre-login command, literals included.
 MAX_COMMAND = 3 * MAX_PREAUTH_LITERAL
 

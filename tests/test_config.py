@@ -6,19 +6,32 @@ what to fix.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import operator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import pytest
 from rig.proxy import ADMIN_TOKEN, admin_token_file
 
+from imapproxy import config as config_module
 from imapproxy.config import (
+    AdminConfig,
     BackendConfig,
     CacheConfig,
     Config,
     ConfigError,
+    DirectoryConfig,
+    LdapConfig,
     Limits,
     Listener,
+    LogConfig,
+    ProxyProtocolConfig,
     Timeouts,
+    TlsConfig,
     UsernameConfig,
     load,
     parse_address,
@@ -731,3 +744,133 @@ def test_a_uri_with_a_password_is_refused_without_showing_it(confdir: Path) -> N
     assert "user information" in error.message
     assert "Pa55word" not in str(error)
     assert "ldap.example.org" in str(error)
+
+
+# -- each default is written once, on its field ---------------------------------------------
+
+
+def section_classes() -> list[type]:
+    """Every dataclass in the config tree, Config first."""
+    found: list[type] = []
+
+    def walk(cls: type) -> None:
+        if cls in found:
+            return
+        found.append(cls)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            # Listener in tuple[Listener, ...], LdapConfig in LdapConfig | None
+            for outer in getattr(hints[f.name], "__args__", (hints[f.name],)):
+                for inner in getattr(outer, "__args__", (outer,)):
+                    if dataclasses.is_dataclass(inner):
+                        walk(inner)
+
+    walk(Config)
+    return found
+
+
+def has_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is not dataclasses.MISSING
+
+
+LDAP_BASE = MINIMAL.replace("[directory]", '[directory]\ntype = "ldap"') + (
+    '[directory.ldap]\nbase = "dc=example,dc=org"\n')
+
+#: (config text, the section in the loaded Config, its class, the fields the text sets)
+EMPTY_SECTIONS = [
+    (MINIMAL, lambda c: c, Config, {"path", "listeners", "tls", "directory", "backend"}),
+    (MINIMAL, lambda c: c.listeners[0], Listener, {"protocol", "host", "port", "tls"}),
+    (MINIMAL + "[tls]\n", lambda c: c.tls, TlsConfig, set()),
+    (MINIMAL, lambda c: c.directory, DirectoryConfig, {"map"}),
+    (LDAP_BASE, lambda c: c.directory.ldap, LdapConfig, {"base"}),
+    (MINIMAL + "[directory.cache]\n", lambda c: c.directory.cache, CacheConfig, set()),
+    (MINIMAL + "[backend]\n", lambda c: c.backend, BackendConfig, set()),
+    (MINIMAL + "[limits]\n", lambda c: c.limits, Limits, set()),
+    (MINIMAL + "[timeouts]\n", lambda c: c.timeouts, Timeouts, set()),
+    (MINIMAL + "[username]\n", lambda c: c.username, UsernameConfig, set()),
+    (MINIMAL + '[admin]\naddress = "/run/imapproxy/admin.sock"\n', lambda c: c.admin,
+     AdminConfig, {"address", "socket"}),
+    (MINIMAL + "[proxy_protocol]\n", lambda c: c.proxy_protocol, ProxyProtocolConfig, set()),
+    (MINIMAL + "[log]\n", lambda c: c.log, LogConfig, set()),
+]
+
+
+def test_every_section_with_defaults_is_checked_below() -> None:
+    with_defaults = {cls for cls in section_classes()
+                     if any(has_default(f) for f in dataclasses.fields(cls))}
+    assert with_defaults == {cls for _, _, cls, _ in EMPTY_SECTIONS}
+
+
+@pytest.mark.parametrize(("text", "section", "cls", "given"), EMPTY_SECTIONS,
+                         ids=[case[2].__name__ for case in EMPTY_SECTIONS])
+def test_an_empty_section_gives_its_dataclass_defaults(
+        confdir: Path, text: str, section: Callable[[Config], Any], cls: type,
+        given: set[str]) -> None:
+    # The loader has no default of its own: every key it is not given is the field's.
+    loaded = section(load_text(confdir, text))
+    assert type(loaded) is cls
+    for f in dataclasses.fields(cls):
+        if f.name not in given:
+            assert has_default(f), f.name
+            assert getattr(loaded, f.name) == f.default, f.name
+
+
+def test_every_default_keeps_its_own_rules() -> None:
+    for cls in section_classes():
+        for f in dataclasses.fields(cls):
+            rules, default = f.metadata, f.default
+            where = f"{cls.__name__}.{f.name}"
+            assert has_default(f) or not rules, where
+            if "choices" in rules:
+                assert default in rules["choices"], where
+            if "minimum" in rules:
+                assert default >= rules["minimum"], where
+            if "maximum" in rules:
+                assert default <= rules["maximum"], where
+            if rules.get("required"):
+                assert default, where
+
+
+def test_a_misspelt_rule_is_an_error_at_import() -> None:
+    with pytest.raises(TypeError, match="unknown config rule: minumum"):
+        config_module._key(1, minumum=1)
+
+
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+              ast.Div: operator.truediv}
+
+
+def literals(node: ast.expr) -> Iterator[object]:
+    """The constants a call argument spells out: 2.0, "mailHost", ["ldap://..."], 30 * 86400.0."""
+    if isinstance(node, ast.Constant):
+        yield node.value
+    elif isinstance(node, ast.List | ast.Tuple):
+        for element in node.elts:
+            yield from literals(element)
+    elif (isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC
+          and isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant)):
+        yield ARITHMETIC[type(node.op)](node.left.value, node.right.value)
+
+
+def test_no_loader_repeats_a_default() -> None:
+    # Defaults and bounds are written on the fields; code that reads keys passes none on.
+    # Nothing falsy (0, "", False, None, ()) is looked for: those are everybody's words.
+    defaults = set()
+    for cls in section_classes():
+        for f in dataclasses.fields(cls):
+            for value in f.default if isinstance(f.default, tuple) else (f.default,):
+                if isinstance(value, int | float | str) and not isinstance(value, bool) and value:
+                    defaults.add((type(value) is str, value))
+    source = ast.parse(inspect.getsource(config_module))
+    repeated = []
+    for function in ast.walk(source):
+        if not isinstance(function, ast.FunctionDef):
+            continue
+        for call in ast.walk(function):
+            if not isinstance(call, ast.Call):
+                continue
+            for argument in [*call.args, *(keyword.value for keyword in call.keywords)]:
+                for value in literals(argument):
+                    if not isinstance(value, bool) and (type(value) is str, value) in defaults:
+                        repeated.append(f"{function.name}, line {call.lineno}: {value!r}")
+    assert repeated == []

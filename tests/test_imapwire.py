@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from imapproxy.config import Limits
 from imapproxy.errors import ClientProtocolError
 from imapproxy.imapwire import (
     MAX_COMMAND,
@@ -181,6 +182,13 @@ def test_default_limits_are_named() -> None:
     assert assembler.max_literal == MAX_PREAUTH_LITERAL
     assert assembler.max_command == MAX_LINE + 2 * MAX_PREAUTH_LITERAL
     assert MAX_COMMAND >= MAX_PREAUTH_LITERAL
+
+
+def test_default_limits_are_the_configs() -> None:
+    # One default each: [limits] max_line and max_preauth_literal, as Limits has them.
+    limits = Limits()
+    assert limits.max_line == MAX_LINE
+    assert limits.max_preauth_literal == MAX_PREAUTH_LITERAL
 
 
 def test_in_command_while_waiting_for_a_literal() -> None:
