@@ -29,7 +29,7 @@ from .errors import (
     BackendUnavailable,
     ProxyError,
 )
-from .pop3 import RFC_COMMAND_LINE, LineReader, LineTooLong
+from .pop3wire import RFC_COMMAND_LINE, LineReader, LineTooLong
 
 #: Backend lines before login are short; 8 KiB leaves room for a long greeting or CAPA line.
 MAX_BACKEND_LINE = 8192

@@ -68,8 +68,9 @@ from .logquote import quoted
 from .metrics import NULL_METRICS
 from .penalty import Outcome, Penalty
 from .penaltygate import LocalGate, LoginsRefused
-from .pop3 import Pop3Session, reply
+from .pop3 import Pop3Session
 from .pop3backend import Pop3BackendLogin
+from .pop3wire import reply
 from .registry import SessionRegistry
 from .relay import Relay, write_now
 from .routingloops import is_own_listener, names_own_listener
