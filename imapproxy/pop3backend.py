@@ -3,7 +3,7 @@
 greeting -> [STLS -> TLS] -> CAPA -> [XCLIENT] -> AUTH PLAIN (if offered) or USER/PASS
 -> logged in. XCLIENT tells the backend the client's address when it offers the command
 (Dovecot does to its login_trusted_networks: "[XCLIENT]" in the greeting).
-Same interface as backend.ImapBackendLogin. A backend "-ERR" becomes an auth failure,
+Same interface as imapbackend.ImapBackendLogin. A backend "-ERR" becomes an auth failure,
 unless its response code (RFC 2449 section 8, RFC 3206) says something else worth telling.
 """
 
@@ -38,7 +38,7 @@ MAX_CAPA_LINES = 256
 
 #: Response codes passed on to the client, as (IMAP code, POP3 code): what the user is
 #: told is true and useful. [AUTH] or anything else becomes our own [AUTH] failure.
-#: Like IMAP's NO [UNAVAILABLE] (backend.py), a [SYS/TEMP] refusal of one login does not
+#: Like IMAP's NO [UNAVAILABLE] (imapbackend.py), a [SYS/TEMP] refusal of one login does not
 #: count as the server being down (no failover, no circuit breaker).
 PASS_THROUGH_CODES: dict[str, tuple[str, str]] = {
     "IN-USE": ("IN-USE", "IN-USE"),  # RFC 2449 section 8.1.1: maildrop locked

@@ -43,7 +43,6 @@ from .actions import (
     StartBackendTLS,
     StartClientTLS,
 )
-from .backend import ImapBackendLogin
 from .backendtls import backend_client_options
 from .clienttls import NoApplicationProtocol
 from .closing import LOGOUT_GRACE, Backpressure, Leg
@@ -62,6 +61,7 @@ from .errors import (
 )
 from .haproxy import HeaderFirstEndpoint
 from .imap import ImapSession
+from .imapbackend import ImapBackendLogin
 from .imapwire import response
 from .limits import ConnectionLimiter, Refusal, Ticket, client_key
 from .logquote import quoted

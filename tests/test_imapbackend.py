@@ -1,4 +1,4 @@
-"""Tests for imapproxy.backend: the proxy's own login dialogue with an IMAP backend.
+"""Tests for imapproxy.imapbackend: the proxy's own login dialogue with an IMAP backend.
 
 Transcripts of backend bytes against the actions that come out, each also replayed one
 byte at a time. In the replay, bytes that arrive after the dialogue is done are what the
@@ -20,14 +20,6 @@ from imapproxy.actions import (
     SendToBackend,
     StartBackendTLS,
 )
-from imapproxy.backend import (
-    MAX_BACKEND_LINE,
-    ImapBackendLogin,
-    Step,
-    capability_list,
-    id_list,
-    parse_status,
-)
 from imapproxy.credentials import Credentials, Secret
 from imapproxy.errors import (
     AuthenticationFailed,
@@ -35,6 +27,14 @@ from imapproxy.errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
+)
+from imapproxy.imapbackend import (
+    MAX_BACKEND_LINE,
+    ImapBackendLogin,
+    Step,
+    capability_list,
+    id_list,
+    parse_status,
 )
 
 DOVECOT_CAPS = (b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS "
