@@ -30,6 +30,7 @@ from imapproxy.errors import (
 )
 from imapproxy.imapbackend import (
     MAX_BACKEND_LINE,
+    TRANSITIONS,
     ImapBackendLogin,
     Step,
     capability_list,
@@ -496,6 +497,48 @@ def test_password_never_in_repr_of_what_we_send() -> None:
     assert isinstance(action, SendToBackend)
     assert b"hunter2" in action.data
     assert "hunter2" not in repr(action)
+
+
+# -- the step table --------------------------------------------------------------------------
+
+
+def test_transitions_outside_the_table_are_bugs() -> None:
+    login = make()
+    login.receive_data(b"* BYE go away\r\n")
+    with pytest.raises(AssertionError, match="illegal transition"):
+        login.tls_started()  # the dialogue is over
+
+
+#: Dialogues that between them take every step change: (make() arguments, backend steps).
+_TABLE_TOUR: list[tuple[dict[str, Any], list[BackendStep]]] = [
+    ({}, [b"* BYE busy\r\n"]),  # GREETING -> DONE
+    ({}, [BARE_GREETING, b"P3 OK in\r\n", b"P4 OK\r\n"]),  # -> LOGIN -> CAPABILITY -> DONE
+    ({}, [BARE_GREETING, LOGIN_OK]),  # LOGIN -> DONE
+    ({"password": b"\xff"}, [PLAIN_GREETING, b"+ go\r\n"]),  # -> LOGIN_CONTINUATION -> LOGIN
+    ({"password": b"\xff"}, [PLAIN_GREETING, b"P3 NO\r\n"]),  # LOGIN_CONTINUATION -> DONE
+    ({"password": b"\xff"}, [PLAIN_GREETING, b"P3 OK in\r\n"]),  # ... -> CAPABILITY
+    ({"starttls": True}, [BARE_GREETING, b"P1 NO\r\n"]),  # -> STARTTLS -> DONE
+    ({"starttls": True}, [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), TLS_CAPABILITY_REPLY]),
+    ({"starttls": True, "password": b"\xff"},
+     [BARE_GREETING, STARTTLS_OK, TlsStarted(), b"P5 OK\r\n"]),  # -> LOGIN_CONTINUATION
+    ({"starttls": True}, [BARE_GREETING, STARTTLS_OK, TlsStarted(), b"P5 BAD\r\n"]),
+]
+
+
+def test_every_step_change_in_the_table_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table holds what the dialogue does, no more: each entry is taken by a dialogue
+    above, and _enter (which they all go through) refuses any step change not in it."""
+    taken: set[tuple[Step, Step]] = set()
+    enter = ImapBackendLogin._enter
+
+    def recording_enter(self: ImapBackendLogin, new: Step) -> None:
+        taken.add((self.step, new))
+        enter(self, new)
+
+    monkeypatch.setattr(ImapBackendLogin, "_enter", recording_enter)
+    for kwargs, steps in _TABLE_TOUR:
+        run(make(**kwargs), steps, split=False)
+    assert taken == {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
 
 
 # -- hypothesis -----------------------------------------------------------------------------
