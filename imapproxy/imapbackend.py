@@ -8,7 +8,6 @@ literals otherwise (non-synchronising when the backend offers LITERAL+, RFC 7888
 
 from __future__ import annotations
 
-import re
 from enum import Enum, auto
 
 from .actions import (
@@ -21,6 +20,7 @@ from .actions import (
 from .credentials import Credentials
 from .errors import AuthenticationFailed, BackendProtocolError, BackendRefused, BackendUnavailable
 from .imapwire import quoted
+from .respcodes import split_code
 
 #: Backend lines before login are short; a capability list is the longest.
 MAX_BACKEND_LINE = 65536
@@ -31,9 +31,6 @@ PASS_THROUGH_CODES = frozenset(
     {"UNAVAILABLE", "IN-USE", "EXPIRED", "CONTACTADMIN", "LIMIT", "PRIVACYREQUIRED",
      "SERVERBUG"}
 )
-
-_CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
-
 
 class Step(Enum):
     #: waiting for the greeting (RFC 3501 section 7.1.1)
@@ -62,14 +59,6 @@ TRANSITIONS: dict[Step, frozenset[Step]] = {
     Step.CAPABILITY: frozenset({Step.DONE}),
     Step.DONE: frozenset(),
 }
-
-
-def parse_status(text: bytes) -> tuple[bytes | None, bytes]:
-    """Split "[CODE args] text" into (b"CODE args", text)."""
-    match = _CODE.match(text)
-    if match is None:
-        return None, text
-    return match.group(1), match.group(2)
 
 
 def capability_list(code: bytes | None) -> bytes | None:
@@ -144,7 +133,7 @@ class ImapBackendLogin:
             if status != b"OK":
                 # PREAUTH would log us in as someone unknown; BYE means go away.
                 return self._fail(BackendUnavailable(f"greeted with {status.decode()}"))
-            code, _ = parse_status(text)
+            code, _ = split_code(text)
             self._note_capabilities(capability_list(code))
             if self._starttls:
                 self._enter(Step.STARTTLS)
@@ -228,7 +217,7 @@ class ImapBackendLogin:
         return self._literal_plus or (self._literal_minus and size <= 4096)
 
     def _login_reply(self, status: bytes, text: bytes) -> list[BackendAction]:
-        code, message = parse_status(text)
+        code, message = split_code(text)
         if status == b"OK":
             caps = capability_list(code)
             if caps is not None:

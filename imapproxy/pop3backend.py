@@ -9,7 +9,6 @@ unless its response code (RFC 2449 section 8, RFC 3206) says something else wort
 
 from __future__ import annotations
 
-import re
 from base64 import b64encode
 from collections.abc import Callable
 from enum import Enum, auto
@@ -30,6 +29,7 @@ from .errors import (
     ProxyError,
 )
 from .pop3wire import RFC_COMMAND_LINE, LineReader, LineTooLong
+from .respcodes import split_code
 
 #: Backend lines before login are short; 8 KiB leaves room for a long greeting or CAPA line.
 MAX_BACKEND_LINE = 8192
@@ -46,8 +46,6 @@ PASS_THROUGH_CODES: dict[str, tuple[str, str]] = {
     "SYS/TEMP": ("UNAVAILABLE", "SYS/TEMP"),  # RFC 3206 section 4
     "SYS/PERM": ("UNAVAILABLE", "SYS/PERM"),  # RFC 3206 section 4
 }
-
-_CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
 
 
 class Step(Enum):
@@ -111,10 +109,8 @@ def parse_status(line: bytes) -> tuple[bool | None, str | None, bytes]:
         return True, None, text
     if status != b"-ERR":
         return None, None, text
-    match = _CODE.match(text)
-    if match is None:
-        return False, None, text
-    return False, match.group(1).decode("ascii", "replace").upper(), match.group(2)
+    code, text = split_code(text)
+    return False, None if code is None else code.decode("ascii", "replace").upper(), text
 
 
 def refusal(code: str | None, text: bytes) -> ProxyError:

@@ -35,7 +35,6 @@ from imapproxy.imapbackend import (
     Step,
     capability_list,
     id_list,
-    parse_status,
 )
 
 DOVECOT_CAPS = (b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS "
@@ -466,21 +465,6 @@ def test_non_ascii_capability_code_does_not_crash(steps: list[BackendStep]) -> N
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [
-        (b"[CAPABILITY IMAP4rev1 IDLE] Logged in", (b"CAPABILITY IMAP4rev1 IDLE", b"Logged in")),
-        (b"[UNAVAILABLE]   down", (b"UNAVAILABLE", b"down")),
-        (b"[ALERT]", (b"ALERT", b"")),
-        (b"no code", (None, b"no code")),
-        (b"[unterminated", (None, b"[unterminated")),
-        (b"", (None, b"")),
-    ],
-)
-def test_parse_status(text: bytes, parsed: tuple[bytes | None, bytes]) -> None:
-    assert parse_status(text) == parsed
 
 
 def test_capability_list() -> None:
