@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum, auto
 
-from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
+from .actions import Action, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
 from .pop3wire import LineReader, LineTooLong, reply
+from .prelogin import PreLoginSession
 
 #: Bytes a client may pipeline behind PASS/AUTH while the backend login runs. The adapter
 #: pauses reading during login, so only what was already in flight can arrive; 64 KiB is
@@ -38,7 +39,8 @@ class State(Enum):
     CLOSED = auto()
 
 
-# Rule: every state change goes through Pop3Session._enter, checked against this table.
+# Rule: every state change goes through Pop3Session._enter (prelogin.py), checked against
+# this table.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.AUTHORIZATION: frozenset(
         {State.USER_GIVEN, State.AUTH_RESPONSE, State.LOGGING_IN, State.CLOSED}),
@@ -59,18 +61,27 @@ Handler = Callable[[bytes | None], list[Action]]
 DEFAULT_LIMITS = Limits()
 
 
-class Pop3Session:
+class Pop3Session(PreLoginSession):
     """One client's pre-login POP3 session."""
+
+    __slots__ = ("_lines", "_username", "_commands")
+
+    state: State
+    TRANSITIONS = TRANSITIONS
+    LOGGING_IN = State.LOGGING_IN
+    RELAYING = State.RELAYING
+    CLOSED = State.CLOSED
+    #: RFC 3206 section 4: [SYS/TEMP] tells the client to retry later.
+    SHUTDOWN_LINE = b"-ERR [SYS/TEMP] Shutting down\r\n"
+    TIMEOUT_REASON = "Autologout; idle for too long"
+    TOO_MANY_FAILED_LOGINS = b""  # the -ERR of the last failure is the last word
+    _max_held = MAX_PIPELINED_DURING_LOGIN
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
                  limits: Limits = DEFAULT_LIMITS) -> None:
-        self.state = State.AUTHORIZATION
-        self.tls_active = tls_active
-        self.starttls_available = starttls_available and not tls_active
-        self.plaintext_auth = plaintext_auth
-        self.limits = limits
-        self.bad_commands = 0
-        self.failed_logins = 0
+        super().__init__(State.AUTHORIZATION, tls_active=tls_active,
+                         starttls_available=starttls_available, plaintext_auth=plaintext_auth,
+                         limits=limits)
         self._lines = LineReader(limits.max_line)
         self._username: str | None = None
         # The commands each reading state accepts. USER_GIVEN adds PASS; any other command
@@ -94,16 +105,6 @@ class Pop3Session:
         """The greeting (RFC 1939 section 4)."""
         return [SendToClient(reply(True, "POP3 proxy ready"))]
 
-    def receive_data(self, data: bytes) -> list[Action]:
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        self._lines.feed(data)
-        if self.state is State.LOGGING_IN:
-            if self._lines.buffered > MAX_PIPELINED_DURING_LOGIN:
-                return self._fatal("Too much data pipelined during login")
-            return []
-        return self._process()
-
     def login_succeeded(self, capabilities: bytes | None = None) -> list[Action]:
         """The backend accepted the login: answer the client and hand over to the relay.
 
@@ -117,25 +118,12 @@ class Pop3Session:
     def login_failed(self, error: ProxyError) -> list[Action]:
         """The lookup or the backend said no; the client may try again (within limits)."""
         self._enter(State.AUTHORIZATION)
-        return self._refused(error) + self._process()
+        return self._login_refused(error) + self._process()
 
-    def shutdown(self) -> list[Action]:
-        """The proxy is shutting down: [SYS/TEMP] tells the client to retry (RFC 3206)."""
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        return [SendToClient(b"-ERR [SYS/TEMP] Shutting down\r\n"), self._close("shutdown")]
-
-    def timed_out(self) -> list[Action]:
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        # RFC 1939 section 3 lets the server just close; one -ERR line tells the user why.
-        return self._fatal("Autologout; idle for too long")
+    def _login_refused(self, error: ProxyError) -> list[Action]:
+        return self._refuse_login(reply(False, error.client_text(), error.pop3_code))
 
     # -- capabilities -------------------------------------------------------------------
-
-    @property
-    def login_allowed(self) -> bool:
-        return self.tls_active or self.plaintext_auth
 
     def capabilities(self) -> list[bytes]:
         """The CAPA list (RFC 2449 section 6, RFC 2595 section 4, RFC 5034 section 6)."""
@@ -150,17 +138,12 @@ class Pop3Session:
 
     # -- processing -----------------------------------------------------------------------
 
-    def _enter(self, new: State) -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise AssertionError(f"illegal transition {self.state} -> {new}")
-        self.state = new
+    def _goodbye(self, text: str) -> bytes:
+        return reply(False, text)
 
-    def _close(self, reason: str) -> Close:
-        self._enter(State.CLOSED)
-        return Close(reason)
-
-    def _fatal(self, text: str) -> list[Action]:
-        return [SendToClient(reply(False, text)), self._close(text)]
+    @property
+    def _input(self) -> LineReader:
+        return self._lines
 
     def _process(self) -> list[Action]:
         actions: list[Action] = []
@@ -180,18 +163,9 @@ class Pop3Session:
 
     def _bad(self, text: str) -> list[Action]:
         """A -ERR for a command we could not act on; too many of them end the session."""
-        self.bad_commands += 1
-        if self.bad_commands >= self.limits.max_bad_commands:
+        if self._count_bad_command():
             return self._fatal(text + "; too many invalid commands, closing")
         return [SendToClient(reply(False, text))]
-
-    def _refused(self, error: ProxyError) -> list[Action]:
-        """A failed login, counted; too many of them end the session."""
-        self.failed_logins += 1
-        line = SendToClient(reply(False, error.client_text(), error.pop3_code))
-        if self.failed_logins >= self.limits.max_failed_logins:
-            return [line, self._close("too many failed logins")]
-        return [line]
 
     def _command(self, line: bytes) -> list[Action]:
         if is_http_request_line(line):
@@ -298,7 +272,7 @@ class Pop3Session:
         except ClientProtocolError as e:
             return self._bad(f"AUTH: {e.public_text}")
         except ProxyError as e:
-            return self._refused(e)
+            return self._login_refused(e)
         return self._begin_login(credentials)
 
     def _begin_login(self, credentials: Credentials) -> list[Action]:

@@ -294,6 +294,14 @@ def test_too_much_pipelined_during_login_closes() -> None:
         Close("Too much data pipelined during login")]
 
 
+def test_pipelining_bound_holds_in_the_same_read_as_the_pass() -> None:
+    # As in IMAP: the bytes that came with the command starting the login count too.
+    check([b"USER a\r\nPASS b\r\n" + b"x" * (MAX_PIPELINED_DURING_LOGIN + 1)],
+          [send(b"+OK Send PASS\r\n"), login("a", b"b"),
+           send(b"-ERR Too much data pipelined during login\r\n"),
+           Close("Too much data pipelined during login")])
+
+
 # -- AUTH PLAIN (RFC 5034) -------------------------------------------------------------------------
 
 
