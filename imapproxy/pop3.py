@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum, auto
+from typing import ClassVar
 
 from .actions import Action, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
@@ -56,7 +57,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 # instead of "unknown command".
 _NEEDS_LOGIN = frozenset(b"STAT LIST RETR DELE NOOP RSET TOP UIDL LAST".split())
 
-Handler = Callable[[bytes | None], list[Action]]
+Handler = Callable[["Pop3Session", bytes | None], list[Action]]
 
 DEFAULT_LIMITS = Limits()
 
@@ -64,7 +65,7 @@ DEFAULT_LIMITS = Limits()
 class Pop3Session(PreLoginSession):
     """One client's pre-login POP3 session."""
 
-    __slots__ = ("_lines", "_username", "_commands")
+    __slots__ = ("_lines", "_username")
 
     state: State
     TRANSITIONS = TRANSITIONS
@@ -84,20 +85,6 @@ class Pop3Session(PreLoginSession):
                          limits=limits)
         self._lines = LineReader(limits.max_line)
         self._username: str | None = None
-        # The commands each reading state accepts. USER_GIVEN adds PASS; any other command
-        # there forgets the name first (RFC 1939 section 7: PASS must follow USER).
-        authorization: dict[bytes, Handler] = {
-            b"CAPA": self._capa,
-            b"STLS": self._stls,
-            b"USER": self._user,
-            b"PASS": self._pass_without_user,
-            b"AUTH": self._auth,
-            b"QUIT": self._quit,
-        }
-        self._commands: dict[State, dict[bytes, Handler]] = {
-            State.AUTHORIZATION: authorization,
-            State.USER_GIVEN: {**authorization, b"PASS": self._pass},
-        }
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -174,7 +161,7 @@ class Pop3Session(PreLoginSession):
         # RFC 1939 section 3: a case-insensitive keyword, then arguments after one space.
         keyword, space, argument = line.partition(b" ")
         name = keyword.upper()
-        handler = self._commands[self.state].get(name)
+        handler = self._COMMANDS[self.state].get(name)
         if self.state is State.USER_GIVEN and name != b"PASS":
             self._username = None
             self._enter(State.AUTHORIZATION)
@@ -186,7 +173,7 @@ class Pop3Session(PreLoginSession):
             if name in _NEEDS_LOGIN:
                 return self._bad("Log in first")
             return self._bad("Unknown command")
-        return handler(argument if space else None)
+        return handler(self, argument if space else None)
 
     def _capa(self, argument: bytes | None) -> list[Action]:
         if argument is not None:
@@ -278,3 +265,19 @@ class Pop3Session(PreLoginSession):
     def _begin_login(self, credentials: Credentials) -> list[Action]:
         self._enter(State.LOGGING_IN)
         return [Login(credentials)]
+
+    # The commands each reading state accepts: one table for all sessions, not dicts of
+    # bound methods in each. USER_GIVEN adds PASS; any other command there forgets the
+    # name first (RFC 1939 section 7: PASS must follow USER).
+    _AUTHORIZATION: ClassVar[dict[bytes, Handler]] = {
+        b"CAPA": _capa,
+        b"STLS": _stls,
+        b"USER": _user,
+        b"PASS": _pass_without_user,
+        b"AUTH": _auth,
+        b"QUIT": _quit,
+    }
+    _COMMANDS: ClassVar[dict[State, dict[bytes, Handler]]] = {
+        State.AUTHORIZATION: _AUTHORIZATION,
+        State.USER_GIVEN: {**_AUTHORIZATION, b"PASS": _pass},
+    }
