@@ -48,7 +48,7 @@ class Close:
     reason: str
 
 
-# Backend login dialogue actions (backend.py)
+# Backend login dialogue actions (imapbackend.py, pop3backend.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,8 @@ from .imapwire import response
 from .limits import Refusal, Ticket, client_key
 from .logquote import quoted
 from .penalty import Outcome
-from .pop3 import Pop3Session, reply
+from .pop3 import Pop3Session
+from .pop3wire import reply
 from .relay import Relay
 from .runtime import Current, Runtime
 from .transports import LOGOUT_GRACE, Backpressure, Leg, configure_socket, write_now

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum, auto
+from typing import ClassVar
 
-from . import imapwire
 from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
-from .imapwire import ArgumentReader, CommandReceived, LiteralRejected, NeedContinuation, response
+from .imapwire import (
+    ArgumentReader,
+    CommandAssembler,
+    CommandReceived,
+    LiteralRejected,
+    NeedContinuation,
+    response,
+)
+from .prelogin import PreLoginSession
 
 
 class State(Enum):
@@ -31,7 +39,8 @@ class State(Enum):
     CLOSED = auto()
 
 
-# Rule: every state change goes through ImapSession._enter, checked against this table.
+# Rule: every state change goes through ImapSession._enter (prelogin.py), checked against
+# this table.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.NOT_AUTHENTICATED: frozenset({State.AUTHENTICATE, State.LOGGING_IN, State.CLOSED}),
     State.AUTHENTICATE: frozenset({State.NOT_AUTHENTICATED, State.LOGGING_IN, State.CLOSED}),
@@ -48,36 +57,36 @@ _NEEDS_LOGIN = frozenset(
     b"SETMETADATA NOTIFY XLIST".split()
 )
 
+Handler = Callable[["ImapSession", bytes, ArgumentReader], list[Action]]
+
 SERVER_ID = b'* ID ("name" "imapproxy")\r\n'
 #: RFC 5530 UNAVAILABLE: come back later (the relay sends it too, when it drains)
 BYE_SHUTDOWN = b"* BYE [UNAVAILABLE] Shutting down\r\n"
 DEFAULT_LIMITS = Limits()
 
 
-class ImapSession:
+class ImapSession(PreLoginSession):
     """One client's pre-login IMAP session."""
+
+    __slots__ = ("client_id", "_wire", "_pending_tag")
+
+    state: State
+    TRANSITIONS = TRANSITIONS
+    LOGGING_IN = State.LOGGING_IN
+    RELAYING = State.RELAYING
+    CLOSED = State.CLOSED
+    SHUTDOWN_LINE = BYE_SHUTDOWN
+    TIMEOUT_REASON = "pre-auth timeout"
+    TOO_MANY_FAILED_LOGINS = b"* BYE Too many failed logins\r\n"
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
                  limits: Limits = DEFAULT_LIMITS) -> None:
-        self.state = State.NOT_AUTHENTICATED
-        self.tls_active = tls_active
-        self.starttls_available = starttls_available and not tls_active
-        self.plaintext_auth = plaintext_auth
-        self.limits = limits
+        super().__init__(State.NOT_AUTHENTICATED, tls_active=tls_active,
+                         starttls_available=starttls_available, plaintext_auth=plaintext_auth,
+                         limits=limits)
         self.client_id: tuple[tuple[str, str | None], ...] = ()
-        self.bad_commands = 0
-        self.failed_logins = 0
-        self._wire = imapwire.CommandAssembler(limits.max_line, limits.max_preauth_literal)
+        self._wire = CommandAssembler(limits.max_line, limits.max_preauth_literal)
         self._pending_tag = b"*"
-        self._commands: dict[bytes, Callable[[bytes, ArgumentReader], list[Action]]] = {
-            b"CAPABILITY": self._capability,
-            b"NOOP": self._noop,
-            b"LOGOUT": self._logout,
-            b"STARTTLS": self._starttls,
-            b"LOGIN": self._login,
-            b"AUTHENTICATE": self._authenticate,
-            b"ID": self._id,
-        }
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -85,20 +94,6 @@ class ImapSession:
         """The greeting (RFC 3501 section 7.1.1, with a CAPABILITY response code)."""
         greeting = b"* OK [CAPABILITY " + self.capabilities() + b"] IMAP proxy ready\r\n"
         return [SendToClient(greeting)]
-
-    def receive_data(self, data: bytes) -> list[Action]:
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        self._wire.feed(data)
-        if self.state is State.LOGGING_IN:
-            return self._check_pipelined()
-        return self._process() + self._check_pipelined()
-
-    def _check_pipelined(self) -> list[Action]:
-        """Bytes held back during login are bounded, however TCP split them."""
-        if self.state is State.LOGGING_IN and self._wire.buffered > self._wire.max_command:
-            return self._fatal("Too much data pipelined during login")
-        return []
 
     def login_succeeded(self, capabilities: bytes | None) -> list[Action]:
         """The backend accepted the login: answer the client and hand over to the relay.
@@ -124,33 +119,9 @@ class ImapSession:
         return actions + self._process()
 
     def _login_refused(self, tag: bytes, error: ProxyError) -> list[Action]:
-        self.failed_logins += 1
-        actions: list[Action] = [
-            SendToClient(response(tag, b"NO", error.client_text(), error.imap_code))
-        ]
-        if self.failed_logins >= self.limits.max_failed_logins:
-            actions.append(SendToClient(b"* BYE Too many failed logins\r\n"))
-            actions.append(self._close("too many failed logins"))
-        return actions
-
-    def shutdown(self) -> list[Action]:
-        """The proxy is shutting down: tell the client to come back (RFC 5530 UNAVAILABLE)."""
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        return [SendToClient(BYE_SHUTDOWN), self._close("shutdown")]
-
-    def timed_out(self) -> list[Action]:
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        # RFC 3501 section 7.1.5: BYE before closing for inactivity.
-        return [SendToClient(b"* BYE Autologout; idle for too long\r\n"),
-                self._close("pre-auth timeout")]
+        return self._refuse_login(response(tag, b"NO", error.client_text(), error.imap_code))
 
     # -- capabilities -------------------------------------------------------------------
-
-    @property
-    def login_allowed(self) -> bool:
-        return self.tls_active or self.plaintext_auth
 
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"IDLE"]
@@ -163,17 +134,16 @@ class ImapSession:
 
     # -- processing -----------------------------------------------------------------------
 
-    def _enter(self, new: State) -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise AssertionError(f"illegal transition {self.state} -> {new}")
-        self.state = new
+    def _goodbye(self, text: str) -> bytes:
+        return b"* BYE " + text.encode() + b"\r\n"
 
-    def _close(self, reason: str) -> Close:
-        self._enter(State.CLOSED)
-        return Close(reason)
+    @property
+    def _input(self) -> CommandAssembler:
+        return self._wire
 
-    def _fatal(self, text: str) -> list[Action]:
-        return [SendToClient(b"* BYE " + text.encode() + b"\r\n"), self._close(text)]
+    @property
+    def _max_held(self) -> int:
+        return self._wire.max_command
 
     def _process(self) -> list[Action]:
         actions: list[Action] = []
@@ -199,9 +169,8 @@ class ImapSession:
         return actions
 
     def _bad(self, tag: bytes, text: str) -> list[Action]:
-        self.bad_commands += 1
         reply: list[Action] = [SendToClient(response(tag, b"BAD", text))]
-        if self.bad_commands >= self.limits.max_bad_commands:
+        if self._count_bad_command():
             reply += self._fatal("Too many invalid commands")
         return reply
 
@@ -220,13 +189,13 @@ class ImapSession:
             name = args.atom().upper()
         except ClientProtocolError:
             return self._bad(tag, "Missing command")
-        handler = self._commands.get(name)
+        handler = self._COMMANDS.get(name)
         if handler is None:
             if name in _NEEDS_LOGIN:
                 return self._bad(tag, "Log in first")
             return self._bad(tag, "Unknown command")
         try:
-            return handler(tag, args)
+            return handler(self, tag, args)
         except ClientProtocolError as e:
             if e.fatal:
                 return self._fatal(e.public_text)
@@ -320,3 +289,15 @@ class ImapSession:
         self._pending_tag = tag
         self._enter(State.LOGGING_IN)
         return [Login(credentials, self.client_id)]
+
+    # The commands before login: one table for all sessions, not a dict of bound methods
+    # in each (about 800 bytes per connection).
+    _COMMANDS: ClassVar[dict[bytes, Handler]] = {
+        b"CAPABILITY": _capability,
+        b"NOOP": _noop,
+        b"LOGOUT": _logout,
+        b"STARTTLS": _starttls,
+        b"LOGIN": _login,
+        b"AUTHENTICATE": _authenticate,
+        b"ID": _id,
+    }

@@ -36,7 +36,6 @@ from .actions import (
     Lookup,
     WaitForPenalty,
 )
-from .backend import ImapBackendLogin
 from .breaker import CircuitBreaker
 from .config import Config
 from .credentials import Credentials
@@ -51,6 +50,7 @@ from .errors import (
     RoutingLoop,
     TooManyConnections,
 )
+from .imapbackend import ImapBackendLogin
 from .limits import Ticket
 from .logquote import quoted
 from .penalty import Outcome

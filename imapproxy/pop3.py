@@ -3,114 +3,27 @@
 Same shape as imap.py: bytes go in through ``receive_data``, the outcome of the login
 comes back through ``login_succeeded``/``login_failed``, and every method returns the
 actions (actions.py) for the adapter to carry out. The session ends in ``Splice``.
-
-Also holds the POP3 line framing (``LineReader``, ``reply``) that pop3backend.py reuses.
+The line framing is in pop3wire.py, shared with the backend dialogue (pop3backend.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum, auto
+from typing import ClassVar
 
-from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
+from .actions import Action, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
-
-# -- framing ---------------------------------------------------------------------------------
-
-#: RFC 2449 section 4: a command line is at most 255 octets with its CRLF. We allow
-#: Limits.max_line (8 KiB by default) instead: RFC 5034 section 4 lets SASL response
-#: lines grow past 255 octets, and a generous limit costs nothing while still bounded.
-RFC_COMMAND_LINE = 255
+from .pop3wire import LineReader, LineTooLong, reply
+from .prelogin import PreLoginSession
 
 #: Bytes a client may pipeline behind PASS/AUTH while the backend login runs. The adapter
 #: pauses reading during login, so only what was already in flight can arrive; 64 KiB is
 #: far above any real burst of pipelined POP3 commands (RFC 2449 section 6.6).
 MAX_PIPELINED_DURING_LOGIN = 65536
-
-
-class LineTooLong:
-    """The line being read exceeded the limit; it is being skipped up to its LF."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "LINE_TOO_LONG"
-
-
-LINE_TOO_LONG = LineTooLong()
-
-
-class LineReader:
-    """Cuts a byte stream into lines (RFC 1939 section 3: CRLF-terminated), bounded.
-
-    A bare LF ends a line too (lenient, as common servers are). A line of more than
-    ``max_line`` octets (without its CRLF) yields one ``LINE_TOO_LONG`` and the rest of it
-    is dropped, so the stream stays in sync and at most ``max_line + 1`` octets are held.
-    """
-
-    __slots__ = ("max_line", "_buffer", "_skipping")
-
-    def __init__(self, max_line: int) -> None:
-        self.max_line = max_line
-        self._buffer = bytearray()
-        self._skipping = False
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def next_line(self) -> bytes | LineTooLong | None:
-        """The next line without its line end, LINE_TOO_LONG, or None for "need data"."""
-        while True:
-            end = self._buffer.find(b"\n")
-            if self._skipping:
-                if end < 0:
-                    self._buffer.clear()
-                    return None
-                del self._buffer[: end + 1]
-                self._skipping = False
-                continue
-            if end < 0:
-                # One octet of slack: the CR of a line of exactly max_line octets.
-                if len(self._buffer) > self.max_line + 1:
-                    self._buffer.clear()
-                    self._skipping = True
-                    return LINE_TOO_LONG
-                return None
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) > self.max_line:
-                return LINE_TOO_LONG
-            return line
-
-    def take_buffer(self) -> bytes:
-        """Everything fed but not yet returned as a line (h11's trailing_data)."""
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
-
-    def discard(self) -> None:
-        self._buffer.clear()
-        self._skipping = False
-
-
-def reply(ok: bool, text: str, code: str | None = None) -> bytes:
-    """One status line: ``+OK text`` or ``-ERR [CODE] text`` (RFC 2449 section 8)."""
-    code_part = f"[{code}] " if code else ""
-    # Texts are ours or a backend's; control characters would let one reply forge another.
-    clean = "".join(ch if ch >= " " and ch != "\x7f" else " " for ch in code_part + text)
-    return (b"+OK " if ok else b"-ERR ") + clean.encode("utf-8") + b"\r\n"
-
-
-# -- the session -----------------------------------------------------------------------------
 
 
 class State(Enum):
@@ -127,7 +40,8 @@ class State(Enum):
     CLOSED = auto()
 
 
-# Rule: every state change goes through Pop3Session._enter, checked against this table.
+# Rule: every state change goes through Pop3Session._enter (prelogin.py), checked against
+# this table.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.AUTHORIZATION: frozenset(
         {State.USER_GIVEN, State.AUTH_RESPONSE, State.LOGGING_IN, State.CLOSED}),
@@ -143,55 +57,40 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 # instead of "unknown command".
 _NEEDS_LOGIN = frozenset(b"STAT LIST RETR DELE NOOP RSET TOP UIDL LAST".split())
 
-Handler = Callable[[bytes | None], list[Action]]
+Handler = Callable[["Pop3Session", bytes | None], list[Action]]
 
 DEFAULT_LIMITS = Limits()
 
 
-class Pop3Session:
+class Pop3Session(PreLoginSession):
     """One client's pre-login POP3 session."""
+
+    __slots__ = ("_lines", "_username")
+
+    state: State
+    TRANSITIONS = TRANSITIONS
+    LOGGING_IN = State.LOGGING_IN
+    RELAYING = State.RELAYING
+    CLOSED = State.CLOSED
+    #: RFC 3206 section 4: [SYS/TEMP] tells the client to retry later.
+    SHUTDOWN_LINE = b"-ERR [SYS/TEMP] Shutting down\r\n"
+    TIMEOUT_REASON = "Autologout; idle for too long"
+    TOO_MANY_FAILED_LOGINS = b""  # the -ERR of the last failure is the last word
+    _max_held = MAX_PIPELINED_DURING_LOGIN
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
                  limits: Limits = DEFAULT_LIMITS) -> None:
-        self.state = State.AUTHORIZATION
-        self.tls_active = tls_active
-        self.starttls_available = starttls_available and not tls_active
-        self.plaintext_auth = plaintext_auth
-        self.limits = limits
-        self.bad_commands = 0
-        self.failed_logins = 0
+        super().__init__(State.AUTHORIZATION, tls_active=tls_active,
+                         starttls_available=starttls_available, plaintext_auth=plaintext_auth,
+                         limits=limits)
         self._lines = LineReader(limits.max_line)
         self._username: str | None = None
-        # The commands each reading state accepts. USER_GIVEN adds PASS; any other command
-        # there forgets the name first (RFC 1939 section 7: PASS must follow USER).
-        authorization: dict[bytes, Handler] = {
-            b"CAPA": self._capa,
-            b"STLS": self._stls,
-            b"USER": self._user,
-            b"PASS": self._pass_without_user,
-            b"AUTH": self._auth,
-            b"QUIT": self._quit,
-        }
-        self._commands: dict[State, dict[bytes, Handler]] = {
-            State.AUTHORIZATION: authorization,
-            State.USER_GIVEN: {**authorization, b"PASS": self._pass},
-        }
 
     # -- inputs --------------------------------------------------------------------------
 
     def start(self) -> list[Action]:
         """The greeting (RFC 1939 section 4)."""
         return [SendToClient(reply(True, "POP3 proxy ready"))]
-
-    def receive_data(self, data: bytes) -> list[Action]:
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        self._lines.feed(data)
-        if self.state is State.LOGGING_IN:
-            if self._lines.buffered > MAX_PIPELINED_DURING_LOGIN:
-                return self._fatal("Too much data pipelined during login")
-            return []
-        return self._process()
 
     def login_succeeded(self, capabilities: bytes | None = None) -> list[Action]:
         """The backend accepted the login: answer the client and hand over to the relay.
@@ -206,25 +105,12 @@ class Pop3Session:
     def login_failed(self, error: ProxyError) -> list[Action]:
         """The lookup or the backend said no; the client may try again (within limits)."""
         self._enter(State.AUTHORIZATION)
-        return self._refused(error) + self._process()
+        return self._login_refused(error) + self._process()
 
-    def shutdown(self) -> list[Action]:
-        """The proxy is shutting down: [SYS/TEMP] tells the client to retry (RFC 3206)."""
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        return [SendToClient(b"-ERR [SYS/TEMP] Shutting down\r\n"), self._close("shutdown")]
-
-    def timed_out(self) -> list[Action]:
-        if self.state in (State.CLOSED, State.RELAYING):
-            return []
-        # RFC 1939 section 3 lets the server just close; one -ERR line tells the user why.
-        return self._fatal("Autologout; idle for too long")
+    def _login_refused(self, error: ProxyError) -> list[Action]:
+        return self._refuse_login(reply(False, error.client_text(), error.pop3_code))
 
     # -- capabilities -------------------------------------------------------------------
-
-    @property
-    def login_allowed(self) -> bool:
-        return self.tls_active or self.plaintext_auth
 
     def capabilities(self) -> list[bytes]:
         """The CAPA list (RFC 2449 section 6, RFC 2595 section 4, RFC 5034 section 6)."""
@@ -239,17 +125,12 @@ class Pop3Session:
 
     # -- processing -----------------------------------------------------------------------
 
-    def _enter(self, new: State) -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise AssertionError(f"illegal transition {self.state} -> {new}")
-        self.state = new
+    def _goodbye(self, text: str) -> bytes:
+        return reply(False, text)
 
-    def _close(self, reason: str) -> Close:
-        self._enter(State.CLOSED)
-        return Close(reason)
-
-    def _fatal(self, text: str) -> list[Action]:
-        return [SendToClient(reply(False, text)), self._close(text)]
+    @property
+    def _input(self) -> LineReader:
+        return self._lines
 
     def _process(self) -> list[Action]:
         actions: list[Action] = []
@@ -269,18 +150,9 @@ class Pop3Session:
 
     def _bad(self, text: str) -> list[Action]:
         """A -ERR for a command we could not act on; too many of them end the session."""
-        self.bad_commands += 1
-        if self.bad_commands >= self.limits.max_bad_commands:
+        if self._count_bad_command():
             return self._fatal(text + "; too many invalid commands, closing")
         return [SendToClient(reply(False, text))]
-
-    def _refused(self, error: ProxyError) -> list[Action]:
-        """A failed login, counted; too many of them end the session."""
-        self.failed_logins += 1
-        line = SendToClient(reply(False, error.client_text(), error.pop3_code))
-        if self.failed_logins >= self.limits.max_failed_logins:
-            return [line, self._close("too many failed logins")]
-        return [line]
 
     def _command(self, line: bytes) -> list[Action]:
         if is_http_request_line(line):
@@ -289,7 +161,7 @@ class Pop3Session:
         # RFC 1939 section 3: a case-insensitive keyword, then arguments after one space.
         keyword, space, argument = line.partition(b" ")
         name = keyword.upper()
-        handler = self._commands[self.state].get(name)
+        handler = self._COMMANDS[self.state].get(name)
         if self.state is State.USER_GIVEN and name != b"PASS":
             self._username = None
             self._enter(State.AUTHORIZATION)
@@ -301,7 +173,7 @@ class Pop3Session:
             if name in _NEEDS_LOGIN:
                 return self._bad("Log in first")
             return self._bad("Unknown command")
-        return handler(argument if space else None)
+        return handler(self, argument if space else None)
 
     def _capa(self, argument: bytes | None) -> list[Action]:
         if argument is not None:
@@ -387,9 +259,25 @@ class Pop3Session:
         except ClientProtocolError as e:
             return self._bad(f"AUTH: {e.public_text}")
         except ProxyError as e:
-            return self._refused(e)
+            return self._login_refused(e)
         return self._begin_login(credentials)
 
     def _begin_login(self, credentials: Credentials) -> list[Action]:
         self._enter(State.LOGGING_IN)
         return [Login(credentials)]
+
+    # The commands each reading state accepts: one table for all sessions, not dicts of
+    # bound methods in each. USER_GIVEN adds PASS; any other command there forgets the
+    # name first (RFC 1939 section 7: PASS must follow USER).
+    _AUTHORIZATION: ClassVar[dict[bytes, Handler]] = {
+        b"CAPA": _capa,
+        b"STLS": _stls,
+        b"USER": _user,
+        b"PASS": _pass_without_user,
+        b"AUTH": _auth,
+        b"QUIT": _quit,
+    }
+    _COMMANDS: ClassVar[dict[State, dict[bytes, Handler]]] = {
+        State.AUTHORIZATION: _AUTHORIZATION,
+        State.USER_GIVEN: {**_AUTHORIZATION, b"PASS": _pass},
+    }

@@ -3,13 +3,12 @@
 greeting -> [STLS -> TLS] -> CAPA -> [XCLIENT] -> AUTH PLAIN (if offered) or USER/PASS
 -> logged in. XCLIENT tells the backend the client's address when it offers the command
 (Dovecot does to its login_trusted_networks: "[XCLIENT]" in the greeting).
-Same interface as backend.ImapBackendLogin. A backend "-ERR" becomes an auth failure,
+Same interface as imapbackend.ImapBackendLogin. A backend "-ERR" becomes an auth failure,
 unless its response code (RFC 2449 section 8, RFC 3206) says something else worth telling.
 """
 
 from __future__ import annotations
 
-import re
 from base64 import b64encode
 from collections.abc import Callable
 from enum import Enum, auto
@@ -29,7 +28,8 @@ from .errors import (
     BackendUnavailable,
     ProxyError,
 )
-from .pop3 import RFC_COMMAND_LINE, LineReader, LineTooLong
+from .pop3wire import RFC_COMMAND_LINE, LineReader, LineTooLong
+from .respcodes import split_code
 
 #: Backend lines before login are short; 8 KiB leaves room for a long greeting or CAPA line.
 MAX_BACKEND_LINE = 8192
@@ -38,7 +38,7 @@ MAX_CAPA_LINES = 256
 
 #: Response codes passed on to the client, as (IMAP code, POP3 code): what the user is
 #: told is true and useful. [AUTH] or anything else becomes our own [AUTH] failure.
-#: Like IMAP's NO [UNAVAILABLE] (backend.py), a [SYS/TEMP] refusal of one login does not
+#: Like IMAP's NO [UNAVAILABLE] (imapbackend.py), a [SYS/TEMP] refusal of one login does not
 #: count as the server being down (no failover, no circuit breaker).
 PASS_THROUGH_CODES: dict[str, tuple[str, str]] = {
     "IN-USE": ("IN-USE", "IN-USE"),  # RFC 2449 section 8.1.1: maildrop locked
@@ -46,8 +46,6 @@ PASS_THROUGH_CODES: dict[str, tuple[str, str]] = {
     "SYS/TEMP": ("UNAVAILABLE", "SYS/TEMP"),  # RFC 3206 section 4
     "SYS/PERM": ("UNAVAILABLE", "SYS/PERM"),  # RFC 3206 section 4
 }
-
-_CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
 
 
 class Step(Enum):
@@ -111,10 +109,8 @@ def parse_status(line: bytes) -> tuple[bool | None, str | None, bytes]:
         return True, None, text
     if status != b"-ERR":
         return None, None, text
-    match = _CODE.match(text)
-    if match is None:
-        return False, None, text
-    return False, match.group(1).decode("ascii", "replace").upper(), match.group(2)
+    code, text = split_code(text)
+    return False, None if code is None else code.decode("ascii", "replace").upper(), text
 
 
 def refusal(code: str | None, text: bytes) -> ProxyError:

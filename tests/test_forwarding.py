@@ -8,7 +8,6 @@ from helpers import DOVECOT_GREETING, Harness
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.protocols.haproxy._v2parser import V2Parser
 
-from imapproxy.backend import ImapBackendLogin
 from imapproxy.config import BackendConfig
 from imapproxy.credentials import Credentials, Secret
 from imapproxy.errors import RoutingLoop
@@ -20,6 +19,7 @@ from imapproxy.forwarding import (
     origin_params,
     strip_trusted_keys,
 )
+from imapproxy.imapbackend import ImapBackendLogin
 
 
 def test_origin_params() -> None:

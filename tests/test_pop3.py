@@ -1,4 +1,4 @@
-"""Tests for imapproxy.pop3: the sans-IO pre-login POP3 session and its line framing.
+"""Tests for imapproxy.pop3: the sans-IO pre-login POP3 session (framing: test_pop3wire.py).
 
 Each test is a transcript of client bytes and login results against the actions that come
 out. ``check`` runs every transcript twice, fed whole and fed one byte at a time, and
@@ -30,12 +30,9 @@ from imapproxy.errors import (
 )
 from imapproxy.pop3 import (
     DEFAULT_LIMITS,
-    LINE_TOO_LONG,
     MAX_PIPELINED_DURING_LOGIN,
-    LineReader,
     Pop3Session,
     State,
-    reply,
 )
 
 # -- transcript machinery -------------------------------------------------------------------
@@ -297,6 +294,14 @@ def test_too_much_pipelined_during_login_closes() -> None:
         Close("Too much data pipelined during login")]
 
 
+def test_pipelining_bound_holds_in_the_same_read_as_the_pass() -> None:
+    # As in IMAP: the bytes that came with the command starting the login count too.
+    check([b"USER a\r\nPASS b\r\n" + b"x" * (MAX_PIPELINED_DURING_LOGIN + 1)],
+          [send(b"+OK Send PASS\r\n"), login("a", b"b"),
+           send(b"-ERR Too much data pipelined during login\r\n"),
+           Close("Too much data pipelined during login")])
+
+
 # -- AUTH PLAIN (RFC 5034) -------------------------------------------------------------------------
 
 
@@ -347,44 +352,6 @@ def test_login_succeeded_after_auth_splices_nothing_when_nothing_pipelined() -> 
                                                    Splice(b"")]
 
 
-# -- framing helpers -----------------------------------------------------------------------------
-
-
-def test_reply_strips_control_characters_and_renders_codes() -> None:
-    assert reply(True, "fine") == b"+OK fine\r\n"
-    assert reply(False, "bad\r\n+OK forged", "IN-USE") == b"-ERR [IN-USE] bad  +OK forged\r\n"
-
-
-def test_line_reader_take_buffer_and_discard() -> None:
-    reader = LineReader(8)
-    reader.feed(b"one\r\ntwo")
-    assert reader.next_line() == b"one"
-    assert reader.next_line() is None
-    assert reader.take_buffer() == b"two"
-    reader.feed(b"1234567890")
-    assert reader.next_line() is LINE_TOO_LONG
-    reader.discard()
-    reader.feed(b"ok\n")
-    assert reader.next_line() == b"ok"
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(max_size=40), max_size=30))
-def test_line_reader_chunking_does_not_matter(chunks: list[bytes]) -> None:
-    def lines(feeds: list[bytes]) -> list[object]:
-        reader = LineReader(12)
-        out: list[object] = []
-        for feed in feeds:
-            reader.feed(feed)
-            while (line := reader.next_line()) is not None:
-                out.append(line)
-            assert reader.buffered <= 13
-        return out
-
-    data = b"".join(chunks)
-    assert lines(chunks) == lines([data[i : i + 1] for i in range(len(data))])
-
-
 # -- properties ------------------------------------------------------------------------------------
 
 _WORDS = st.sampled_from([b"USER alice\r\n", b"PASS pw\r\n", b"CAPA\r\n", b"STLS\r\n",
@@ -426,7 +393,6 @@ def test_transitions_outside_the_table_are_bugs() -> None:
     session = Pop3Session(**PLAINTEXT_OK)
     with pytest.raises(AssertionError, match="illegal transition"):
         session.login_succeeded(None)  # no login is running
-    assert repr(LINE_TOO_LONG) == "LINE_TOO_LONG"
 
 
 # -- HTTP requests (cross-protocol attacks, ALPACA) ----------------------------------------

@@ -20,7 +20,7 @@ import random
 import sys
 from collections.abc import Callable
 
-from imapproxy import backend, imapwire, pop3, pop3backend, tracker
+from imapproxy import imapbackend, imapwire, pop3, pop3backend, tracker
 from imapproxy.actions import BackendLoggedIn, BackendLoginFailed, Close, Login
 from imapproxy.config import Limits
 from imapproxy.credentials import Credentials, Secret, decode_sasl_plain
@@ -125,9 +125,9 @@ def fuzz_tracker(pieces: list[bytes], option: int) -> None:
 
 def fuzz_backends(pieces: list[bytes], option: int) -> None:
     credentials = Credentials("alice", Secret(b"pass word\"\\"))
-    dialogue: backend.ImapBackendLogin | pop3backend.Pop3BackendLogin
+    dialogue: imapbackend.ImapBackendLogin | pop3backend.Pop3BackendLogin
     if option & 1:
-        dialogue = backend.ImapBackendLogin(credentials, "alice", starttls=bool(option & 2))
+        dialogue = imapbackend.ImapBackendLogin(credentials, "alice", starttls=bool(option & 2))
     else:
         dialogue = pop3backend.Pop3BackendLogin(credentials, "alice", starttls=bool(option & 2))
     done = False

@@ -1,4 +1,4 @@
-"""Tests for imapproxy.backend: the proxy's own login dialogue with an IMAP backend.
+"""Tests for imapproxy.imapbackend: the proxy's own login dialogue with an IMAP backend.
 
 Transcripts of backend bytes against the actions that come out, each also replayed one
 byte at a time. In the replay, bytes that arrive after the dialogue is done are what the
@@ -20,14 +20,6 @@ from imapproxy.actions import (
     SendToBackend,
     StartBackendTLS,
 )
-from imapproxy.backend import (
-    MAX_BACKEND_LINE,
-    ImapBackendLogin,
-    Step,
-    capability_list,
-    id_list,
-    parse_status,
-)
 from imapproxy.credentials import Credentials, Secret
 from imapproxy.errors import (
     AuthenticationFailed,
@@ -35,6 +27,14 @@ from imapproxy.errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
+)
+from imapproxy.imapbackend import (
+    MAX_BACKEND_LINE,
+    TRANSITIONS,
+    ImapBackendLogin,
+    Step,
+    capability_list,
+    id_list,
 )
 
 DOVECOT_CAPS = (b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS "
@@ -467,21 +467,6 @@ def test_non_ascii_capability_code_does_not_crash(steps: list[BackendStep]) -> N
 # -- helpers --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [
-        (b"[CAPABILITY IMAP4rev1 IDLE] Logged in", (b"CAPABILITY IMAP4rev1 IDLE", b"Logged in")),
-        (b"[UNAVAILABLE]   down", (b"UNAVAILABLE", b"down")),
-        (b"[ALERT]", (b"ALERT", b"")),
-        (b"no code", (None, b"no code")),
-        (b"[unterminated", (None, b"[unterminated")),
-        (b"", (None, b"")),
-    ],
-)
-def test_parse_status(text: bytes, parsed: tuple[bytes | None, bytes]) -> None:
-    assert parse_status(text) == parsed
-
-
 def test_capability_list() -> None:
     assert capability_list(b"CAPABILITY IMAP4rev1 IDLE") == b"IMAP4rev1 IDLE"
     assert capability_list(b"capability IMAP4rev1") == b"IMAP4rev1"
@@ -496,6 +481,48 @@ def test_password_never_in_repr_of_what_we_send() -> None:
     assert isinstance(action, SendToBackend)
     assert b"hunter2" in action.data
     assert "hunter2" not in repr(action)
+
+
+# -- the step table --------------------------------------------------------------------------
+
+
+def test_transitions_outside_the_table_are_bugs() -> None:
+    login = make()
+    login.receive_data(b"* BYE go away\r\n")
+    with pytest.raises(AssertionError, match="illegal transition"):
+        login.tls_started()  # the dialogue is over
+
+
+#: Dialogues that between them take every step change: (make() arguments, backend steps).
+_TABLE_TOUR: list[tuple[dict[str, Any], list[BackendStep]]] = [
+    ({}, [b"* BYE busy\r\n"]),  # GREETING -> DONE
+    ({}, [BARE_GREETING, b"P3 OK in\r\n", b"P4 OK\r\n"]),  # -> LOGIN -> CAPABILITY -> DONE
+    ({}, [BARE_GREETING, LOGIN_OK]),  # LOGIN -> DONE
+    ({"password": b"\xff"}, [PLAIN_GREETING, b"+ go\r\n"]),  # -> LOGIN_CONTINUATION -> LOGIN
+    ({"password": b"\xff"}, [PLAIN_GREETING, b"P3 NO\r\n"]),  # LOGIN_CONTINUATION -> DONE
+    ({"password": b"\xff"}, [PLAIN_GREETING, b"P3 OK in\r\n"]),  # ... -> CAPABILITY
+    ({"starttls": True}, [BARE_GREETING, b"P1 NO\r\n"]),  # -> STARTTLS -> DONE
+    ({"starttls": True}, [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), TLS_CAPABILITY_REPLY]),
+    ({"starttls": True, "password": b"\xff"},
+     [BARE_GREETING, STARTTLS_OK, TlsStarted(), b"P5 OK\r\n"]),  # -> LOGIN_CONTINUATION
+    ({"starttls": True}, [BARE_GREETING, STARTTLS_OK, TlsStarted(), b"P5 BAD\r\n"]),
+]
+
+
+def test_every_step_change_in_the_table_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table holds what the dialogue does, no more: each entry is taken by a dialogue
+    above, and _enter (which they all go through) refuses any step change not in it."""
+    taken: set[tuple[Step, Step]] = set()
+    enter = ImapBackendLogin._enter
+
+    def recording_enter(self: ImapBackendLogin, new: Step) -> None:
+        taken.add((self.step, new))
+        enter(self, new)
+
+    monkeypatch.setattr(ImapBackendLogin, "_enter", recording_enter)
+    for kwargs, steps in _TABLE_TOUR:
+        run(make(**kwargs), steps, split=False)
+    assert taken == {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
 
 
 # -- hypothesis -----------------------------------------------------------------------------

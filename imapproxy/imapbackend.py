@@ -8,7 +8,6 @@ literals otherwise (non-synchronising when the backend offers LITERAL+, RFC 7888
 
 from __future__ import annotations
 
-import re
 from enum import Enum, auto
 
 from .actions import (
@@ -21,6 +20,7 @@ from .actions import (
 from .credentials import Credentials
 from .errors import AuthenticationFailed, BackendProtocolError, BackendRefused, BackendUnavailable
 from .imapwire import quoted
+from .respcodes import split_code
 
 #: Backend lines before login are short; a capability list is the longest.
 MAX_BACKEND_LINE = 65536
@@ -32,25 +32,33 @@ PASS_THROUGH_CODES = frozenset(
      "SERVERBUG"}
 )
 
-_CODE = re.compile(rb"^\[([^\]]*)\]\s*(.*)$", re.DOTALL)
-
-
 class Step(Enum):
+    #: waiting for the greeting (RFC 3501 section 7.1.1)
     GREETING = auto()
+    #: sent STARTTLS, waiting for its OK; TLS starts in this step (RFC 3501 section 6.2.1)
     STARTTLS = auto()
-    TLS_CAPABILITY = auto()  # TLS is up; waiting for the capabilities it may have changed
-    LOGIN_CONTINUATION = auto()  # waiting for "+" before sending the password literal
+    #: TLS is up; waiting for the capabilities it may have changed
+    TLS_CAPABILITY = auto()
+    #: waiting for "+" before sending the password literal (RFC 3501 section 7.5)
+    LOGIN_CONTINUATION = auto()
+    #: sent LOGIN, waiting for its tagged answer
     LOGIN = auto()
+    #: logged in; asked for the capabilities the OK did not carry (RFC 3501 section 6.2.3)
     CAPABILITY = auto()
     DONE = auto()
 
 
-def parse_status(text: bytes) -> tuple[bytes | None, bytes]:
-    """Split "[CODE args] text" into (b"CODE args", text)."""
-    match = _CODE.match(text)
-    if match is None:
-        return None, text
-    return match.group(1), match.group(2)
+# Rule: every step change goes through ImapBackendLogin._enter, checked against this table.
+TRANSITIONS: dict[Step, frozenset[Step]] = {
+    Step.GREETING: frozenset({Step.STARTTLS, Step.LOGIN, Step.LOGIN_CONTINUATION, Step.DONE}),
+    Step.STARTTLS: frozenset({Step.TLS_CAPABILITY, Step.DONE}),
+    Step.TLS_CAPABILITY: frozenset({Step.LOGIN, Step.LOGIN_CONTINUATION, Step.DONE}),
+    # A tagged answer may come instead of the "+": a refusal, or an OK (odd but harmless).
+    Step.LOGIN_CONTINUATION: frozenset({Step.LOGIN, Step.CAPABILITY, Step.DONE}),
+    Step.LOGIN: frozenset({Step.CAPABILITY, Step.DONE}),
+    Step.CAPABILITY: frozenset({Step.DONE}),
+    Step.DONE: frozenset(),
+}
 
 
 def capability_list(code: bytes | None) -> bytes | None:
@@ -95,7 +103,7 @@ class ImapBackendLogin:
         # for them (LITERAL+ decides how a name or password is sent); ID need not.
         self._literal_plus = self._literal_minus = False
         self._capabilities = None
-        self.step = Step.TLS_CAPABILITY
+        self._enter(Step.TLS_CAPABILITY)
         return [SendToBackend(b"P5 CAPABILITY\r\n" + self._id_command())]
 
     @property
@@ -104,8 +112,13 @@ class ImapBackendLogin:
         backend does now, a closed connection included, is its answer to them."""
         return self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION)
 
+    def _enter(self, new: Step) -> None:
+        if new not in TRANSITIONS[self.step]:
+            raise AssertionError(f"illegal transition {self.step} -> {new}")
+        self.step = new
+
     def _fail(self, error: Exception) -> list[BackendAction]:
-        self.step = Step.DONE
+        self._enter(Step.DONE)
         assert isinstance(error, (BackendProtocolError, BackendUnavailable, AuthenticationFailed,
                                   BackendRefused))
         return [BackendLoginFailed(error)]
@@ -120,16 +133,16 @@ class ImapBackendLogin:
             if status != b"OK":
                 # PREAUTH would log us in as someone unknown; BYE means go away.
                 return self._fail(BackendUnavailable(f"greeted with {status.decode()}"))
-            code, _ = parse_status(text)
+            code, _ = split_code(text)
             self._note_capabilities(capability_list(code))
             if self._starttls:
-                self.step = Step.STARTTLS
+                self._enter(Step.STARTTLS)
                 return [SendToBackend(b"P1 STARTTLS\r\n")]
             return self._send_login()
         if self.step is Step.LOGIN_CONTINUATION and tag == b"+":
             assert self._pending_password is not None
             password, self._pending_password = self._pending_password, None
-            self.step = Step.LOGIN
+            self._enter(Step.LOGIN)
             return [SendToBackend(password + b"\r\n")]
         if tag == b"*":
             if status == b"CAPABILITY":
@@ -182,14 +195,14 @@ class ImapBackendLogin:
         encoded_password = quoted(password)
         if encoded_password is not None:
             out += b"P3 LOGIN " + user + b" " + encoded_password + b"\r\n"
-            self.step = Step.LOGIN
+            self._enter(Step.LOGIN)
         elif self._non_sync_ok(len(password)):
             out += (b"P3 LOGIN " + user + b" {%d+}\r\n" % len(password)) + password + b"\r\n"
-            self.step = Step.LOGIN
+            self._enter(Step.LOGIN)
         else:
             out += b"P3 LOGIN " + user + b" {%d}\r\n" % len(password)
             self._pending_password = password
-            self.step = Step.LOGIN_CONTINUATION
+            self._enter(Step.LOGIN_CONTINUATION)
         return [SendToBackend(bytes(out))]
 
     def _astring(self, value: bytes) -> bytes | None:
@@ -204,14 +217,14 @@ class ImapBackendLogin:
         return self._literal_plus or (self._literal_minus and size <= 4096)
 
     def _login_reply(self, status: bytes, text: bytes) -> list[BackendAction]:
-        code, message = parse_status(text)
+        code, message = split_code(text)
         if status == b"OK":
             caps = capability_list(code)
             if caps is not None:
                 self._capabilities = caps
                 return self._logged_in()
             # RFC 3501 section 6.2.3: capabilities may change at login; ask again.
-            self.step = Step.CAPABILITY
+            self._enter(Step.CAPABILITY)
             self._capabilities = None
             return [SendToBackend(b"P4 CAPABILITY\r\n")]
         if status == b"NO" and code is not None:
@@ -224,7 +237,7 @@ class ImapBackendLogin:
         return self._fail(AuthenticationFailed())
 
     def _logged_in(self) -> list[BackendAction]:
-        self.step = Step.DONE
+        self._enter(Step.DONE)
         trailing = bytes(self._buffer)
         self._buffer.clear()
         return [BackendLoggedIn(self._capabilities, trailing)]
