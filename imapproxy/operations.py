@@ -1,6 +1,5 @@
 # -*- test-case-name: tests.test_operations -*-
-"""Wires the operator's side into a built service tree: metrics, admin API, SIGHUP reload,
-PROXY protocol listeners.
+"""Wires the operator's side into a built service tree: metrics, admin API, SIGHUP reload.
 
 service.py builds the proxy; ``attach()`` adds what operators use to watch and steer
 it, without the adapters knowing: the metrics object is set on the factories and
@@ -18,31 +17,18 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .admin import admin_site
-from .config import Config, Listener, authority
-from .haproxy import ProxyHeaderFactory
+from .config import Config, authority
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
-from .proxyprotocol import TrustedNetworks
 from .reload import Builders, Reloader, ReloadService
-
-
-def proxy_listener(reactor: Any, config: Config, listener: Listener, factory: Any,
-                   tls: Any) -> tuple[Listener, ProxyHeaderFactory]:
-    """For a ``proxy_protocol = true`` listener: the plain TCP listener to bind, and the
-    factory stack (PROXY header, then TLS for an implicit-TLS listener, then the proxy)."""
-    inner = TLSMemoryBIOFactory(tls, False, factory) if listener.tls == "implicit" else factory
-    header = ProxyHeaderFactory(inner, TrustedNetworks(config.proxy_protocol.trusted), reactor,
-                                config.proxy_protocol.timeout)
-    return replace(listener, tls="none"), header
 
 
 def tcp_endpoint(reactor: Any, host: str, port: int) -> Any:

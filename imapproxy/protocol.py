@@ -60,7 +60,6 @@ from .errors import (
     RoutingLoop,
     TooManyConnections,
 )
-from .haproxy import HeaderFirstEndpoint
 from .imap import ImapSession
 from .imapwire import response
 from .limits import ConnectionLimiter, Refusal, Ticket, client_key
@@ -70,6 +69,7 @@ from .penalty import Outcome, Penalty
 from .penaltygate import LocalGate, LoginsRefused
 from .pop3 import Pop3Session, reply
 from .pop3backend import Pop3BackendLogin
+from .proxyheader import HeaderFirstEndpoint
 from .registry import SessionRegistry
 from .relay import Relay, write_now
 from .routingloops import is_own_listener, names_own_listener

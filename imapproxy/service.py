@@ -24,6 +24,7 @@ from .logs import LoggingRoot
 from .logs import configure as configure_logs
 from .penaltygate import process_gate
 from .protocol import BackendConnector, ProxyFactory
+from .proxyheader import proxy_listener
 from .registry import SessionRegistry
 from .workers import BACKLOG, ReusePortService, WorkerPool
 
@@ -123,8 +124,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
         served: Any = factory
         if listener.proxy_protocol:
             # PROXY header first, then TLS (implicit) and the proxy: a plain TCP port.
-            listener, served = operations.proxy_listener(reactor, config, listener, factory,
-                                                         listener_tls)
+            listener, served = proxy_listener(reactor, config, listener, factory, listener_tls)
             header_factories.append(served)
         if config.workers > 1:
             ReusePortService(reactor, listener, served, listener_tls).setServiceParent(top)

@@ -168,6 +168,10 @@ VALID = {
     "v2 IPv6 with a CRC32C": (
         CHECKED, ProxyHeader(2, PROXY, INET6, STREAM, *V6,
                              tlvs=((0x02, b"imap.example.org"), (TLV_CRC32C, CHECKED[-4:])))),
+    "v2 from HAProxy 2.6, send-proxy-v2 proxy-v2-options crc32c": (
+        bytes.fromhex("0d0a0d0a000d0a515549540a211100137f0000027f0000019e4fe943030004d8395bdc"),
+        ProxyHeader(2, PROXY, INET, STREAM, ep("127.0.0.2", 40527), ep("127.0.0.1", 59715),
+                    ((TLV_CRC32C, bytes.fromhex("d8395bdc")),))),
     "v2 UNIX stream": (v2(0x21, 0x31, UNIX_BODY),
                        ProxyHeader(2, PROXY, UNIX, STREAM, UNIX_SOURCE, UNIX_DESTINATION)),
     "v2 UNIX datagram with a TLV": (
@@ -203,6 +207,8 @@ ADDRESSES = {
     "v2 TCP over IPv4": V4, "v2 UDP over IPv4": V4, "v2 IPv4 with TLVs": V4,
     "v2 longest": V4,
     "v2 TCP over IPv6": V6, "v2 UDP over IPv6": V6, "v2 IPv6 with a CRC32C": V6,
+    "v2 from HAProxy 2.6, send-proxy-v2 proxy-v2-options crc32c": (ep("127.0.0.2", 40527),
+                                                                  ep("127.0.0.1", 59715)),
 }
 
 
