@@ -33,7 +33,7 @@ from .backendtls import backend_client_options
 from .config import Config
 from .directory import Server
 from .errors import BackendUnavailable, LoginDropped
-from .haproxy import HeaderFirstEndpoint
+from .proxyheader import HeaderFirstEndpoint
 from .transports import Leg, configure_socket, write_now
 
 CONNECTION_DONE = Failure(error.ConnectionDone())

@@ -10,7 +10,6 @@ Nothing is patched afterwards: a reload replaces ``current.runtime``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -19,7 +18,6 @@ from twisted.application import internet, service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from . import __version__, sdnotify
@@ -31,13 +29,12 @@ from .certificates import not_after
 from .clienttls import ServerTLS
 from .config import Config, ConfigError, Listener
 from .frontend import ProxyFactory
-from .haproxy import ProxyHeaderFactory
 from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
 from .penaltygate import process_gate
-from .proxyprotocol import TrustedNetworks
+from .proxyheader import proxy_listener
 from .registry import SessionRegistry
 from .reload import Reloader, ReloadService
 from .runtime import Current, Shared, build
@@ -83,16 +80,6 @@ def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> An
         return TCP6ServerEndpoint(reactor, listener.port, backlog=BACKLOG,
                                   interface=listener.host)
     return TCP4ServerEndpoint(reactor, listener.port, backlog=BACKLOG, interface=listener.host)
-
-
-def proxy_listener(reactor: Any, config: Config, listener: Listener, factory: Any,
-                   tls: Any, metrics: NullMetrics) -> tuple[Listener, ProxyHeaderFactory]:
-    """For a ``proxy_protocol = true`` listener: the plain TCP listener to bind, and the
-    factory stack (PROXY header, then TLS for an implicit-TLS listener, then the proxy)."""
-    inner = TLSMemoryBIOFactory(tls, False, factory) if listener.tls == "implicit" else factory
-    header = ProxyHeaderFactory(inner, TrustedNetworks(config.proxy_protocol.trusted), reactor,
-                                config.proxy_protocol.timeout, metrics)
-    return dataclasses.replace(listener, tls="none"), header
 
 
 def certificate_expiry(current: Current) -> dict[str, float]:
@@ -147,8 +134,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
         served: Any = factory
         if listener.proxy_protocol:
             # PROXY header first, then TLS (implicit) and the proxy: a plain TCP port.
-            listener, served = proxy_listener(reactor, config, listener, factory, listener_tls,
-                                              metrics)
+            listener, served = proxy_listener(reactor, current, listener, factory, listener_tls)
         if config.workers > 1:
             ReusePortService(reactor, listener, served, listener_tls).setServiceParent(top)
         else:

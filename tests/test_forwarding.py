@@ -3,10 +3,11 @@ and, through the adapters, the ID and PROXY header a backend really receives."""
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 import pytest
 from helpers import DOVECOT_GREETING, Harness
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.protocols.haproxy._v2parser import V2Parser
 
 from imapproxy.config import BackendConfig
 from imapproxy.credentials import Credentials, Secret
@@ -20,6 +21,7 @@ from imapproxy.forwarding import (
     strip_trusted_keys,
 )
 from imapproxy.imapbackend import ImapBackendLogin
+from imapproxy.proxyprotocol import HeaderReader
 
 
 def test_origin_params() -> None:
@@ -52,8 +54,9 @@ def test_modes() -> None:
     assert ("x-originating-ip", "192.0.2.7") in by_id.client_id
     proxied = for_login("proxy-v2", (("name", "mutt"),), client, local, "s")
     assert proxied.client_id == (("name", "mutt"),)
-    info = V2Parser.parse(proxied.proxy_header)
-    assert (info.source.host, info.source.port) == client
+    header, _ = HeaderReader().feed(proxied.proxy_header)
+    assert header.addresses == ((ip_address(client[0]), client[1]),
+                                (ip_address(local[0]), local[1]))
     assert for_login("none", (), client, local, "s").client_id == ()
     # No IP address to tell (a UNIX socket client): ID carries nothing of ours.
     assert for_login("id", (), None, None, "s").client_id == ()
@@ -105,8 +108,9 @@ def test_proxy_v2_header_is_the_first_thing_the_backend_gets() -> None:
     client.dataReceived(b"a1 LOGIN alice secret\r\n")
     backend = h.backends[-1]
     raw = backend.transport.value()
-    info = V2Parser.parse(raw)
-    assert (info.source.host, info.source.port) == ("192.0.2.7", 40000)
+    header, remaining = HeaderReader().feed(raw)
+    assert header.addresses is not None and remaining == b""  # the LOGIN waits for the greeting
+    assert header.addresses[0] == (ip_address("192.0.2.7"), 40000)
     backend.transport.clear()
     backend.dataReceived(DOVECOT_GREETING)
     assert backend.transport.value().startswith(b"P3 LOGIN ")  # no ID: nothing to say

@@ -7,13 +7,12 @@ from pathlib import Path
 
 from rig.proxy import ADMIN_TOKEN, admin_token_file
 from twisted.internet.testing import MemoryReactorClock
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from imapproxy.admin import AdminResource, admin_endpoint
 from imapproxy.config import load
 from imapproxy.frontend import ProxyFactory
-from imapproxy.haproxy import ProxyHeaderFactory
-from imapproxy.metrics import NULL_METRICS, Metrics, TimedDirectory
+from imapproxy.metrics import Metrics, TimedDirectory
+from imapproxy.proxyheader import ProxyHeaderFactory
 from imapproxy.service import build_service
 
 CONFIG = """
@@ -82,20 +81,6 @@ def test_the_tree_wires_metrics_admin_and_proxy_listeners(tmp_path: Path) -> Non
         assert top.reloader.current is top.current
     finally:
         top.stopService()
-
-
-def test_implicit_tls_behind_a_proxy_header(tmp_path: Path) -> None:
-    from twisted.internet.ssl import CertificateOptions
-
-    from imapproxy.config import Listener
-    from imapproxy.service import proxy_listener
-
-    config = load(config_file(tmp_path))
-    listener = Listener("imap", "127.0.0.1", 993, "implicit", True)
-    bound, stack = proxy_listener(MemoryReactorClock(), config, listener, object(),
-                                  CertificateOptions(), NULL_METRICS)
-    assert bound.tls == "none" and bound.port == 993  # TLS comes after the header
-    assert isinstance(stack.wrappedFactory, TLSMemoryBIOFactory)
 
 
 def test_admin_on_a_unix_socket(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fuzz_parsers import TARGETS, check, chunks
+from fuzz_parsers import FIRST_RANGE, FIRST_TARGETS, TARGETS, check, chunks, pick
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +16,15 @@ FILES = sorted(CORPUS.iterdir())
 
 def test_the_corpus_is_there_and_covers_every_target() -> None:
     assert len(FILES) >= 100
-    assert {f.read_bytes()[0] % len(TARGETS) for f in FILES if f.stat().st_size} == set(
-        range(len(TARGETS)))
+    picked = {pick(f.read_bytes()[0]) for f in FILES if f.stat().st_size}
+    assert {p[0] for p in picked if p is not None} == set(TARGETS)
+
+
+def test_a_new_target_moves_no_corpus_file_to_another() -> None:
+    """Byte 0 below 240 picks what it picked when there were six targets."""
+    for selector in range(FIRST_RANGE):
+        assert pick(selector) == (FIRST_TARGETS[selector % 6], selector // 6)
+    assert len(FIRST_TARGETS) == 6
 
 
 @pytest.mark.parametrize("batch", range(8))
@@ -37,7 +44,9 @@ def test_chunks_cover_the_input() -> None:
 _wire_bytes = st.lists(st.sampled_from([b"a1 ", b"LOGIN ", b"{5}\r\n", b"{3+}\r\n", b"\r\n",
                                         b'"', b"\\", b"\x00", b"\xff", b"USER ", b"PASS ",
                                         b"AUTH PLAIN ", b"* OK ", b"+ ", b"DONE\r\n",
-                                        b"IDLE\r\n", b"-ERR ", b"+OK "])
+                                        b"IDLE\r\n", b"-ERR ", b"+OK ", b"PROXY ", b"TCP4 ",
+                                        b"UNKNOWN", b"192.0.2.1 ", b"\r\n\r\n\x00\r\nQUIT\n",
+                                        b"\x21\x11\x00\x0c", b"\x21\x31\x00\xd8"])
                        | st.binary(max_size=16), max_size=40).map(b"".join)
 
 

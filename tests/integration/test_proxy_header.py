@@ -1,15 +1,18 @@
 """PROXY headers without IP addresses from a trusted load balancer (issue 12): AF_UNIX,
 AF_UNSPEC, LOCAL and v1 UNKNOWN headers, from raw sockets and from a real HAProxy that
-listens on a UNIX socket, log in through the proxy to the rig's Dovecot normally."""
+listens on a UNIX socket, log in through the proxy to the rig's Dovecot normally; and
+a real HAProxy's v1 line and v2 header with a CRC32C TLV (our parser against the
+reference sender) give the client's address."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ from rig.proxy import ProxyProcess, imap_config
 from imapproxy.proxyprotocol import V2_SIGNATURE
 
 HOST = "127.0.0.1"
+#: a client address other than HAProxy's (Linux routes all of 127.0.0.0/8 to lo)
+CLIENT = "127.0.0.2"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
@@ -94,41 +99,79 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-frontend unix
-    bind unix@{socket}
+frontend front
+    bind {bind}
     default_backend proxy
 backend proxy
     server p 127.0.0.1:{port} {send}
 """
 
 
-@pytest.mark.parametrize("send", ["send-proxy-v2", "send-proxy"])
-def test_haproxy_on_a_unix_socket_in_front(proxy: ProxyProcess, alice: MailUser,
-                                           tmp_path: Path, send: str) -> None:
-    """What HAProxy sends for a client on a UNIX socket (the header the issue saw)."""
+@contextlib.contextmanager
+def haproxy_in_front(tmp_path: Path, bind: str, port: int, send: str,
+                     ready: Callable[[], bool]) -> Iterator[None]:
+    """A real HAProxy listening on ``bind``, passing connections to ``port`` with ``send``
+    (its server option: send-proxy, send-proxy-v2, proxy-v2-options ...)."""
     if not Path(HAPROXY).exists():
         pytest.fail("haproxy is not installed: run scripts/install-deps")
-    path = tmp_path / "imap.sock"
     config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_CONFIG.format(socket=path, port=proxy.port, send=send))
+    config.write_text(HAPROXY_CONFIG.format(bind=bind, port=port, send=send))
     with (tmp_path / "haproxy.log").open("ab") as log:
         haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
-        while not path.exists():
+        while not ready():
             assert haproxy.poll() is None and time.monotonic() < deadline, \
                 (tmp_path / "haproxy.log").read_text()
             time.sleep(0.05)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(str(path))
-            transcript = converse(sock, alice)
+        yield
     finally:
         haproxy.terminate()
         haproxy.wait(10)
+
+
+@pytest.mark.parametrize("send", ["send-proxy-v2", "send-proxy",
+                                  "send-proxy-v2 proxy-v2-options crc32c"])
+def test_haproxy_on_a_unix_socket_in_front(proxy: ProxyProcess, alice: MailUser,
+                                           tmp_path: Path, send: str) -> None:
+    """What HAProxy sends for a client on a UNIX socket (the header the issue saw); with
+    crc32c, a checksum TLV after the two 108-byte paths, which the proxy checks."""
+    path = tmp_path / "imap.sock"
+    with haproxy_in_front(tmp_path, f"unix@{path}", proxy.port, send, path.exists), \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        transcript = converse(sock, alice)
     for tag in (b"a", b"b", b"c"):
         assert b"\r\n" + tag + b" OK" in transcript, transcript
     log = proxy.log()
     assert "Traceback" not in log
     assert "] login id=" in log
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2 proxy-v2-options crc32c"])
+def test_haproxy_over_tcp_in_front(proxy: ProxyProcess, alice: MailUser, tmp_path: Path,
+                                   send: str) -> None:
+    """A v1 line and a v2 header with a CRC32C TLV from a real HAProxy: the proxy logs
+    the client's address (127.0.0.2), not HAProxy's (127.0.0.1)."""
+    port = free_port()
+    with haproxy_in_front(tmp_path, f"{HOST}:{port}", proxy.port, send,
+                          lambda: _accepts(port)), \
+            socket.create_connection((HOST, port), source_address=(CLIENT, 0),
+                                     timeout=10) as sock:
+        transcript = converse(sock, alice)
+    for tag in (b"a", b"b", b"c"):
+        assert b"\r\n" + tag + b" OK" in transcript, transcript
+    logins = [line for line in proxy.log().splitlines()
+              if "] login id=" in line and f"user=<{alice.name}>" in line]
+    assert logins and f" client={CLIENT} " in logins[-1], logins
+    assert "Traceback" not in proxy.log()

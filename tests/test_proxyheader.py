@@ -1,9 +1,12 @@
-"""haproxy: the PROXY header wrapper on listeners (trust, split feeds, timeout) and the
-header-first endpoint towards backends. MemoryReactorClock, no sockets."""
+"""proxyheader: the PROXY header wrapper on listeners (trust, split feeds, timeout), the
+listener stack proxy_listener builds, and the header-first endpoint towards backends.
+MemoryReactorClock, no sockets."""
 
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +17,13 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from imapproxy.haproxy import MAX_V2_HEADER, HeaderFirstEndpoint, ProxyHeaderFactory
-from imapproxy.proxyprotocol import V2_SIGNATURE, TrustedNetworks, encode_v2
+import imapproxy
+from imapproxy.config import Listener, ProxyProtocolConfig
+from imapproxy.proxyheader import HeaderFirstEndpoint, ProxyHeaderFactory, proxy_listener
+from imapproxy.proxyprotocol import MAX_V2_HEADER, V2_SIGNATURE, TrustedNetworks, encode_v2
 
 V1 = b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 143\r\n"
 
@@ -146,6 +152,35 @@ def test_bad_and_oversized_headers_are_refused() -> None:
         assert refusals.reasons[0].startswith(reason), (data, refusals.reasons)
 
 
+@pytest.mark.parametrize("data, reason", [
+    (b"PROXY TCP4 203.0.113.9 10.0.0.1 0143 143\r\n",
+     "invalid PROXY header (v1 port not a number from 0 to 65535)"),
+    (b"PROXY TCP4 2001:db8::7 10.0.0.1 5555 143\r\n",
+     "invalid PROXY header (v1 address not an address of its family)"),
+    (V2_SIGNATURE + b"\x21\x11\x00\x13" + bytes(12) + b"\x03\x00\x04\x00\x00\x00\x00",
+     "invalid PROXY header (v2 CRC32C mismatch)"),
+])
+def test_refusals_say_what_was_wrong(data: bytes, reason: str) -> None:
+    protocol, transport, recorder, _, refusals = connect()
+    protocol.dataReceived(data)
+    assert aborted(transport) and recorder.made == []
+    assert refusals.reasons == [reason]
+
+
+def test_v1_ipv6_in_any_form_is_given_compressed_and_mapped_ones_as_ipv4() -> None:
+    protocol, _, recorder, _, _ = connect()
+    protocol.dataReceived(b"PROXY TCP6 2001:0DB8:0:0:0:0:0:0007 ::ffff:10.0.0.1 40000 993\r\n")
+    assert recorder.made == [(IPv6Address("TCP", "2001:db8::7", 40000),
+                              IPv4Address("TCP", "10.0.0.1", 993))]
+
+
+def test_no_module_uses_twisteds_private_proxy_parsers() -> None:
+    """Twisted's public PROXY API is proxyEndpoint only; proxyprotocol.py parses."""
+    package = Path(imapproxy.__file__).parent
+    for path in package.glob("*.py"):
+        assert "twisted.protocols.haproxy" not in path.read_text(), path
+
+
 def test_header_timeout() -> None:
     protocol, transport, recorder, clock, refusals = connect(timeout=10)
     protocol.dataReceived(V1[:10])
@@ -180,6 +215,53 @@ def test_frontend_behind_the_wrapper_logs_and_forwards_the_header_address() -> N
     backend.dataReceived(DOVECOT_GREETING)
     assert b'"x-originating-ip" "203.0.113.9" "x-originating-port" "5555"' in \
         backend.transport.value()
+
+
+def _trusting_harness(trusted: tuple[str, ...], timeout: float) -> Harness:
+    h = Harness()
+    config = replace(h.config, proxy_protocol=ProxyProtocolConfig(trusted, timeout))
+    h.current.runtime = replace(h.runtime, config=config)
+    return h
+
+
+def test_implicit_tls_behind_a_proxy_header() -> None:
+    from twisted.internet.ssl import CertificateOptions
+
+    h = _trusting_harness(("10.0.0.0/8",), 3)
+    listener = Listener("imap", "127.0.0.1", 993, "implicit", True)
+    bound, stack = proxy_listener(MemoryReactorClock(), h.current, listener, object(),
+                                  CertificateOptions())
+    assert bound.tls == "none" and bound.port == 993  # TLS comes after the header
+    assert isinstance(stack.wrappedFactory, TLSMemoryBIOFactory)
+    assert stack.timeout == 3 and stack.trusted.allows("10.9.9.9")
+    assert not stack.trusted.allows("127.0.0.1")
+    assert stack.metrics is h.runtime.shared.metrics
+    plain = object()
+    bound, stack = proxy_listener(MemoryReactorClock(), h.current,
+                                  Listener("imap", "127.0.0.1", 143, "none", True), plain, None)
+    assert bound.port == 143 and stack.wrappedFactory is plain
+
+
+def test_a_reload_changes_trusted_networks_and_timeout_for_the_next_connection() -> None:
+    h = _trusting_harness(("10.0.0.0/8",), 3)
+    _, stack = proxy_listener(h.reactor, h.current,
+                              Listener("imap", "127.0.0.1", 143, "none", True), h.factory, None)
+    assert stack.trusted.allows("10.1.2.3") and not stack.trusted.allows("127.0.0.1")
+    # What Reloader does: one assignment of a runtime built from the new config.
+    new = replace(h.runtime.config, proxy_protocol=ProxyProtocolConfig(("127.0.0.0/8",), 7))
+    h.current.runtime = replace(h.runtime, config=new)
+    assert stack.trusted.allows("127.0.0.1") and not stack.trusted.allows("10.1.2.3")
+    assert stack.timeout == 7
+    # A new connection from the newly trusted peer is read for a header, not refused.
+    protocol = stack.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+    transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 143\r\n")
+    assert protocol.getPeer().host == "203.0.113.9"
+    assert transport.connected
+    h.reactor.advance(8)  # the header came in time: no refusal at the new timeout
+    assert transport.connected
 
 
 class _Endpoint:

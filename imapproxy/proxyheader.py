@@ -1,17 +1,17 @@
-# -*- test-case-name: tests.test_haproxy -*-
+# -*- test-case-name: tests.test_proxyheader -*-
 """The PROXY protocol on the wire: inbound headers on listeners, outbound to backends.
 
 Inbound (``[[listen]] proxy_protocol = true``): ``ProxyHeaderFactory`` wraps the
-listener's factory. A connection from outside ``[proxy_protocol] trusted`` is
-closed at once, before a byte is read or written. From a trusted peer, the
-header is parsed with ``twisted.protocols.haproxy``'s v1/v2 parsers, and only then
-does the wrapped protocol (the IMAP/POP3 front end, or the TLS layer of an
-implicit-TLS listener) see the connection: its ``getPeer()`` and ``getHost()``
-are the header's, so whatever logs, limits or forwards the client's address
+listener's factory (``proxy_listener`` builds the stack). A connection from outside
+``[proxy_protocol] trusted`` is closed at once, before a byte is read or written.
+From a trusted peer, the v1 or v2 header is read with proxyprotocol.py's
+``HeaderReader``, and only then does the wrapped protocol (the IMAP/POP3 front end,
+or the TLS layer of an implicit-TLS listener) see the connection: its ``getPeer()``
+and ``getHost()`` are the header's, so whatever logs, limits or forwards the client's address
 uses the real one. A header that names no IP addresses (LOCAL, AF_UNSPEC, AF_UNIX,
-v1 UNKNOWN) leaves the connection's own, as the spec says (section 2.2). Unlike
-``HAProxyProtocolWrapper``, the header may arrive in any number of pieces, and a peer
-that never finishes it is closed after ``[proxy_protocol] timeout``.
+v1 UNKNOWN) leaves the connection's own, as the spec says (section 2.2). The header
+may arrive in any number of pieces, and a peer that never finishes it is closed after
+``[proxy_protocol] timeout``.
 
 Outbound (``[backend] forward_client = "proxy-v2"``): ``HeaderFirstEndpoint``
 writes a v2 header as the first bytes of a backend connection, under TLS if any.
@@ -19,7 +19,7 @@ writes a v2 header as the first bytes of a backend connection, under TLS if any.
 
 from __future__ import annotations
 
-import struct
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -27,30 +27,25 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from .config import Listener
 from .proxyprotocol import (
-    FAMILY_UNIX,
-    FAMILY_UNSPEC,
-    V1_MAX,
-    V2_LOCAL,
-    V2_PROXY,
-    Kind,
+    MAX_V2_HEADER,
+    NEED_DATA,
+    HeaderReader,
+    HeaderTooLong,
+    InvalidHeader,
+    IPAddress,
+    NotAHeader,
+    ProxyHeader,
     TrustedNetworks,
-    parse_ip,
-    sniff,
 )
 
 log = Logger(namespace="imapproxy")
-
-#: Section 2.2: a v2 header carries at most 16 + 65535 bytes; ours need far less.
-#: TLVs (ALPN, SSL info, ...) stay well under a few hundred bytes in practice.
-MAX_V2_HEADER = 16 + 4096
 
 
 class ProxyHeaderProtocol(ProtocolWrapper):
@@ -60,7 +55,8 @@ class ProxyHeaderProtocol(ProtocolWrapper):
 
     def __init__(self, factory: ProxyHeaderFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol)
-        self._buffer = b""
+        #: until the header is read or refused (then gone: sessions live long)
+        self._reader: HeaderReader | None = HeaderReader(MAX_V2_HEADER)
         self._header_read = False
         self._source: Any = None
         self._destination: Any = None
@@ -86,47 +82,26 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if self._header_read:
             self.wrappedProtocol.dataReceived(data)
             return
-        if self._refused:
+        if self._refused or self._reader is None:
             return
-        self._buffer += data
-        buffer = self._buffer
-        kind = sniff(buffer)
-        if kind is Kind.NEED_DATA:
-            return
-        if kind is Kind.NOT_A_HEADER:
-            self._refuse("no PROXY header")
-            return
-        if kind is Kind.V1:
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                if len(buffer) > V1_MAX:
-                    self._refuse("PROXY header too long")
-                return
-            header, remaining = buffer[:end + 2], buffer[end + 2:]
-        else:
-            if len(buffer) < 16:
-                return
-            size = 16 + struct.unpack("!H", buffer[14:16])[0]
-            if size > MAX_V2_HEADER:
-                self._refuse("PROXY header too long")
-                return
-            if len(buffer) < size:
-                return
-            header, remaining = buffer[:size], buffer[size:]
-        self._buffer = b""
         try:
-            addresses = _ip_addresses(kind, header)
-        except (InvalidProxyHeader, ValueError) as e:
-            # ValueError: what Twisted's parsers let through (a port that is no number,
-            # bytes that are not UTF-8), and addresses that are not IP addresses.
-            self._refuse(f"invalid PROXY header ({type(e).__name__})")
+            result = self._reader.feed(data)
+        except (NotAHeader, HeaderTooLong) as e:
+            self._refuse(e.reason)
             return
-        self._header_done(addresses, remaining)
+        except InvalidHeader as e:
+            self._refuse(f"invalid PROXY header ({e.reason})")
+            return
+        if result is NEED_DATA:
+            return
+        header, remaining = result
+        self._header_done(_ip_addresses(header), remaining)
 
     def _header_done(self, addresses: tuple[Any, Any] | None, remaining: bytes) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._reader = None
         # None: the header names no IP addresses, so the connection's own stand (getPeer).
         self._source, self._destination = addresses or (None, None)
         self._header_read = True
@@ -136,6 +111,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
 
     def _refuse(self, reason: str) -> None:
         self._refused = True
+        self._reader = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -176,45 +152,22 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         return self.transport.getPeer()
 
 
-def _ip_addresses(kind: Kind, header: bytes) -> tuple[Any, Any] | None:
-    """The header's source and destination when they are IP addresses; None when it
-    carries none to use (section 2.2: LOCAL, UNSPEC and AF_UNIX, and v1 UNKNOWN, mean
-    "use the real connection's addresses"). Raises InvalidProxyHeader or ValueError."""
-    if kind is Kind.V1:
-        # Section 2.1: after UNKNOWN the receiver ignores everything up to the CRLF, which
-        # may follow at once (Twisted's parser wants a space there).
-        if header[6:13] == b"UNKNOWN" and header[13:14] in (b" ", b"\r"):
-            return None
-        info = V1Parser.parse(header[:-2])
-    else:
-        command, family = header[12], header[13]
-        # Section 2.2: a LOCAL command's addresses are to be ignored, and UNSPEC and UNIX
-        # ones name no IP address; Twisted's parser is not asked to decode UNIX paths
-        # (it fails on non-UTF-8 ones).
-        if command == V2_LOCAL or (command == V2_PROXY and family & 0x0F <= 2
-                                   and family >> 4 in (FAMILY_UNSPEC, FAMILY_UNIX)):
-            return None
-        info = V2Parser.parse(header)
-    source, destination = _ip(info.source), _ip(info.destination)
-    if source is None or destination is None:
-        return None  # e.g. AF_INET with an unspecified transport: no addresses parsed
-    return source, destination
-
-
-def _ip(address: Any) -> IPv4Address | IPv6Address | None:
-    """An IP address of the header, checked (Twisted's v1 parser takes any text and any
-    number), in the usual form (its v2 parser writes IPv6 uncompressed), and an IPv4-mapped
-    address as the IPv4 one it is."""
-    if not isinstance(address, IPv4Address | IPv6Address):
+def _ip_addresses(header: ProxyHeader) -> tuple[Any, Any] | None:
+    """The header's source and destination as Twisted addresses, when it carries IP
+    addresses to use; None when the connection's own apply (``ProxyHeader.addresses``).
+    IPv4-mapped addresses are the IPv4 ones they are, and IPv6 ones are written
+    compressed, as Twisted's transports write them, whatever form a v1 line used."""
+    addresses = header.addresses
+    if addresses is None:
         return None
-    ip = parse_ip(address.host)
-    if ip is None or "%" in address.host:
-        raise ValueError("not an IP address")
-    if not 0 <= address.port <= 65535:
-        raise ValueError("port out of range")
+    (source, source_port), (destination, destination_port) = addresses
+    return _address(source, source_port), _address(destination, destination_port)
+
+
+def _address(ip: IPAddress, port: int) -> IPv4Address | IPv6Address:
     if ip.version == 4:
-        return IPv4Address("TCP", str(ip), address.port)
-    return IPv6Address("TCP", str(ip), address.port)
+        return IPv4Address("TCP", str(ip), port)
+    return IPv6Address("TCP", str(ip), port)
 
 
 class ProxyHeaderFactory(WrappingFactory):
@@ -238,6 +191,44 @@ class ProxyHeaderFactory(WrappingFactory):
 
     def logPrefix(self) -> str:  # noqa: N802
         return "ProxyHeader"
+
+
+class CurrentProxyHeaderFactory(ProxyHeaderFactory):
+    """A ProxyHeaderFactory that reads ``[proxy_protocol]`` and the metrics through the
+    running config (runtime.Current), so a reload changes the trusted networks and the
+    timeout for the next connection, as it does every other setting."""
+
+    def __init__(self, wrapped: Any, current: Any, clock: Any) -> None:
+        WrappingFactory.__init__(self, wrapped)
+        self.clock = clock
+        self._current = current
+        self._config: Any = None
+        self._trusted = TrustedNetworks(())
+
+    @property  # type: ignore[override]
+    def trusted(self) -> TrustedNetworks:
+        config = self._current.runtime.config
+        if config is not self._config:  # parsed once per config, not per connection
+            self._trusted = TrustedNetworks(config.proxy_protocol.trusted)
+            self._config = config
+        return self._trusted
+
+    @property  # type: ignore[override]
+    def timeout(self) -> float:
+        return float(self._current.runtime.config.proxy_protocol.timeout)
+
+    @property  # type: ignore[override]
+    def metrics(self) -> Any:
+        return self._current.runtime.shared.metrics
+
+
+def proxy_listener(reactor: Any, current: Any, listener: Listener, factory: Any,
+                   tls: Any) -> tuple[Listener, ProxyHeaderFactory]:
+    """For a ``proxy_protocol = true`` listener: the plain TCP listener to bind, and the
+    factory stack (PROXY header, then TLS for an implicit-TLS listener, then the proxy).
+    ``current`` is the runtime.Current the header factory reads its settings through."""
+    inner = TLSMemoryBIOFactory(tls, False, factory) if listener.tls == "implicit" else factory
+    return replace(listener, tls="none"), CurrentProxyHeaderFactory(inner, current, reactor)
 
 
 class _HeaderFirst(ProtocolWrapper):
