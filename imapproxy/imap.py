@@ -17,6 +17,7 @@ from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
 from .imapwire import (
+    BYE_SHUTDOWN,
     ArgumentReader,
     CommandAssembler,
     CommandReceived,
@@ -60,8 +61,6 @@ _NEEDS_LOGIN = frozenset(
 Handler = Callable[["ImapSession", bytes, ArgumentReader], list[Action]]
 
 SERVER_ID = b'* ID ("name" "imapproxy")\r\n'
-#: RFC 5530 UNAVAILABLE: come back later (the relay sends it too, when it drains)
-BYE_SHUTDOWN = b"* BYE [UNAVAILABLE] Shutting down\r\n"
 DEFAULT_LIMITS = Limits()
 
 

@@ -62,6 +62,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from .config import Limits
 
@@ -170,16 +171,14 @@ class _Attempt:
 class Penalty:
     """Admits login attempts; see the module docstring for the policy."""
 
-    def __init__(self, clock: Callable[[], float], *, base: float = 2.0, cap: float = 15.0,
-                 memory: float = 900.0, parallel: int = 32,
-                 known_memory: float = 30 * 86400.0,
-                 exempt: Iterable[str] = (), max_bytes: int = MAX_BYTES,
-                 key: bytes | None = None) -> None:
+    def __init__(self, clock: Callable[[], float], *, max_bytes: int = MAX_BYTES,
+                 key: bytes | None = None, **settings: Any) -> None:
+        """``settings`` are configure()'s; any not given take [limits]' defaults (config.py
+        holds each default once)."""
         self.clock = clock
         self.key = key if key is not None else os.urandom(32)
         self.max_bytes = max_bytes
-        self.configure(base=base, cap=cap, memory=memory, parallel=parallel,
-                       known_memory=known_memory, exempt=exempt)
+        self.configure(**{**_settings(Limits()), **settings})
         self._addresses: OrderedDict[str, _Lane] = OrderedDict()
         self._users: OrderedDict[bytes, _Lane] = OrderedDict()
         self._attempts: dict[int, _Attempt] = {}
