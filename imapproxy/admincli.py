@@ -80,7 +80,7 @@ def request(address: str, method: str, path: str, timeout: float = TIMEOUT,
         response = connection.getresponse()
         body = response.read()
     except PermissionError as e:
-        # The socket is mode 0600 (operations.py).
+        # The socket is mode 0600 (admin.py).
         raise AdminError(f"{address}: {e.strerror} (run as the service user or root)") from None
     except OSError as e:
         raise AdminError(f"{address}: {e}") from None

@@ -646,7 +646,7 @@ def _admin(table: _Table | None) -> AdminConfig | None:
     if text.startswith("/"):
         token_file = table.file("token_file")
         table.finish()
-        # The socket is made mode 0600 (operations.py): the file system is the
+        # The socket is made mode 0600 (admin.py): the file system is the
         # protection; a token, if given, is required on top.
         token = _admin_token(table, token_file) if token_file is not None else None
         return AdminConfig(text, socket=Path(text), token_file=token_file, token=token)

@@ -2,7 +2,7 @@
 """Log destinations (``[log]``): twistd's text lines, JSON lines, syslog.
 
 Every event goes through twisted.logger. The two lines per session that operators
-(and fail2ban filters) read are written by protocol.py:
+(and fail2ban filters) read are decided by login.py and frontend.py:
 
     login id=7 client=192.0.2.7 user=alice backend=store1:143 mechanism=PLAIN tls=True pid=..
     session end id=7 client=192.0.2.7:40000 user=alice backend=store1:143 duration=12.0s

@@ -20,7 +20,7 @@ class SessionRegistry:
         self.sessions: set[Any] = set()
         #: backend connections of ended sessions, closing after our LOGOUT
         self.closing: set[Any] = set()
-        #: new connections are told BYE / -ERR and closed (protocol.py)
+        #: new connections are told BYE / -ERR and closed (frontend.py)
         self.draining = False
         #: the process is going away (the SIGTERM drain): no undrain
         self.stopping = False
