@@ -25,6 +25,8 @@ demo: deps
 # stack (.venv-debian: python3-twisted, python3-openssl on OpenSSL 3.0, the one that
 # holds a TLS IDLE session in about 23 KiB; see README, Install and Benchmark).
 test: venvs bench-deps
+	@echo "== mypy --strict on the sans-IO modules"
+	.venv/bin/python scripts/typecheck
 	@echo "== the suite on the latest releases (.venv)"
 	.venv/bin/python $(PYTEST)
 	@echo "== the suite on the declared minimum versions (.venv-min)"

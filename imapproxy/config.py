@@ -17,6 +17,7 @@ import math
 import re
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -374,7 +375,7 @@ S = TypeVar("S")
 
 
 @functools.cache
-def _fields_of(cls: type) -> dict[str, tuple[Any, Any, Any]]:
+def _fields_of(cls: Any) -> dict[str, tuple[Any, Any, Any]]:
     """Field name -> (type, default, rules) of a config dataclass, in declaration order."""
     hints = get_type_hints(cls)
     return {f.name: (hints[f.name], f.default, f.metadata) for f in fields(cls)}
@@ -405,8 +406,9 @@ def _read(table: _Table, cls: type, name: str) -> Any:
 def _build(cls: type[S], table: _Table, **given: Any) -> S:
     """A ``cls`` from ``table``: the fields in ``given`` as given (the caller read and
     checked them), every other one read from its key, in field order."""
+    names: Any = cls  # a class is hashable, whatever typeshed's type[S] says
     return cls(**{name: given[name] if name in given else _read(table, cls, name)
-                  for name in _fields_of(cls)})
+                  for name in _fields_of(names)})
 
 
 def _section(cls: type[S], table: _Table | None) -> S:
@@ -595,7 +597,9 @@ def _networks(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, 
 
 
 #: readers of the fields whose rules name a kind: (table, key, default) -> value
-_KINDS = {"networks": _networks, "sni": _sni_list}
+#: a field's rules["kind"] -> the reader of a key of that kind (table, name, default)
+_KINDS: dict[str, Callable[[_Table, str, Any], Any]] = {"networks": _networks,
+                                                      "sni": _sni_list}
 
 
 def _username(table: _Table | None) -> UsernameConfig:

@@ -55,6 +55,7 @@ from .limits import Ticket
 from .logquote import quoted
 from .penalty import Outcome
 from .pop3backend import Pop3BackendLogin
+from .proxyprotocol import Address
 from .routingloops import is_own_listener, names_own_listener
 from .usernames import rewrite, username_problem
 
@@ -72,8 +73,8 @@ class Client:
     session_id: str
     session_number: int
     #: (host, port) of the client and of our end, when they are IP addresses
-    address: forwarding.Address | None
-    local: forwarding.Address | None
+    address: Address | None
+    local: Address | None
     #: the unit the limits and the penalty count (limits.client_key)
     client_key: str
     #: for log lines
@@ -207,7 +208,8 @@ def _backend_login(client: Client, credentials: Credentials, route: Route,
                            (("server", str(server)), ("user_raw", credentials.username)))
             continue
         breaker.mark_ok(server)
-        return backend
+        logged_in: Backend = backend
+        return logged_in
     raise BackendUnavailable("no server of the route could be reached")
 
 

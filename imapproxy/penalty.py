@@ -336,7 +336,7 @@ class Penalty:
         """When ``poll()`` may admit something waiting on a penalty; None: nothing waits."""
         while self._wakeups:
             when, kind, key = self._wakeups[0]
-            lane = (self._addresses if kind == "a" else self._users).get(key)  # type: ignore[call-overload]
+            lane = self._table(kind).get(key)
             if lane is not None and lane.due == when:
                 if lane.waiting:
                     return when
@@ -350,7 +350,7 @@ class Penalty:
         granted: list[int] = []
         while self._wakeups and self._wakeups[0][0] <= now:
             when, kind, key = heapq.heappop(self._wakeups)
-            lane = (self._addresses if kind == "a" else self._users).get(key)  # type: ignore[call-overload]
+            lane = self._table(kind).get(key)
             if lane is None or lane.due != when:
                 continue
             lane.due = 0.0
@@ -363,8 +363,8 @@ class Penalty:
         """The current (address, user) distinct failure counts."""
         before = self.clock() - self.memory
         counts = []
-        for table, key in ((self._addresses, address), (self._users, self.user_key(user))):
-            lane = table.get(key)  # type: ignore[attr-defined]
+        for kind, key in (("a", address), ("u", self.user_key(user))):
+            lane = self._table(kind).get(key)
             failures = lane.failures.values() if lane is not None else ()
             counts.append(sum(1 for _user, when in failures if when >= before))
         return counts[0], counts[1]
@@ -380,7 +380,11 @@ class Penalty:
 
     # -- the rules -------------------------------------------------------------------------
 
-    def _lane(self, table: OrderedDict, key: str | bytes, now: float) -> _Lane:  # type: ignore[type-arg]
+    def _table(self, kind: str) -> OrderedDict[Any, _Lane]:
+        """The lanes of addresses ("a") or of users ("u")."""
+        return self._addresses if kind == "a" else self._users
+
+    def _lane(self, table: OrderedDict[Any, _Lane], key: str | bytes, now: float) -> _Lane:
         lane = table.get(key)
         if lane is None:
             lane = table[key] = _Lane()
@@ -440,9 +444,10 @@ class Penalty:
                 self._bytes += lane.weight() - lane.counted
                 lane.counted = lane.weight()
         now = self.clock()
-        for table in (self._addresses, self._users):
+        for kind in ("a", "u"):
+            table = self._table(kind)
             while table:
-                key, lane = next(iter(table.items()))  # type: ignore[attr-defined]
+                key, lane = next(iter(table.items()))
                 lane.expire(now - self.memory)
                 for address in [a for a, t in lane.known.items()
                                 if t < now - self.known_memory]:
@@ -452,10 +457,10 @@ class Penalty:
                     lane.counted = lane.weight()
                     break
                 if lane.running or lane.waiting:
-                    table.move_to_end(key)  # type: ignore[attr-defined]
+                    table.move_to_end(key)
                     break  # in use: never dropped; what follows it waits for next time
                 self._bytes -= lane.counted
-                del table[key]  # type: ignore[attr-defined]
+                del table[key]
 
     @property
     def bytes_counted(self) -> int:
@@ -470,7 +475,7 @@ def _add(lane: _Lane, fingerprint: bytes, user: bytes, now: float) -> None:
         del lane.failures[next(iter(lane.failures))]
 
 
-def _settings(limits: Limits) -> dict[str, object]:
+def _settings(limits: Limits) -> dict[str, Any]:
     return {"base": limits.login_delay, "cap": limits.login_delay_max,
             "memory": limits.login_failure_memory,
             "parallel": limits.max_parallel_logins_per_ip,

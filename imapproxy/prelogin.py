@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from enum import Enum
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .actions import Action, Close, SendToClient
 from .config import Limits
@@ -37,7 +37,7 @@ class PreLoginSession(ABC):
     # -- what each protocol gives ---------------------------------------------------------
 
     #: Rule: every state change goes through _enter, checked against this table.
-    TRANSITIONS: ClassVar[Mapping[Enum, frozenset[Enum]]]
+    TRANSITIONS: ClassVar[Mapping[Any, frozenset[Any]]]  # keyed by each protocol's State
     #: waiting for lookup and backend login; client bytes are held back, unparsed
     LOGGING_IN: ClassVar[Enum]
     #: handed over to the relay: the session has nothing more to say
