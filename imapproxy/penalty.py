@@ -58,17 +58,15 @@ import heapq
 import hmac
 import ipaddress
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from .config import Limits
+from .penaltylane import Attempt, Lane, add_failure
 
-#: Distinct failures remembered per address or user: past 4 the delay is at its default
-#: cap (2, 4, 8, 15 s); more only remember which wrong passwords were seen already.
-MAX_FINGERPRINTS = 16
 #: Addresses remembered per user as "logged in from here lately" (the owner's devices).
 MAX_KNOWN = 8
 #: Attempts waiting at most per address; more are refused unchecked. A client retries
@@ -81,7 +79,7 @@ MAX_WAITING_USER = 4
 #: Checks at once for one user from addresses it has not logged in from lately, while
 #: the user has no recent failures (a guesser's burst for one user gets no further).
 USER_PARALLEL = 4
-#: Bytes the tables may hold (an estimate per entry, see _Lane.weight).
+#: Bytes the tables may hold (an estimate per entry, see Lane.weight).
 MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -103,71 +101,6 @@ class Refused:
     reason: str
 
 
-#: the shared, always empty "nothing waits" of every lane
-_NO_WAITING: deque[int] = deque(maxlen=0)
-
-
-class _Lane:
-    """One address or one user: recent failures, and the attempts waiting or running."""
-
-    __slots__ = ("failures", "known", "running", "waiting", "next_start", "due", "counted")
-
-    def __init__(self) -> None:
-        #: fingerprint -> (user key, time of the failure)
-        self.failures: dict[bytes, tuple[bytes, float]] = {}
-        #: users only: address -> time of the last success from there
-        self.known: dict[str, float] = {}
-        self.running = 0
-        #: attempts waiting their turn, oldest first (a deque costs 600 bytes even
-        #: empty: kept only while something waits)
-        self.waiting: deque[int] = _NO_WAITING
-        #: the next check may not start before this (set while penalised)
-        self.next_start = 0.0
-        #: a wake-up is scheduled for this lane at this time (0: none)
-        self.due = 0.0
-        #: its weight() as last added to the table's byte count
-        self.counted = 0
-
-    def weight(self) -> int:
-        """Estimated bytes held (measured with tracemalloc, rounded up): the entry with
-        its key in the table, its dicts and their items. Attempts waiting are not
-        counted: they are few, short-lived, and bounded by the connections."""
-        return 600 + 260 * len(self.failures) + 200 * len(self.known)
-
-    def wait(self, attempt: int) -> None:
-        if self.waiting is _NO_WAITING:
-            self.waiting = deque()
-        self.waiting.append(attempt)
-
-    def unwait(self, attempt: int | None = None) -> None:
-        """The first waiting attempt (or ``attempt``) waits no more."""
-        if attempt is None:
-            self.waiting.popleft()
-        else:
-            self.waiting.remove(attempt)
-        if not self.waiting:
-            self.waiting = _NO_WAITING
-
-    def expire(self, before: float) -> None:
-        for fingerprint in [f for f, (_u, when) in self.failures.items() if when < before]:
-            del self.failures[fingerprint]
-
-    @property
-    def idle(self) -> bool:
-        return not (self.failures or self.known or self.running or self.waiting)
-
-
-@dataclass(slots=True)
-class _Attempt:
-    address: str | None  # None: exempt
-    user: bytes
-    #: it waits in (and counts against) the address's queue
-    in_address_lane: bool
-    #: it waits in (and counts against) the user's queue
-    in_user_lane: bool
-    running: bool = False
-
-
 class Penalty:
     """Admits login attempts; see the module docstring for the policy."""
 
@@ -179,9 +112,9 @@ class Penalty:
         self.key = key if key is not None else os.urandom(32)
         self.max_bytes = max_bytes
         self.configure(**{**_settings(Limits()), **settings})
-        self._addresses: OrderedDict[str, _Lane] = OrderedDict()
-        self._users: OrderedDict[bytes, _Lane] = OrderedDict()
-        self._attempts: dict[int, _Attempt] = {}
+        self._addresses: OrderedDict[str, Lane] = OrderedDict()
+        self._users: OrderedDict[bytes, Lane] = OrderedDict()
+        self._attempts: dict[int, Attempt] = {}
         #: (time, "a"/"u", lane key): lanes to look at again at that time
         self._wakeups: list[tuple[float, str, str | bytes]] = []
         self._bytes = 0
@@ -262,7 +195,7 @@ class Penalty:
                 return Refused(f"too many login attempts waiting for this {name}")
         if in_user_lane:
             user_lane = self._lane(self._users, ukey, now)
-        self._attempts[attempt] = _Attempt(None if exempt else address, ukey, in_address_lane,
+        self._attempts[attempt] = Attempt(None if exempt else address, ukey, in_address_lane,
                                            in_user_lane)
         if in_address_lane and lane is not None:
             lane.wait(attempt)
@@ -291,9 +224,9 @@ class Penalty:
         if outcome is Outcome.FAILURE and fingerprint and not exempt:
             assert state.address is not None
             lane = self._lane(self._addresses, state.address, now)
-            _add(lane, fingerprint, state.user, now)
+            add_failure(lane, fingerprint, state.user, now)
             user_lane = self._lane(self._users, state.user, now)
-            _add(user_lane, fingerprint, state.user, now)
+            add_failure(user_lane, fingerprint, state.user, now)
         elif outcome is Outcome.SUCCESS:
             if lane is not None:
                 for f in [f for f, (u, _w) in lane.failures.items() if u == state.user]:
@@ -380,20 +313,20 @@ class Penalty:
 
     # -- the rules -------------------------------------------------------------------------
 
-    def _table(self, kind: str) -> OrderedDict[Any, _Lane]:
+    def _table(self, kind: str) -> OrderedDict[Any, Lane]:
         """The lanes of addresses ("a") or of users ("u")."""
         return self._addresses if kind == "a" else self._users
 
-    def _lane(self, table: OrderedDict[Any, _Lane], key: str | bytes, now: float) -> _Lane:
+    def _lane(self, table: OrderedDict[Any, Lane], key: str | bytes, now: float) -> Lane:
         lane = table.get(key)
         if lane is None:
-            lane = table[key] = _Lane()
+            lane = table[key] = Lane()
         else:
             table.move_to_end(key)
             lane.expire(now - self.memory)
         return lane
 
-    def _may_start(self, lane: _Lane, attempt: int, now: float, limit: int) -> bool:
+    def _may_start(self, lane: Lane, attempt: int, now: float, limit: int) -> bool:
         if not lane.waiting or lane.waiting[0] != attempt:
             return False
         if lane.failures:
@@ -421,7 +354,7 @@ class Penalty:
                 queue.running += 1
         return [attempt] + self._lanes_changed(now, lane, user_lane)
 
-    def _lanes_changed(self, now: float, lane: _Lane | None, user_lane: _Lane | None,
+    def _lanes_changed(self, now: float, lane: Lane | None, user_lane: Lane | None,
                        ) -> list[int]:
         granted: list[int] = []
         for queue in (lane, user_lane):
@@ -429,14 +362,14 @@ class Penalty:
                 granted += self._try(queue.waiting[0], now)
         return granted
 
-    def _schedule(self, kind: str, key: str | bytes, lane: _Lane) -> None:
+    def _schedule(self, kind: str, key: str | bytes, lane: Lane) -> None:
         """Wake this lane up when its penalty has run out (if that is what it waits for)."""
         if lane.failures and lane.running == 0 and lane.next_start > self.clock() \
                 and lane.due != lane.next_start:
             lane.due = lane.next_start
             heapq.heappush(self._wakeups, (lane.next_start, kind, key))
 
-    def _trim(self, *touched: _Lane | None) -> None:
+    def _trim(self, *touched: Lane | None) -> None:
         """Account for the lanes just changed; drop idle entries, oldest first, when
         expired or while over the byte budget."""
         for lane in touched:
@@ -466,13 +399,6 @@ class Penalty:
     def bytes_counted(self) -> int:
         """The tables' estimated size in bytes, as kept up to date."""
         return self._bytes
-
-
-def _add(lane: _Lane, fingerprint: bytes, user: bytes, now: float) -> None:
-    lane.failures.pop(fingerprint, None)
-    lane.failures[fingerprint] = (user, now)
-    while len(lane.failures) > MAX_FINGERPRINTS:
-        del lane.failures[next(iter(lane.failures))]
 
 
 def _settings(limits: Limits) -> dict[str, Any]:
