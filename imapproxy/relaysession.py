@@ -107,6 +107,10 @@ class RelaySession:
 
     def tick(self, now: float, timeouts: Timeouts) -> list[RelayAction]:
         """Timeouts by state and keepalives (the registry's one timer, for every session)."""
+        if self.detached:
+            # The client has had its last line (RFC 3501 section 7.1.5: BYE is the
+            # server's last word); the leg's own deadline ends the close.
+            return []
         tracker, lines = self.tracker, self.lines
         idling = tracker.idling
         limit = timeouts.idle if idling else timeouts.authenticated
@@ -155,9 +159,15 @@ class RelaySession:
         return SendToClient(line)
 
     def _logout(self) -> list[RelayAction]:
-        if self.lines.logout is None:
+        tracker = self.tracker
+        if self.lines.logout is None or tracker.opaque:
+            # Nothing in plain text can go into a compressed stream (RFC 4978 section
+            # 3): the connection is closed instead, as for POP3.
             return []
         self.logout_sent = True
+        if tracker.idling:
+            # RFC 2177: in IDLE the server takes nothing but DONE; then the LOGOUT.
+            return [SendToBackend(b"DONE\r\n"), SendToBackend(self.lines.logout)]
         return [SendToBackend(self.lines.logout)]
 
     def _drain_step(self) -> list[RelayAction]:
@@ -171,8 +181,7 @@ class RelaySession:
             self.client_paused = True
             actions.append(PauseClient())
         if tracker.idling:
-            # RFC 2177: end IDLE with DONE; the backend's reply to it goes nowhere.
-            actions.append(SendToBackend(b"DONE\r\n"))
+            # RFC 2177: _logout ends IDLE with DONE; the backend's reply goes nowhere.
             actions += self._shut_down()
         elif tracker.quiet:
             actions += self._shut_down()

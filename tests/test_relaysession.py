@@ -119,10 +119,6 @@ def test_idle_timeout_with_the_server_mid_response_sends_no_bye() -> None:
     assert actions[-1] == Close("idle timeout")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RelaySession.end() sends the proxy's LOGOUT while the backend is in IDLE without "
-    "DONE first; RFC 2177 allows only DONE then, so the "
-    "backend takes the line for a bad DONE and never logs out. drain() sends DONE first."))
 def test_idle_timeout_ends_idle_with_done_before_the_logout() -> None:
     s = idling()
     assert sent_to_backend(s.tick(600.0, T)) == [DONE.data, LOGOUT.data]
@@ -274,11 +270,6 @@ def test_after_the_session_is_detached_nothing_more_is_said() -> None:
     assert s.end("drain timeout") == [Close("drain timeout")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tick() does not check `detached`: between the drain's BYE and the client's "
-    "connection being gone (a flushing close lasts up to transports.CLOSE_TIMEOUT), the "
-    "sweep can send '* OK Still here' (or a second BYE) after the BYE (RFC 3501 7.1.5: "
-    "the BYE is the server's last word)."))
 def test_after_the_drain_bye_a_tick_says_nothing_to_the_client() -> None:
     s = idling()
     s.drain()
@@ -393,9 +384,6 @@ def test_compressed_session_times_out_without_a_bye() -> None:
     assert actions[-1] == Close("inactivity timeout")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "end() sends the proxy's plain-text LOGOUT into a DEFLATE stream (RFC 4978 section "
-    "3: everything after the OK is compressed): the backend reads garbage."))
 def test_compressed_session_ends_without_a_plain_text_logout() -> None:
     s, _ = compressed()
     assert sent_to_backend(s.end("kicked")) == []
