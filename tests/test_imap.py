@@ -36,9 +36,9 @@ IMPLICIT = {"tls_active": True, "starttls_available": False, "plaintext_auth": F
 STARTTLS = {"tls_active": False, "starttls_available": True, "plaintext_auth": False}
 PLAINTEXT_OK = {"tls_active": False, "starttls_available": True, "plaintext_auth": True}
 
-CAPS_IMPLICIT = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE AUTH=PLAIN"
+CAPS_IMPLICIT = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE AUTH=PLAIN AUTH=LOGIN"
 CAPS_STARTTLS = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS LOGINDISABLED"
-CAPS_PLAINTEXT_OK = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS AUTH=PLAIN"
+CAPS_PLAINTEXT_OK = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS AUTH=PLAIN AUTH=LOGIN"
 
 
 
@@ -459,7 +459,7 @@ def test_oversized_sync_literal_in_sasl_response_ends_the_exchange() -> None:
     assert not any(isinstance(a, SendToClient) and a.data.startswith(b"* BAD") for a in out)
 
 
-@pytest.mark.parametrize("mechanism", [b"CRAM-MD5", b"LOGIN", b"XOAUTH2 dG9rZW4=", b"GSSAPI"])
+@pytest.mark.parametrize("mechanism", [b"CRAM-MD5", b"OAUTHBEARER", b"XOAUTH2 dG9rZW4=", b"GSSAPI"])
 def test_unsupported_mechanism(mechanism: bytes) -> None:
     check([b"a AUTHENTICATE " + mechanism + b"\r\n"],
           [send(b"a NO Unsupported authentication mechanism\r\n")])

@@ -97,7 +97,7 @@ def test_greeting_then_quit() -> None:
 
 def test_capa_when_login_is_allowed_on_starttls_listener() -> None:
     check([b"CAPA\r\n"],
-          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS)])
+          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS)])
 
 
 def test_capa_before_tls_without_plaintext_hides_user_and_sasl() -> None:
@@ -105,7 +105,7 @@ def test_capa_before_tls_without_plaintext_hides_user_and_sasl() -> None:
 
 
 def test_capa_on_implicit_tls_listener() -> None:
-    check([b"CAPA\r\n"], [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)],
+    check([b"CAPA\r\n"], [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\n" + TAIL_CAPS)],
           options=IMPLICIT)
 
 
@@ -137,7 +137,7 @@ def test_commands_refused_before_login(line: bytes, text: bytes) -> None:
 
 def test_bare_lf_ends_a_line_too() -> None:
     check([b"CAPA\nQUIT\n"],
-          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
+          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
            Close("quit")])
 
 
@@ -152,7 +152,7 @@ def test_too_many_bad_commands_close() -> None:
 
 def test_timeout_says_why_and_closes() -> None:
     session = check([b"CAPA\r\n", TimesOut()],
-                    [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS),
+                    [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS),
                      send(b"-ERR Autologout; idle for too long\r\n"),
                      Close("Autologout; idle for too long")])
     assert session.state is State.CLOSED
@@ -192,7 +192,7 @@ def test_stls_discards_pipelined_plaintext() -> None:
         send(b"+OK Begin TLS negotiation now\r\n"), StartClientTLS()]
     assert session.tls_active and session.state is State.AUTHORIZATION
     assert session.receive_data(b"CAPA\r\n") == [
-        send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)]
+        send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\n" + TAIL_CAPS)]
 
 
 def test_stls_twice_or_on_tls_listener_is_refused() -> None:
@@ -230,8 +230,8 @@ def test_user_pass_login_and_splice_with_pipelined_commands() -> None:
 
 def test_user_then_other_command_forgets_the_name() -> None:
     check([b"USER alice\r\nCAPA\r\nPASS pw\r\n"],
-          [send(b"+OK Send PASS\r\n" + CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS
-                + b"-ERR Send USER first\r\n")])
+          [send(b"+OK Send PASS\r\n" + CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n"
+                + TAIL_CAPS + b"-ERR Send USER first\r\n")])
 
 
 def test_user_twice_keeps_the_second_name() -> None:
@@ -257,7 +257,7 @@ def test_commands_pipelined_behind_a_failing_pass_are_answered_after_the_failure
     check([b"USER alice\r\nPASS bad\r\nCAPA\r\nQUIT\r\n", LoginFails(UserNotFound())],
           [send(b"+OK Send PASS\r\n"), login("alice", b"bad"),
            send(b"-ERR [AUTH] Authentication failed\r\n" + CAPA_HEAD
-                + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
+                + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
            Close("quit")])
 
 
@@ -336,7 +336,7 @@ def test_auth_bad_base64_and_foreign_authzid() -> None:
 
 
 def test_bare_auth_lists_mechanisms() -> None:
-    check([b"AUTH\r\n"], [send(b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")])
+    check([b"AUTH\r\n"], [send(b"+OK Supported mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n")])
 
 
 def test_user_given_then_auth_forgets_the_user() -> None:
