@@ -16,7 +16,7 @@ from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
 from .credentials import Credentials, Secret, decode_username
 from .crossprotocol import is_http_request_line
-from .errors import ClientProtocolError, ProxyError, TokenRefused
+from .errors import ClientProtocolError, ProxyError
 from .imapwire import (
     BYE_SHUTDOWN,
     ArgumentReader,
@@ -27,7 +27,13 @@ from .imapwire import (
     response,
 )
 from .prelogin import PreLoginSession
-from .sasl import DEFAULT_MECHANISMS, MECHANISMS, Challenge, ServerExchange
+from .sasl import (
+    DEFAULT_MECHANISMS,
+    MECHANISMS,
+    Challenge,
+    ServerExchange,
+    failure_challenge,
+)
 
 
 class State(Enum):
@@ -71,7 +77,8 @@ DEFAULT_LIMITS = Limits()
 class ImapSession(PreLoginSession):
     """One client's pre-login IMAP session."""
 
-    __slots__ = ("client_id", "mechanisms", "_wire", "_pending_tag", "_sasl", "_refusal")
+    __slots__ = ("client_id", "mechanisms", "_wire", "_pending_tag", "_sasl", "_refusal",
+                 "_login_mechanism")
 
     state: State
     TRANSITIONS = TRANSITIONS
@@ -97,6 +104,8 @@ class ImapSession(PreLoginSession):
         self._sasl: ServerExchange | None = None
         #: a backend's refusal of a token, said once the client answered its challenge
         self._refusal: ProxyError | None = None
+        #: the mechanism of the login under way
+        self._login_mechanism = ""
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -122,12 +131,13 @@ class ImapSession(PreLoginSession):
         """The lookup or the backend said no; the client may try again (within limits)."""
         if self.state is not State.LOGGING_IN:
             return []
-        if isinstance(error, TokenRefused):
-            # RFC 7628 section 3.2.2: the backend's error challenge goes to the client,
-            # which answers with a dummy response; then the NO (in _sasl_response).
+        challenge = failure_challenge(self._login_mechanism, error)
+        if challenge is not None:
+            # RFC 7628 section 3.2.2: a token's error challenge goes to the client, which
+            # answers with a dummy response; then the NO (in _sasl_response).
             self._refusal = error
             self._enter(State.AUTHENTICATE)
-            return [SendToClient(b"+ " + error.challenge + b"\r\n"), *self._process()]
+            return [SendToClient(b"+ " + challenge + b"\r\n"), *self._process()]
         self._enter(State.NOT_AUTHENTICATED)
         actions = self._login_refused(self._pending_tag, error)
         if isinstance(actions[-1], Close):  # too many failures: nothing more is read
@@ -320,6 +330,7 @@ class ImapSession(PreLoginSession):
 
     def _begin_login(self, tag: bytes, credentials: Credentials) -> list[Action]:
         self._pending_tag = tag
+        self._login_mechanism = credentials.mechanism
         self._enter(State.LOGGING_IN)
         return [Login(credentials, self.client_id)]
 

@@ -17,10 +17,16 @@ from .actions import Action, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
 from .credentials import Credentials, Secret, decode_username
 from .crossprotocol import is_http_request_line
-from .errors import ClientProtocolError, ProxyError, TokenRefused
+from .errors import ClientProtocolError, ProxyError
 from .pop3wire import LineReader, LineTooLong, reply
 from .prelogin import PreLoginSession
-from .sasl import DEFAULT_MECHANISMS, MECHANISMS, Challenge, ServerExchange
+from .sasl import (
+    DEFAULT_MECHANISMS,
+    MECHANISMS,
+    Challenge,
+    ServerExchange,
+    failure_challenge,
+)
 
 #: Bytes a client may pipeline behind PASS/AUTH while the backend login runs. The adapter
 #: pauses reading during login, so only what was already in flight can arrive; 64 KiB is
@@ -69,7 +75,8 @@ DEFAULT_LIMITS = Limits()
 class Pop3Session(PreLoginSession):
     """One client's pre-login POP3 session."""
 
-    __slots__ = ("mechanisms", "_lines", "_username", "_sasl", "_refusal")
+    __slots__ = ("mechanisms", "_lines", "_username", "_sasl", "_refusal",
+                 "_login_mechanism")
 
     state: State
     TRANSITIONS = TRANSITIONS
@@ -96,6 +103,8 @@ class Pop3Session(PreLoginSession):
         self._sasl: ServerExchange | None = None
         #: a backend's refusal of a token, said once the client answered its challenge
         self._refusal: ProxyError | None = None
+        #: the mechanism of the login under way
+        self._login_mechanism = ""
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -115,12 +124,13 @@ class Pop3Session(PreLoginSession):
 
     def login_failed(self, error: ProxyError) -> list[Action]:
         """The lookup or the backend said no; the client may try again (within limits)."""
-        if isinstance(error, TokenRefused):
-            # RFC 7628 section 3.2.2: the backend's error challenge goes to the client,
-            # which answers with a dummy response; then the -ERR (in _sasl_response).
+        challenge = failure_challenge(self._login_mechanism, error)
+        if challenge is not None:
+            # RFC 7628 section 3.2.2: a token's error challenge goes to the client, which
+            # answers with a dummy response; then the -ERR (in _sasl_response).
             self._refusal = error
             self._enter(State.AUTH_RESPONSE)
-            return [SendToClient(b"+ " + error.challenge + b"\r\n"), *self._process()]
+            return [SendToClient(b"+ " + challenge + b"\r\n"), *self._process()]
         self._enter(State.AUTHORIZATION)
         return self._login_refused(error) + self._process()
 
@@ -302,6 +312,7 @@ class Pop3Session(PreLoginSession):
         return self._begin_login(step.credentials)
 
     def _begin_login(self, credentials: Credentials) -> list[Action]:
+        self._login_mechanism = credentials.mechanism
         self._enter(State.LOGGING_IN)
         return [Login(credentials)]
 

@@ -77,7 +77,9 @@ TRANSITIONS: dict[Step, frozenset[Step]] = {
     Step.GREETING: frozenset({Step.STLS, Step.CAPA, Step.DONE}),
     Step.STLS: frozenset({Step.TLS_HANDSHAKE, Step.DONE}),
     Step.TLS_HANDSHAKE: frozenset({Step.CAPA, Step.DONE}),
-    Step.CAPA: frozenset({Step.CAPA_LIST, Step.USER, Step.XCLIENT, Step.DONE}),
+    # AUTH from CAPA: a token, when the backend has no CAPA (it is no password for PASS)
+    Step.CAPA: frozenset({Step.CAPA_LIST, Step.USER, Step.XCLIENT, Step.AUTH,
+                          Step.AUTH_CONTINUATION, Step.DONE}),
     Step.CAPA_LIST: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.XCLIENT,
                                Step.DONE}),
     Step.XCLIENT: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.DONE}),

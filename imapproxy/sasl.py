@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import binascii
 import re
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from dataclasses import dataclass
 
 from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
-from .errors import ClientProtocolError
+from .errors import AuthenticationFailed, ClientProtocolError, ProxyError, TokenRefused
 
 #: Every mechanism the proxy knows, in the order CAPABILITY lists them.
 MECHANISMS = ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2")
@@ -35,9 +35,10 @@ LOGIN_PROMPTS = (b"Username:", b"Password:")
 
 #: RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
-#: RFC 7628 section 3.1: key = 1*(ALPHA); value = *(VCHAR / SP / HTAB / CR / LF)
+#: RFC 7628 section 3.1: key = 1*(ALPHA); value = *(VCHAR / SP / HTAB / CR / LF), and
+#: UTF-8 too: XOAUTH2's user= holds an address, which may be one (RFC 6531).
 _KEY = re.compile(rb"[A-Za-z]+")
-_VALUE = re.compile(rb"[\x21-\x7e \t\r\n]*")
+_VALUE = re.compile(rb"[\x21-\x7e \t\r\n\x80-\xff]*")
 #: What a backend's challenge may be before it is shown to a client: base64, nothing else.
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 
@@ -223,6 +224,26 @@ def dummy_response(mechanism: str) -> bytes:
     section 3.2.3's single %x01 for OAUTHBEARER; an empty response for XOAUTH2 (Google's
     XOAUTH2 protocol)."""
     return b"AQ==" if mechanism == "OAUTHBEARER" else b""
+
+
+#: RFC 7628 section 3.2.2 error challenges for a token the proxy refuses itself (a user it
+#: cannot route, a name it refuses), as Dovecot words them for its own refusals: the
+#: client cannot tell the proxy's refusal from the backend's.
+ERROR_CHALLENGES = {
+    "OAUTHBEARER": b64encode(b'{"status":"invalid_token"}'),
+    "XOAUTH2": b64encode(b'{"status":"401","schemes":"bearer","scope":"mail"}'),
+}
+
+
+def failure_challenge(mechanism: str, error: ProxyError) -> bytes | None:
+    """The error challenge (base64) a client of a token mechanism is shown before the
+    failure: the backend's own if it sent one, else ours; None for anything but a refused
+    login (a backend that is down is no reason to refresh a token), or another mechanism."""
+    if isinstance(error, TokenRefused):
+        return error.challenge
+    if mechanism in ERROR_CHALLENGES and isinstance(error, AuthenticationFailed):
+        return ERROR_CHALLENGES[mechanism]
+    return None
 
 
 def relayable_challenge(encoded: bytes) -> bytes | None:
