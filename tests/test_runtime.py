@@ -180,9 +180,6 @@ def test_the_backend_client_certificate_is_loaded_or_refused_by_name(
         build(wrong, make_shared(wrong))
 
 
-@pytest.mark.xfail(strict=True, reason="backendtls.backend_trust_root lets OpenSSL's "
-                   "crypto.Error out of a [backend] ca_file that is not PEM: a traceback "
-                   "rather than a ConfigError naming the key (house rule)")
 def test_an_unreadable_backend_ca_file_is_a_config_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken-ca.pem"
     broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
@@ -191,9 +188,6 @@ def test_an_unreadable_backend_ca_file_is_a_config_error(tmp_path: Path) -> None
         build(config, make_shared(config))
 
 
-@pytest.mark.xfail(strict=True, reason="a [backend] ca_file with no certificate in it is "
-                   "accepted and trusts nothing, so every backend then fails verification; "
-                   "backend_client_certificate refuses the same case ('no PEM certificate')")
 def test_a_backend_ca_file_without_a_certificate_is_a_config_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty-ca.pem"
     empty.write_text("# nothing here\n")
