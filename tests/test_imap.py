@@ -692,13 +692,17 @@ _client_pieces = st.one_of(
         b"{99+}\r\n", b"a AUTHENTICATE PLAIN\r\n", b"a AUTHENTICATE PLAIN =\r\n",
         plain(b"", b"bob", b"pw") + b"\r\n", b"*\r\n", b"a STARTTLS\r\n", b"a ID (\"a\" NIL)\r\n",
         b"a LOGOUT\r\n", b"a CAPABILITY\r\n", b"x" * 70, b'"', b"\\",
+        b"a AUTHENTICATE LOGIN\r\n", b"a AUTHENTICATE LOGIN YQ==\r\n", b"YQ==\r\n",
+        b"AQ==\r\n", b"a AUTHENTICATE OAUTHBEARER\r\n", b"a AUTHENTICATE XOAUTH2 =\r\n",
+        b64encode(b"n,a=a,\x01auth=Bearer t\x01\x01") + b"\r\n",
     ]),
 )
 _events = st.lists(
     st.one_of(
         st.lists(_client_pieces, min_size=1, max_size=6).map(b"".join),
         st.sampled_from([LoginOk(b"IMAP4rev1"), LoginOk(None), LoginFails(AuthenticationFailed()),
-                         LoginFails(BackendRefused("UNAVAILABLE", "x")), TimesOut()]),
+                         LoginFails(BackendRefused("UNAVAILABLE", "x")), TimesOut(),
+                         LoginFails(TokenRefused(b"eyJ9")), LoginFails(UserNotFound())]),
     ),
     max_size=12,
 )
@@ -712,7 +716,7 @@ ACTION_TYPES = (SendToClient, StartClientTLS, Login, Splice, Close)
 def test_arbitrary_input_only_produces_actions(
     steps: list[Step], settings_: dict[str, bool]
 ) -> None:
-    session = session_for(settings_, H_LIMITS)
+    session = session_for(settings_, H_LIMITS, ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2"))
     for step in steps:
         if isinstance(step, bytes):
             out = session.receive_data(step)

@@ -359,10 +359,16 @@ def test_login_succeeded_after_auth_splices_nothing_when_nothing_pipelined() -> 
 
 _WORDS = st.sampled_from([b"USER alice\r\n", b"PASS pw\r\n", b"CAPA\r\n", b"STLS\r\n",
                           b"AUTH PLAIN\r\n", b"AUTH PLAIN " + plain(b"", b"a", b"b") + b"\r\n",
-                          b"*\r\n", b"QUIT\r\n", b"STAT\r\n", b"\r\n", b"\n", b"AUTH\r\n"])
+                          b"*\r\n", b"QUIT\r\n", b"STAT\r\n", b"\r\n", b"\n", b"AUTH\r\n",
+                          b"AUTH LOGIN\r\n", b"AUTH LOGIN YQ==\r\n", b"YQ==\r\n", b"AQ==\r\n",
+                          b"AUTH OAUTHBEARER\r\n", b"AUTH XOAUTH2\r\n",
+                          b64encode(b"user=a\x01auth=Bearer t\x01\x01") + b"\r\n",
+                          b64encode(b"n,a=a,\x01auth=Bearer t\x01\x01") + b"\r\n"])
 _INPUTS = st.one_of(_WORDS, st.binary(max_size=64), st.just(LoginOk()),
                     st.builds(LoginFails, st.sampled_from([AuthenticationFailed(),
-                                                           BackendUnavailable()])),
+                                                           BackendUnavailable(),
+                                                           TokenRefused(b"eyJ9"),
+                                                           UserNotFound()])),
                     st.just(TimesOut()))
 
 
@@ -370,8 +376,8 @@ _INPUTS = st.one_of(_WORDS, st.binary(max_size=64), st.just(LoginOk()),
 @given(st.lists(_INPUTS, max_size=25), st.sampled_from([IMPLICIT, STARTTLS, PLAINTEXT_OK]))
 def test_session_never_raises_and_stays_bounded(steps: list[Any], options: Options
                                                 ) -> None:
-    limits = Limits(max_line=32, max_bad_commands=1000, max_failed_logins=1000)
-    session = Pop3Session(**options, limits=limits)
+    limits = Limits(max_line=48, max_bad_commands=1000, max_failed_logins=1000)
+    session = Pop3Session(**options, limits=limits, mechanisms=TOKENS)
     session.start()
     for step in steps:
         # Login results only make sense while a login is running; the adapter guarantees it.
