@@ -24,6 +24,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from .credentials import Secret
 from .ldapurl import parse_ldap_uri, redact, same_dn
+from .sasl import DEFAULT_MECHANISMS, MECHANISMS
 
 T = TypeVar("T")
 
@@ -94,6 +95,16 @@ class TlsConfig:
     ciphers: str = ""
     #: certificates chosen by SNI; a client naming no listed domain gets the default one
     sni: tuple[SniCertificate, ...] = _key((), kind="sni")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """What the proxy lets clients log in with, besides IMAP LOGIN and POP3 USER/PASS."""
+
+    #: SASL mechanisms advertised (CAPABILITY AUTH=..., CAPA SASL ...) and accepted in
+    #: AUTHENTICATE / AUTH; "OAUTHBEARER" and "XOAUTH2" pass the client's token through to
+    #: the backend, which must accept them (sasl.py)
+    mechanisms: tuple[str, ...] = _key(DEFAULT_MECHANISMS, kind="mechanisms")
 
 
 @dataclass(frozen=True)
@@ -282,6 +293,7 @@ class Config:
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     username: UsernameConfig = UsernameConfig()
+    auth: AuthConfig = AuthConfig()
     workers: int = _key(1, minimum=1, maximum=256)
     metrics: MetricsConfig | None = None
     admin: AdminConfig | None = None
@@ -596,10 +608,24 @@ def _networks(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, 
     return tuple(items)
 
 
+def _mechanisms(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of SASL mechanism names, each one the proxy knows (sasl.MECHANISMS)."""
+    items = table.get(name, list, list(default))
+    for item in items:
+        if not isinstance(item, str) or item.upper() not in MECHANISMS:
+            raise table.error(name, f"unknown mechanism {item!r}; known: "
+                              f"{', '.join(MECHANISMS)}")
+    names = [item.upper() for item in items]
+    if len(set(names)) != len(names):
+        raise table.error(name, "lists a mechanism twice")
+    return tuple(names)
+
+
 #: readers of the fields whose rules name a kind: (table, key, default) -> value
 #: a field's rules["kind"] -> the reader of a key of that kind (table, name, default)
 _KINDS: dict[str, Callable[[_Table, str, Any], Any]] = {"networks": _networks,
-                                                      "sni": _sni_list}
+                                                      "sni": _sni_list,
+                                                      "mechanisms": _mechanisms}
 
 
 def _username(table: _Table | None) -> UsernameConfig:
@@ -731,6 +757,7 @@ def _sections(path: Path, data: dict[str, Any]) -> Config:
         limits=_section(Limits, root.table("limits")),
         timeouts=_section(Timeouts, root.table("timeouts")),
         username=_username(root.table("username")),
+        auth=_section(AuthConfig, root.table("auth")),
         workers=_read(root, Config, "workers"),
         metrics=_metrics(root.table("metrics")),
         admin=_admin(root.table("admin")),

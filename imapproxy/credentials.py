@@ -43,8 +43,12 @@ class Credentials:
     password: Secret = field(repr=False)
     #: SASL authorization identity, if the client gave one (RFC 4616 section 2).
     authzid: str = ""
-    #: how the client authenticated: "LOGIN", "PLAIN", "USER" (POP3)
+    #: how the client authenticated: "LOGIN", "PLAIN", "USER" (POP3), "OAUTHBEARER",
+    #: "XOAUTH2"; for the last two ``password`` is the bearer token
     mechanism: str = "LOGIN"
+    #: the client's whole SASL message (decoded), replayed to the backend as it came
+    #: (sasl.py): set for the token mechanisms, which the proxy passes through
+    message: Secret | None = field(default=None, repr=False)
 
 
 def decode_username(raw: bytes) -> str:

@@ -55,6 +55,16 @@ class AuthenticationFailed(ProxyError):
     public_text = "Authentication failed"
 
 
+class TokenRefused(AuthenticationFailed):
+    """The backend refused an OAuth token (OAUTHBEARER, XOAUTH2) and said why in a SASL
+    challenge (RFC 7628 section 3.2.2): the client is shown that challenge before the NO."""
+
+    def __init__(self, challenge: bytes) -> None:
+        super().__init__()
+        #: the backend's challenge, still base64 (checked to be nothing else)
+        self.challenge = challenge
+
+
 class UserNotFound(AuthenticationFailed):
     """No route for this user. Answered exactly like a wrong password (no enumeration)."""
 

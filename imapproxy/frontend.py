@@ -74,7 +74,8 @@ def new_session(listener: Listener, config: Config) -> Any:
     """The pre-login session for a new client of this listener."""
     return FRONTEND_SESSIONS[listener.protocol](
         tls_active=listener.tls == "implicit", starttls_available=listener.tls == "starttls",
-        plaintext_auth=config.tls.plaintext_auth, limits=config.limits)
+        plaintext_auth=config.tls.plaintext_auth, limits=config.limits,
+        mechanisms=config.auth.mechanisms)
 
 
 class _ReplyBackpressure:

@@ -7,13 +7,14 @@ Bytes go in through ``receive_data``, results of the login come back through
 
 from __future__ import annotations
 
+from base64 import b64encode
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
 
 from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
-from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
+from .credentials import Credentials, Secret, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
 from .imapwire import (
@@ -26,12 +27,20 @@ from .imapwire import (
     response,
 )
 from .prelogin import PreLoginSession
+from .sasl import (
+    DEFAULT_MECHANISMS,
+    MECHANISMS,
+    Challenge,
+    ServerExchange,
+    failure_challenge,
+)
 
 
 class State(Enum):
     #: reading commands before login (RFC 3501 section 3.1)
     NOT_AUTHENTICATED = auto()
-    #: AUTHENTICATE sent "+"; the next line is the SASL response (RFC 3501 section 6.2.2)
+    #: AUTHENTICATE sent "+"; the next line is the SASL response (RFC 3501 section 6.2.2),
+    #: or the dummy response to a backend's error challenge (RFC 7628 section 3.2.3)
     AUTHENTICATE = auto()
     #: waiting for lookup and backend login; client bytes are held back, unparsed
     LOGGING_IN = auto()
@@ -45,7 +54,8 @@ class State(Enum):
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.NOT_AUTHENTICATED: frozenset({State.AUTHENTICATE, State.LOGGING_IN, State.CLOSED}),
     State.AUTHENTICATE: frozenset({State.NOT_AUTHENTICATED, State.LOGGING_IN, State.CLOSED}),
-    State.LOGGING_IN: frozenset({State.NOT_AUTHENTICATED, State.RELAYING, State.CLOSED}),
+    State.LOGGING_IN: frozenset({State.NOT_AUTHENTICATED, State.AUTHENTICATE, State.RELAYING,
+                                 State.CLOSED}),
     State.RELAYING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
@@ -67,7 +77,8 @@ DEFAULT_LIMITS = Limits()
 class ImapSession(PreLoginSession):
     """One client's pre-login IMAP session."""
 
-    __slots__ = ("client_id", "_wire", "_pending_tag")
+    __slots__ = ("client_id", "mechanisms", "_wire", "_pending_tag", "_sasl", "_refusal",
+                 "_login_mechanism")
 
     state: State
     TRANSITIONS = TRANSITIONS
@@ -79,13 +90,22 @@ class ImapSession(PreLoginSession):
     TOO_MANY_FAILED_LOGINS = b"* BYE Too many failed logins\r\n"
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS,
+                 mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS) -> None:
         super().__init__(State.NOT_AUTHENTICATED, tls_active=tls_active,
                          starttls_available=starttls_available, plaintext_auth=plaintext_auth,
                          limits=limits)
         self.client_id: tuple[tuple[str, str | None], ...] = ()
+        #: the SASL mechanisms offered ([auth] mechanisms)
+        self.mechanisms = mechanisms
         self._wire = CommandAssembler(limits.max_line, limits.max_preauth_literal)
         self._pending_tag = b"*"
+        #: the AUTHENTICATE under way
+        self._sasl: ServerExchange | None = None
+        #: a backend's refusal of a token, said once the client answered its challenge
+        self._refusal: ProxyError | None = None
+        #: the mechanism of the login under way
+        self._login_mechanism = ""
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -111,6 +131,13 @@ class ImapSession(PreLoginSession):
         """The lookup or the backend said no; the client may try again (within limits)."""
         if self.state is not State.LOGGING_IN:
             return []
+        challenge = failure_challenge(self._login_mechanism, error)
+        if challenge is not None:
+            # RFC 7628 section 3.2.2: a token's error challenge goes to the client, which
+            # answers with a dummy response; then the NO (in _sasl_response).
+            self._refusal = error
+            self._enter(State.AUTHENTICATE)
+            return [SendToClient(b"+ " + challenge + b"\r\n"), *self._process()]
         self._enter(State.NOT_AUTHENTICATED)
         actions = self._login_refused(self._pending_tag, error)
         if isinstance(actions[-1], Close):  # too many failures: nothing more is read
@@ -128,7 +155,10 @@ class ImapSession(PreLoginSession):
             caps.append(b"STARTTLS")
         # RFC 3501 section 6.2.3: LOGINDISABLED while plaintext login is refused; and no
         # AUTH= mechanism then either (RFC 3501 section 6.2.1, RFC 4959).
-        caps.append(b"AUTH=PLAIN" if self.login_allowed else b"LOGINDISABLED")
+        if self.login_allowed:
+            caps += [b"AUTH=" + name.encode("ascii") for name in self.mechanisms]
+        else:
+            caps.append(b"LOGINDISABLED")
         return b" ".join(caps)
 
     # -- processing -----------------------------------------------------------------------
@@ -255,37 +285,52 @@ class ImapSession(PreLoginSession):
             args.space()
             initial = args.atom()
         args.expect_end()
-        if mechanism != b"PLAIN":
+        name = mechanism.decode("ascii", "replace")
+        if name not in self.mechanisms or name not in MECHANISMS:
             return [SendToClient(response(tag, b"NO", "Unsupported authentication mechanism"))]
         if not self.login_allowed:
             return self._refuse_plaintext(tag)
-        if initial is None:
-            self._pending_tag = tag
-            self._enter(State.AUTHENTICATE)
-            return [SendToClient(b"+ \r\n")]
-        # RFC 4959 section 3: "=" stands for an empty initial response.
-        return self._plain(tag, b"" if initial == b"=" else initial)
+        self._pending_tag = tag
+        self._sasl = ServerExchange(name)
+        # RFC 4959 section 3: "=" stands for an empty initial response (sasl.py).
+        return self._sasl_step(tag, initial, first=True)
 
     def _sasl_response(self, event: CommandReceived) -> list[Action]:
         tag = self._pending_tag
         self._enter(State.NOT_AUTHENTICATED)
         line = event.segments[0] if len(event.segments) == 1 else b""
+        if self._refusal is not None:
+            # The dummy response to the backend's error challenge (RFC 7628 section
+            # 3.2.3), or "*": either way the login has failed.
+            error, self._refusal = self._refusal, None
+            return self._login_refused(tag, error)
         if line == b"*":
             # RFC 3501 section 6.2.2: a "*" line cancels, answered with BAD.
+            self._sasl = None
             return self._bad(tag, "AUTHENTICATE cancelled")
-        return self._plain(tag, line)
+        return self._sasl_step(tag, line, first=False)
 
-    def _plain(self, tag: bytes, encoded: bytes) -> list[Action]:
+    def _sasl_step(self, tag: bytes, line: bytes | None, *, first: bool) -> list[Action]:
+        """One client message of the exchange: a challenge back, or the login begins."""
+        assert self._sasl is not None
         try:
-            credentials = decode_sasl_plain(encoded)
+            step = self._sasl.start(line) if first else self._sasl.respond(line or b"")
         except ClientProtocolError as e:
+            self._sasl = None
             return self._bad(tag, f"AUTHENTICATE: {e.public_text}")
         except ProxyError as e:
+            self._sasl = None
             return self._login_refused(tag, e)
-        return self._begin_login(tag, credentials)
+        if isinstance(step, Challenge):
+            self._enter(State.AUTHENTICATE)
+            # RFC 3501 section 7.5: "+" SP base64 (empty for an empty challenge).
+            return [SendToClient(b"+ " + b64encode(step.data) + b"\r\n")]
+        self._sasl = None
+        return self._begin_login(tag, step.credentials)
 
     def _begin_login(self, tag: bytes, credentials: Credentials) -> list[Action]:
         self._pending_tag = tag
+        self._login_mechanism = credentials.mechanism
         self._enter(State.LOGGING_IN)
         return [Login(credentials, self.client_id)]
 

@@ -4,10 +4,13 @@ greeting -> [STARTTLS -> TLS -> CAPABILITY] -> [ID] -> LOGIN -> [CAPABILITY] -> 
 ID and LOGIN are pipelined (after STARTTLS, ID goes with the CAPABILITY request and
 LOGIN waits for its answer); credentials go as quoted strings when they can, as
 literals otherwise (non-synchronising when the backend offers LITERAL+, RFC 7888).
+A token (OAUTHBEARER, XOAUTH2: sasl.py) goes as the client sent it, in AUTHENTICATE in
+place of LOGIN: with SASL-IR when the backend offers it (RFC 4959), else after its "+".
 """
 
 from __future__ import annotations
 
+from base64 import b64encode
 from enum import Enum, auto
 
 from .actions import (
@@ -18,9 +21,16 @@ from .actions import (
     StartBackendTLS,
 )
 from .credentials import Credentials
-from .errors import AuthenticationFailed, BackendProtocolError, BackendRefused, BackendUnavailable
+from .errors import (
+    AuthenticationFailed,
+    BackendProtocolError,
+    BackendRefused,
+    BackendUnavailable,
+    TokenRefused,
+)
 from .imapwire import quoted
 from .respcodes import split_code
+from .sasl import TOKEN_MECHANISMS, backend_message, dummy_response, relayable_challenge
 
 #: Backend lines before login are short; a capability list is the longest.
 MAX_BACKEND_LINE = 65536
@@ -43,6 +53,11 @@ class Step(Enum):
     LOGIN_CONTINUATION = auto()
     #: sent LOGIN, waiting for its tagged answer
     LOGIN = auto()
+    #: sent AUTHENTICATE without an initial response, waiting for "+" (RFC 3501 6.2.2)
+    AUTHENTICATE_CONTINUATION = auto()
+    #: sent the token message; a "+" now is the backend's error challenge (RFC 7628
+    #: section 3.2.2), answered with the dummy response, before the tagged NO
+    AUTHENTICATE = auto()
     #: logged in; asked for the capabilities the OK did not carry (RFC 3501 section 6.2.3)
     CAPABILITY = auto()
     DONE = auto()
@@ -50,9 +65,13 @@ class Step(Enum):
 
 # Rule: every step change goes through ImapBackendLogin._enter, checked against this table.
 TRANSITIONS: dict[Step, frozenset[Step]] = {
-    Step.GREETING: frozenset({Step.STARTTLS, Step.LOGIN, Step.LOGIN_CONTINUATION, Step.DONE}),
+    Step.GREETING: frozenset({Step.STARTTLS, Step.LOGIN, Step.LOGIN_CONTINUATION,
+                              Step.AUTHENTICATE, Step.AUTHENTICATE_CONTINUATION, Step.DONE}),
     Step.STARTTLS: frozenset({Step.TLS_CAPABILITY, Step.DONE}),
-    Step.TLS_CAPABILITY: frozenset({Step.LOGIN, Step.LOGIN_CONTINUATION, Step.DONE}),
+    Step.TLS_CAPABILITY: frozenset({Step.LOGIN, Step.LOGIN_CONTINUATION, Step.AUTHENTICATE,
+                                    Step.AUTHENTICATE_CONTINUATION, Step.DONE}),
+    Step.AUTHENTICATE_CONTINUATION: frozenset({Step.AUTHENTICATE, Step.CAPABILITY, Step.DONE}),
+    Step.AUTHENTICATE: frozenset({Step.CAPABILITY, Step.DONE}),
     # A tagged answer may come instead of the "+": a refusal, or an OK (odd but harmless).
     Step.LOGIN_CONTINUATION: frozenset({Step.LOGIN, Step.CAPABILITY, Step.DONE}),
     Step.LOGIN: frozenset({Step.CAPABILITY, Step.DONE}),
@@ -82,6 +101,9 @@ class ImapBackendLogin:
         self._literal_plus = False
         self._literal_minus = False
         self._pending_password: bytes | None = None
+        self._sasl_ir = False
+        #: the backend's error challenge to a token, relayed to the client with the NO
+        self._challenge: bytes | None = None
 
     def receive_data(self, data: bytes) -> list[BackendAction]:
         self._buffer += data
@@ -110,7 +132,8 @@ class ImapBackendLogin:
     def credentials_sent(self) -> bool:
         """The LOGIN (with the client's name and password) is on its way: what the
         backend does now, a closed connection included, is its answer to them."""
-        return self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION)
+        return self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION, Step.AUTHENTICATE,
+                             Step.AUTHENTICATE_CONTINUATION)
 
     def _enter(self, new: Step) -> None:
         if new not in TRANSITIONS[self.step]:
@@ -144,6 +167,16 @@ class ImapBackendLogin:
             password, self._pending_password = self._pending_password, None
             self._enter(Step.LOGIN)
             return [SendToBackend(password + b"\r\n")]
+        if self.step is Step.AUTHENTICATE_CONTINUATION and tag == b"+":
+            assert self._pending_password is not None
+            message, self._pending_password = self._pending_password, None
+            self._enter(Step.AUTHENTICATE)
+            return [SendToBackend(message + b"\r\n")]
+        if self.step is Step.AUTHENTICATE and tag == b"+" and self._challenge is None:
+            # RFC 7628 section 3.2.2: the token failed; the challenge says why, and the
+            # exchange ends with the client's dummy response and then the NO.
+            self._challenge = relayable_challenge(rest.strip()) or b""
+            return [SendToBackend(dummy_response(self._credentials.mechanism) + b"\r\n")]
         if tag == b"*":
             if status == b"CAPABILITY":
                 self._note_capabilities(text)
@@ -164,7 +197,7 @@ class ImapBackendLogin:
             return self._send_login(with_id=False)
         if tag == b"P2":  # our ID: whatever the answer, login goes on
             return []
-        if self.step in (Step.LOGIN, Step.LOGIN_CONTINUATION) and tag == b"P3":
+        if self.credentials_sent and tag == b"P3":
             return self._login_reply(status, text)
         if self.step is Step.CAPABILITY and tag == b"P4":
             return self._logged_in()
@@ -175,6 +208,7 @@ class ImapBackendLogin:
             return
         self._capabilities = caps
         names = caps.upper().split()
+        self._sasl_ir = b"SASL-IR" in names
         self._literal_plus = b"LITERAL+" in names
         # RFC 9051 includes only LITERAL- (RFC 7888 section 4): {n+} up to 4096 octets.
         self._literal_minus = not self._literal_plus and (b"LITERAL-" in names
@@ -185,6 +219,8 @@ class ImapBackendLogin:
 
     def _send_login(self, with_id: bool = True) -> list[BackendAction]:
         out = bytearray(self._id_command() if with_id else b"")
+        if self._credentials.mechanism in TOKEN_MECHANISMS:
+            return self._send_authenticate(out)
         user = self._astring(self._login)
         if user is None:
             # A synchronising literal for the name would cost another round trip; names
@@ -203,6 +239,18 @@ class ImapBackendLogin:
             out += b"P3 LOGIN " + user + b" {%d}\r\n" % len(password)
             self._pending_password = password
             self._enter(Step.LOGIN_CONTINUATION)
+        return [SendToBackend(bytes(out))]
+
+    def _send_authenticate(self, out: bytearray) -> list[BackendAction]:
+        mechanism = self._credentials.mechanism.encode("ascii")
+        encoded = b64encode(backend_message(self._credentials, self._login.decode("utf-8")))
+        if self._sasl_ir:
+            out += b"P3 AUTHENTICATE " + mechanism + b" " + encoded + b"\r\n"
+            self._enter(Step.AUTHENTICATE)
+        else:
+            out += b"P3 AUTHENTICATE " + mechanism + b"\r\n"
+            self._pending_password = encoded
+            self._enter(Step.AUTHENTICATE_CONTINUATION)
         return [SendToBackend(bytes(out))]
 
     def _astring(self, value: bytes) -> bytes | None:
@@ -234,6 +282,8 @@ class ImapBackendLogin:
                 clean = "".join(c for c in message.decode("utf-8", "replace") if c >= " ")
                 text_out = clean.strip() or "Login refused"
                 return self._fail(BackendRefused(name, text_out))
+        if self._challenge:
+            return self._fail(TokenRefused(self._challenge))
         return self._fail(AuthenticationFailed())
 
     def _logged_in(self) -> list[BackendAction]:

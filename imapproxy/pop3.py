@@ -8,17 +8,25 @@ The line framing is in pop3wire.py, shared with the backend dialogue (pop3backen
 
 from __future__ import annotations
 
+from base64 import b64encode
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
 
 from .actions import Action, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
-from .credentials import Credentials, Secret, decode_sasl_plain, decode_username
+from .credentials import Credentials, Secret, decode_username
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
 from .pop3wire import LineReader, LineTooLong, reply
 from .prelogin import PreLoginSession
+from .sasl import (
+    DEFAULT_MECHANISMS,
+    MECHANISMS,
+    Challenge,
+    ServerExchange,
+    failure_challenge,
+)
 
 #: Bytes a client may pipeline behind PASS/AUTH while the backend login runs. The adapter
 #: pauses reading during login, so only what was already in flight can arrive; 64 KiB is
@@ -31,7 +39,8 @@ class State(Enum):
     AUTHORIZATION = auto()
     #: USER was accepted; PASS may follow (RFC 1939 section 7)
     USER_GIVEN = auto()
-    #: AUTH sent "+ "; the next line is the SASL response (RFC 5034 section 4)
+    #: AUTH sent "+ "; the next line is the SASL response (RFC 5034 section 4), or the
+    #: dummy response to a backend's error challenge (RFC 7628 section 3.2.3)
     AUTH_RESPONSE = auto()
     #: waiting for lookup and backend login; client bytes are held back, unparsed
     LOGGING_IN = auto()
@@ -48,7 +57,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.USER_GIVEN: frozenset(
         {State.AUTHORIZATION, State.AUTH_RESPONSE, State.LOGGING_IN, State.CLOSED}),
     State.AUTH_RESPONSE: frozenset({State.AUTHORIZATION, State.LOGGING_IN, State.CLOSED}),
-    State.LOGGING_IN: frozenset({State.AUTHORIZATION, State.RELAYING, State.CLOSED}),
+    State.LOGGING_IN: frozenset({State.AUTHORIZATION, State.AUTH_RESPONSE, State.RELAYING,
+                                 State.CLOSED}),
     State.RELAYING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
@@ -65,7 +75,8 @@ DEFAULT_LIMITS = Limits()
 class Pop3Session(PreLoginSession):
     """One client's pre-login POP3 session."""
 
-    __slots__ = ("_lines", "_username")
+    __slots__ = ("mechanisms", "_lines", "_username", "_sasl", "_refusal",
+                 "_login_mechanism")
 
     state: State
     TRANSITIONS = TRANSITIONS
@@ -79,12 +90,21 @@ class Pop3Session(PreLoginSession):
     _max_held = MAX_PIPELINED_DURING_LOGIN
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS,
+                 mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS) -> None:
         super().__init__(State.AUTHORIZATION, tls_active=tls_active,
                          starttls_available=starttls_available, plaintext_auth=plaintext_auth,
                          limits=limits)
+        #: the SASL mechanisms offered ([auth] mechanisms)
+        self.mechanisms = mechanisms
         self._lines = LineReader(limits.max_line)
         self._username: str | None = None
+        #: the AUTH under way
+        self._sasl: ServerExchange | None = None
+        #: a backend's refusal of a token, said once the client answered its challenge
+        self._refusal: ProxyError | None = None
+        #: the mechanism of the login under way
+        self._login_mechanism = ""
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -104,6 +124,13 @@ class Pop3Session(PreLoginSession):
 
     def login_failed(self, error: ProxyError) -> list[Action]:
         """The lookup or the backend said no; the client may try again (within limits)."""
+        challenge = failure_challenge(self._login_mechanism, error)
+        if challenge is not None:
+            # RFC 7628 section 3.2.2: a token's error challenge goes to the client, which
+            # answers with a dummy response; then the -ERR (in _sasl_response).
+            self._refusal = error
+            self._enter(State.AUTH_RESPONSE)
+            return [SendToClient(b"+ " + challenge + b"\r\n"), *self._process()]
         self._enter(State.AUTHORIZATION)
         return self._login_refused(error) + self._process()
 
@@ -117,7 +144,9 @@ class Pop3Session(PreLoginSession):
         caps: list[bytes] = []
         if self.login_allowed:
             # RFC 2595 section 4: don't advertise plaintext mechanisms that are refused.
-            caps += [b"USER", b"SASL PLAIN"]
+            caps.append(b"USER")
+            if self.mechanisms:
+                caps.append(b"SASL " + " ".join(self.mechanisms).encode("ascii"))
         if self.starttls_available:
             caps.append(b"STLS")
         caps += [b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"IMPLEMENTATION imapproxy"]
@@ -139,7 +168,11 @@ class Pop3Session(PreLoginSession):
             if line is None:
                 break
             if isinstance(line, LineTooLong):
+                if self.state is State.AUTH_RESPONSE and self._refusal is not None:
+                    actions += self._sasl_response(b"")  # the failed login's -ERR
+                    continue
                 if self.state is State.AUTH_RESPONSE:
+                    self._sasl = None
                     self._enter(State.AUTHORIZATION)
                 actions += self._bad("Line too long")
             elif self.state is State.AUTH_RESPONSE:
@@ -236,33 +269,50 @@ class Pop3Session(PreLoginSession):
             return self._refuse_plaintext()
         if argument is None:
             # Not in RFC 5034, but RFC 1734 clients send a bare AUTH to list mechanisms.
-            return [SendToClient(reply(True, "Supported mechanisms follow") + b"PLAIN\r\n.\r\n")]
+            listing = b"".join(name.encode("ascii") + b"\r\n" for name in self.mechanisms)
+            return [SendToClient(reply(True, "Supported mechanisms follow") + listing
+                                 + b".\r\n")]
         mechanism, space, initial = argument.partition(b" ")
-        if mechanism.upper() != b"PLAIN":
+        name = mechanism.upper().decode("ascii", "replace")
+        if name not in self.mechanisms or name not in MECHANISMS:
             return self._bad("Unsupported authentication mechanism")
-        if not space:
-            self._enter(State.AUTH_RESPONSE)
-            return [SendToClient(b"+ \r\n")]  # RFC 5034 section 4: empty challenge
-        # RFC 5034 section 4: "=" stands for an empty initial response.
-        return self._plain(b"" if initial == b"=" else initial)
+        self._sasl = ServerExchange(name)
+        # RFC 5034 section 4: "=" stands for an empty initial response (sasl.py).
+        return self._sasl_step(initial if space else None, first=True)
 
     def _sasl_response(self, line: bytes) -> list[Action]:
         self._enter(State.AUTHORIZATION)
+        if self._refusal is not None:
+            # The dummy response to the backend's error challenge (RFC 7628 section
+            # 3.2.3), or "*": either way the login has failed.
+            error, self._refusal = self._refusal, None
+            return self._login_refused(error)
         if line == b"*":
             # RFC 5034 section 4: "*" cancels, and the server rejects the AUTH with -ERR.
+            self._sasl = None
             return self._bad("AUTH cancelled")
-        return self._plain(line)
+        return self._sasl_step(line, first=False)
 
-    def _plain(self, encoded: bytes) -> list[Action]:
+    def _sasl_step(self, line: bytes | None, *, first: bool) -> list[Action]:
+        """One client message of the exchange: a challenge back, or the login begins."""
+        assert self._sasl is not None
         try:
-            credentials = decode_sasl_plain(encoded)
+            step = self._sasl.start(line) if first else self._sasl.respond(line or b"")
         except ClientProtocolError as e:
+            self._sasl = None
             return self._bad(f"AUTH: {e.public_text}")
         except ProxyError as e:
+            self._sasl = None
             return self._login_refused(e)
-        return self._begin_login(credentials)
+        if isinstance(step, Challenge):
+            self._enter(State.AUTH_RESPONSE)
+            # RFC 5034 section 4: "+" SP base64 (empty for an empty challenge).
+            return [SendToClient(b"+ " + b64encode(step.data) + b"\r\n")]
+        self._sasl = None
+        return self._begin_login(step.credentials)
 
     def _begin_login(self, credentials: Credentials) -> list[Action]:
+        self._login_mechanism = credentials.mechanism
         self._enter(State.LOGGING_IN)
         return [Login(credentials)]
 

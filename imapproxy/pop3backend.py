@@ -1,7 +1,9 @@
 """The proxy's login dialogue with a POP3 backend: sans-IO.
 
 greeting -> [STLS -> TLS] -> CAPA -> [XCLIENT] -> AUTH PLAIN (if offered) or USER/PASS
--> logged in. XCLIENT tells the backend the client's address when it offers the command
+-> logged in. A token (OAUTHBEARER, XOAUTH2: sasl.py) goes as the client sent it, in
+AUTH <mechanism>, and a failed one is answered as RFC 7628 section 3.2.2 says.
+XCLIENT tells the backend the client's address when it offers the command
 (Dovecot does to its login_trusted_networks: "[XCLIENT]" in the greeting).
 Same interface as imapbackend.ImapBackendLogin. A backend "-ERR" becomes an auth failure,
 unless its response code (RFC 2449 section 8, RFC 3206) says something else worth telling.
@@ -27,9 +29,11 @@ from .errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
+    TokenRefused,
 )
 from .pop3wire import RFC_COMMAND_LINE, LineReader, LineTooLong
 from .respcodes import split_code
+from .sasl import TOKEN_MECHANISMS, backend_message, dummy_response, relayable_challenge
 
 #: Backend lines before login are short; 8 KiB leaves room for a long greeting or CAPA line.
 MAX_BACKEND_LINE = 8192
@@ -73,7 +77,9 @@ TRANSITIONS: dict[Step, frozenset[Step]] = {
     Step.GREETING: frozenset({Step.STLS, Step.CAPA, Step.DONE}),
     Step.STLS: frozenset({Step.TLS_HANDSHAKE, Step.DONE}),
     Step.TLS_HANDSHAKE: frozenset({Step.CAPA, Step.DONE}),
-    Step.CAPA: frozenset({Step.CAPA_LIST, Step.USER, Step.XCLIENT, Step.DONE}),
+    # AUTH from CAPA: a token, when the backend has no CAPA (it is no password for PASS)
+    Step.CAPA: frozenset({Step.CAPA_LIST, Step.USER, Step.XCLIENT, Step.AUTH,
+                          Step.AUTH_CONTINUATION, Step.DONE}),
     Step.CAPA_LIST: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.XCLIENT,
                                Step.DONE}),
     Step.XCLIENT: frozenset({Step.AUTH, Step.AUTH_CONTINUATION, Step.USER, Step.DONE}),
@@ -142,6 +148,8 @@ class Pop3BackendLogin:
         self._lines = LineReader(MAX_BACKEND_LINE)
         self._capabilities: list[bytes] = []
         self._pending_response: bytes | None = None
+        #: the backend's error challenge to a token, relayed to the client with the -ERR
+        self._challenge: bytes | None = None
 
     def receive_data(self, data: bytes) -> list[BackendAction]:
         self._lines.feed(data)
@@ -184,6 +192,12 @@ class Pop3BackendLogin:
             response, self._pending_response = self._pending_response, None
             self._enter(Step.AUTH)
             return [SendToBackend(response + b"\r\n")]
+        if step is Step.AUTH and line[:1] == b"+" and line[:3] != b"+OK" \
+                and self._credentials.mechanism in TOKEN_MECHANISMS and self._challenge is None:
+            # RFC 7628 section 3.2.2: the token failed; the challenge says why, and the
+            # exchange ends with the client's dummy response and then the -ERR.
+            self._challenge = relayable_challenge(line[1:].strip()) or b""
+            return [SendToBackend(dummy_response(self._credentials.mechanism) + b"\r\n")]
         ok, code, text = parse_status(line)
         if ok is None or step is Step.TLS_HANDSHAKE:
             return self._fail(BackendProtocolError(f"unexpected line in step {step.name}"))
@@ -207,8 +221,10 @@ class Pop3BackendLogin:
             return [StartBackendTLS()]
         if step is Step.CAPA:
             if not ok:
-                # no CAPA (plain RFC 1939): USER/PASS it is
-                return self._maybe_xclient(self._send_user)
+                # no CAPA (plain RFC 1939): USER/PASS it is, but a token goes in AUTH
+                # all the same (it is no password to send in PASS)
+                token = self._credentials.mechanism in TOKEN_MECHANISMS
+                return self._maybe_xclient(self._send_login if token else self._send_user)
             self._enter(Step.CAPA_LIST)
             return []
         if step is Step.XCLIENT:
@@ -223,7 +239,10 @@ class Pop3BackendLogin:
             return [SendToBackend(b"PASS " + self._credentials.password.reveal() + b"\r\n")]
         # AUTH, AUTH_CONTINUATION (an -ERR instead of "+ ") or PASS: the login's answer.
         if not ok:
-            return self._fail(refusal(code, text))
+            error = refusal(code, text)
+            if self._challenge and type(error) is AuthenticationFailed:
+                error = TokenRefused(self._challenge)
+            return self._fail(error)
         if step is Step.AUTH_CONTINUATION:
             return self._fail(BackendProtocolError("+OK instead of a SASL challenge"))
         self._enter(Step.DONE)
@@ -255,19 +274,25 @@ class Pop3BackendLogin:
         return []
 
     def _send_login(self) -> list[BackendAction]:
+        if self._credentials.mechanism in TOKEN_MECHANISMS:
+            message = backend_message(self._credentials, self._login.decode("utf-8"))
+            return self._send_auth(self._credentials.mechanism.encode("ascii"),
+                                   b64encode(message))
         password = self._credentials.password.reveal()
         if b"PLAIN" not in self._sasl_mechanisms() or b"\0" in self._login + password:
             return self._send_user()
         # RFC 4616 section 2: authzid NUL authcid NUL passwd; we act as the user ourselves.
-        token = b64encode(b"\0" + self._login + b"\0" + password)
-        command = b"AUTH PLAIN " + token + b"\r\n"
+        return self._send_auth(b"PLAIN", b64encode(b"\0" + self._login + b"\0" + password))
+
+    def _send_auth(self, mechanism: bytes, response: bytes) -> list[BackendAction]:
+        command = b"AUTH " + mechanism + b" " + response + b"\r\n"
         if len(command) <= RFC_COMMAND_LINE:
             self._enter(Step.AUTH)
             return [SendToBackend(command)]
         # RFC 5034 section 4: no initial response if it would make the command too long.
-        self._pending_response = token
+        self._pending_response = response
         self._enter(Step.AUTH_CONTINUATION)
-        return [SendToBackend(b"AUTH PLAIN\r\n")]
+        return [SendToBackend(b"AUTH " + mechanism + b"\r\n")]
 
     def _send_user(self) -> list[BackendAction]:
         password = self._credentials.password.reveal()

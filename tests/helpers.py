@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisc
 from imapproxy.backendconn import BackendConnector
 from imapproxy.breaker import CircuitBreaker
 from imapproxy.config import (
+    AuthConfig,
     BackendConfig,
     Config,
     DirectoryConfig,
@@ -64,6 +65,7 @@ class Harness:
     routes: str = "* 10.0.0.1:143\n"
     protocol: str = "imap"
     backend: BackendConfig = field(default_factory=BackendConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     #: builds the metrics from the harness (its registry is there already)
     make_metrics: Callable[[Harness], NullMetrics] | None = None
 
@@ -72,7 +74,7 @@ class Harness:
         self.config = Config(
             path=Path("/nonexistent/test.toml"), listeners=(listener,),
             tls=TlsConfig(plaintext_auth=True), directory=DirectoryConfig(),
-            backend=self.backend, limits=self.limits, timeouts=self.timeouts)
+            backend=self.backend, limits=self.limits, timeouts=self.timeouts, auth=self.auth)
         self.registry = SessionRegistry(self.reactor)
         self.backends: list[Any] = []
         self.metrics = NULL_METRICS if self.make_metrics is None else self.make_metrics(self)

@@ -20,6 +20,7 @@ from rig.proxy import ADMIN_TOKEN, admin_token_file
 from imapproxy import config as config_module
 from imapproxy.config import (
     AdminConfig,
+    AuthConfig,
     BackendConfig,
     CacheConfig,
     Config,
@@ -792,6 +793,7 @@ EMPTY_SECTIONS = [
      AdminConfig, {"address", "socket"}),
     (MINIMAL + "[proxy_protocol]\n", lambda c: c.proxy_protocol, ProxyProtocolConfig, set()),
     (MINIMAL + "[log]\n", lambda c: c.log, LogConfig, set()),
+    (MINIMAL + "[auth]\n", lambda c: c.auth, AuthConfig, set()),
 ]
 
 
@@ -874,3 +876,32 @@ def test_no_loader_repeats_a_default() -> None:
                     if not isinstance(value, bool) and (type(value) is str, value) in defaults:
                         repeated.append(f"{function.name}, line {call.lineno}: {value!r}")
     assert repeated == []
+
+
+# -- [auth] ----------------------------------------------------------------------------------
+
+
+def test_auth_mechanisms_default_to_the_password_ones(confdir: Path) -> None:
+    assert load_text(confdir, MINIMAL).auth.mechanisms == ("PLAIN", "LOGIN")
+
+
+def test_auth_mechanisms_turn_on_the_token_ones(confdir: Path) -> None:
+    config = load_text(confdir, MINIMAL + '[auth]\nmechanisms = ["plain", "OAUTHBEARER", '
+                       '"XOAUTH2"]\n')
+    assert config.auth.mechanisms == ("PLAIN", "OAUTHBEARER", "XOAUTH2")
+    assert load_text(confdir, MINIMAL + "[auth]\nmechanisms = []\n").auth.mechanisms == ()
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [
+    ('[auth]\nmechanisms = ["PLAIN", "CRAM-MD5"]\n', "auth.mechanisms",
+     "unknown mechanism 'CRAM-MD5'"),
+    ("[auth]\nmechanisms = [1]\n", "auth.mechanisms", "unknown mechanism 1"),
+    ('[auth]\nmechanisms = "PLAIN"\n', "auth.mechanisms", "expected a list"),
+    ('[auth]\nmechanisms = ["PLAIN", "plain"]\n', "auth.mechanisms", "twice"),
+    ('[auth]\nmechanism = ["PLAIN"]\n', "auth.mechanism", "unknown key"),
+])
+def test_auth_errors_name_the_file_and_the_key(confdir: Path, text: str, key: str,
+                                               message: str) -> None:
+    error = config_error(confdir, MINIMAL + text)
+    assert error.key == key and message in error.message
+    assert str(error).startswith(str(confdir / "imapproxy.toml") + ": " + key + ": ")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
 from twisted.logger import capturedLogs, formatEvent
 
-from imapproxy.config import Limits, Timeouts
+from imapproxy.config import AuthConfig, Limits, Timeouts
 
 
 def closed(transport: object) -> bool:
@@ -285,6 +287,38 @@ def test_the_same_wrong_password_again_is_not_counted_again() -> None:
         client.dataReceived(b"t%d LOGIN alice %s\r\n" % (i, password))
         h.reactor.advance(15)
         refuse_new_backends(h, answered)
+    assert h.shared.penalty.penalty.failures("192.0.2.7", "alice") == (2, 2)
+
+
+def test_token_refusals_relay_the_challenge_and_count_once_per_token() -> None:
+    """OAUTHBEARER end to end on the adapter: the backend's JSON error challenge reaches
+    the client, the client's dummy response gets the NO; the same token retried is not a
+    new guess for the penalty (its fingerprint is over the token), a new one is."""
+    h = Harness(limits=Limits(max_failed_logins=10, preauth_timeout=600),
+                auth=AuthConfig(("PLAIN", "OAUTHBEARER")))
+    client, transport = h.connect_client()
+    assert b"AUTH=OAUTHBEARER" in transport.value()
+    error = base64.b64encode(b'{"status":"invalid_token"}')
+    for i, token in enumerate([b"old-token", b"old-token", b"new-token"]):
+        message = base64.b64encode(b"n,a=alice,\x01auth=Bearer " + token + b"\x01\x01")
+        transport.clear()
+        connected = len(h.backends)
+        client.dataReceived(b"t%d AUTHENTICATE OAUTHBEARER %s\r\n" % (i, message))
+        h.reactor.advance(15)  # the penalty of the failures before
+        assert len(h.backends) == connected + 1
+        backend = h.backends[-1]
+        backend.dataReceived(DOVECOT_GREETING)
+        # after the ID: SASL-IR offered, so the message as it came (RFC 4959)
+        assert backend.transport.value().endswith(b"\r\nP3 AUTHENTICATE OAUTHBEARER " + message
+                                                  + b"\r\n")
+        backend.dataReceived(b"+ " + error + b"\r\n")
+        assert backend.transport.value().endswith(b"\r\nAQ==\r\n")  # RFC 7628 3.2.3
+        backend.dataReceived(b"P3 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        h.reactor.advance(15)  # a failed guess is answered after login_delay
+        assert transport.value() == b"+ " + error + b"\r\n"
+        client.dataReceived(b"AQ==\r\n")
+        assert transport.value().endswith(
+            b"t%d NO [AUTHENTICATIONFAILED] Authentication failed\r\n" % i)
     assert h.shared.penalty.penalty.failures("192.0.2.7", "alice") == (2, 2)
 
 

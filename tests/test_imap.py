@@ -24,9 +24,11 @@ from imapproxy.errors import (
     BackendUnavailable,
     DirectoryUnavailable,
     ProxyError,
+    TokenRefused,
     UserNotFound,
 )
 from imapproxy.imap import SERVER_ID, ImapSession, State
+from imapproxy.sasl import ERROR_CHALLENGES, parse_oauthbearer, parse_xoauth2
 
 # -- transcript machinery -------------------------------------------------------------------
 
@@ -36,19 +38,22 @@ IMPLICIT = {"tls_active": True, "starttls_available": False, "plaintext_auth": F
 STARTTLS = {"tls_active": False, "starttls_available": True, "plaintext_auth": False}
 PLAINTEXT_OK = {"tls_active": False, "starttls_available": True, "plaintext_auth": True}
 
-CAPS_IMPLICIT = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE AUTH=PLAIN"
+CAPS_IMPLICIT = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE AUTH=PLAIN AUTH=LOGIN"
 CAPS_STARTTLS = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS LOGINDISABLED"
-CAPS_PLAINTEXT_OK = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS AUTH=PLAIN"
+CAPS_PLAINTEXT_OK = b"IMAP4rev1 LITERAL+ SASL-IR ID IDLE STARTTLS AUTH=PLAIN AUTH=LOGIN"
 
 
 
 
 def session_for(
-    settings: dict[str, bool] | None = None, limits: Limits | None = None
+    settings: dict[str, bool] | None = None, limits: Limits | None = None,
+    mechanisms: tuple[str, ...] | None = None,
 ) -> ImapSession:
     kwargs: dict[str, Any] = dict(settings or IMPLICIT)
     if limits is not None:
         kwargs["limits"] = limits
+    if mechanisms is not None:
+        kwargs["mechanisms"] = mechanisms
     return ImapSession(**kwargs)
 
 
@@ -57,11 +62,12 @@ def check(
     expected: list[Any],
     settings: dict[str, bool] | None = None,
     limits: Limits | None = None,
+    mechanisms: tuple[str, ...] | None = None,
 ) -> ImapSession:
     """Run the transcript whole and byte by byte; both must give ``expected``."""
-    whole = session_for(settings, limits)
+    whole = session_for(settings, limits, mechanisms)
     assert run(whole, steps, split=False) == merged(expected)
-    split = session_for(settings, limits)
+    split = session_for(settings, limits, mechanisms)
     assert run(split, steps, split=True) == merged(expected)
     assert split.state is whole.state
     return whole
@@ -459,7 +465,7 @@ def test_oversized_sync_literal_in_sasl_response_ends_the_exchange() -> None:
     assert not any(isinstance(a, SendToClient) and a.data.startswith(b"* BAD") for a in out)
 
 
-@pytest.mark.parametrize("mechanism", [b"CRAM-MD5", b"LOGIN", b"XOAUTH2 dG9rZW4=", b"GSSAPI"])
+@pytest.mark.parametrize("mechanism", [b"CRAM-MD5", b"OAUTHBEARER", b"XOAUTH2 dG9rZW4=", b"GSSAPI"])
 def test_unsupported_mechanism(mechanism: bytes) -> None:
     check([b"a AUTHENTICATE " + mechanism + b"\r\n"],
           [send(b"a NO Unsupported authentication mechanism\r\n")])
@@ -686,13 +692,17 @@ _client_pieces = st.one_of(
         b"{99+}\r\n", b"a AUTHENTICATE PLAIN\r\n", b"a AUTHENTICATE PLAIN =\r\n",
         plain(b"", b"bob", b"pw") + b"\r\n", b"*\r\n", b"a STARTTLS\r\n", b"a ID (\"a\" NIL)\r\n",
         b"a LOGOUT\r\n", b"a CAPABILITY\r\n", b"x" * 70, b'"', b"\\",
+        b"a AUTHENTICATE LOGIN\r\n", b"a AUTHENTICATE LOGIN YQ==\r\n", b"YQ==\r\n",
+        b"AQ==\r\n", b"a AUTHENTICATE OAUTHBEARER\r\n", b"a AUTHENTICATE XOAUTH2 =\r\n",
+        b64encode(b"n,a=a,\x01auth=Bearer t\x01\x01") + b"\r\n",
     ]),
 )
 _events = st.lists(
     st.one_of(
         st.lists(_client_pieces, min_size=1, max_size=6).map(b"".join),
         st.sampled_from([LoginOk(b"IMAP4rev1"), LoginOk(None), LoginFails(AuthenticationFailed()),
-                         LoginFails(BackendRefused("UNAVAILABLE", "x")), TimesOut()]),
+                         LoginFails(BackendRefused("UNAVAILABLE", "x")), TimesOut(),
+                         LoginFails(TokenRefused(b"eyJ9")), LoginFails(UserNotFound())]),
     ),
     max_size=12,
 )
@@ -706,7 +716,7 @@ ACTION_TYPES = (SendToClient, StartClientTLS, Login, Splice, Close)
 def test_arbitrary_input_only_produces_actions(
     steps: list[Step], settings_: dict[str, bool]
 ) -> None:
-    session = session_for(settings_, H_LIMITS)
+    session = session_for(settings_, H_LIMITS, ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2"))
     for step in steps:
         if isinstance(step, bytes):
             out = session.receive_data(step)
@@ -786,3 +796,146 @@ def test_lines_that_are_not_http_requests_are_answered_as_usual(line: bytes) -> 
     assert len(actions) == 1 and isinstance(actions[0], SendToClient)
     assert b" BAD " in actions[0].data
     assert session.state is State.NOT_AUTHENTICATED
+
+
+# -- AUTHENTICATE LOGIN ---------------------------------------------------------------------
+
+USERNAME_PROMPT = b"+ VXNlcm5hbWU6\r\n"  # "Username:"
+PASSWORD_PROMPT = b"+ UGFzc3dvcmQ6\r\n"  # "Password:"
+
+
+def test_authenticate_login_two_steps() -> None:
+    session = check(
+        [b"a AUTHENTICATE LOGIN\r\n", b64encode(b"bob") + b"\r\n",
+         b64encode(b"pass word") + b"\r\n", LoginOk(b"IMAP4rev1")],
+        [send(USERNAME_PROMPT + PASSWORD_PROMPT), login("bob", b"pass word"),
+         send(b"a OK [CAPABILITY IMAP4rev1] Logged in\r\n"), Splice(b"")])
+    assert session.state is State.RELAYING
+
+
+def test_authenticate_login_with_initial_response() -> None:
+    check([b"a AUTHENTICATE login " + b64encode(b"bob") + b"\r\n", b64encode(b"pw") + b"\r\n"],
+          [send(PASSWORD_PROMPT), login("bob", b"pw")])
+
+
+@pytest.mark.parametrize(("lines", "reply"), [
+    ([b"*\r\n"], b"a BAD AUTHENTICATE cancelled\r\n"),
+    ([b64encode(b"bob") + b"\r\n", b"*\r\n"],
+     PASSWORD_PROMPT + b"a BAD AUTHENTICATE cancelled\r\n"),
+    ([b"\r\n"], b"a BAD AUTHENTICATE: Empty user name\r\n"),
+    ([b64encode(b"bob") + b"\r\n", b"\r\n"],
+     PASSWORD_PROMPT + b"a BAD AUTHENTICATE: Empty password\r\n"),
+    ([b"b@d!\r\n"], b"a BAD AUTHENTICATE: Invalid base64 in SASL response\r\n"),
+])
+def test_authenticate_login_refusals(lines: list[bytes], reply: bytes) -> None:
+    session = check([b"a AUTHENTICATE LOGIN\r\n", *lines, b"b NOOP\r\n"],
+                    [send(USERNAME_PROMPT + reply + b"b OK NOOP completed\r\n")])
+    assert session.state is State.NOT_AUTHENTICATED
+
+
+def test_authenticate_login_not_offered_when_not_listed() -> None:
+    check([b"a AUTHENTICATE LOGIN\r\n"], [send(b"a NO Unsupported authentication mechanism\r\n")],
+          mechanisms=("PLAIN",))
+    assert b"AUTH=LOGIN" not in session_for(mechanisms=("PLAIN",)).capabilities()
+
+
+# -- OAUTHBEARER and XOAUTH2 ----------------------------------------------------------------
+
+TOKENS = ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2")
+BEARER_MESSAGE = b"n,a=bob,\x01host=imap.example.org\x01port=993\x01auth=Bearer ya29.tok\x01\x01"
+XOAUTH_MESSAGE = b"user=bob\x01auth=Bearer ya29.tok\x01\x01"
+JSON_ERROR = b64encode(b'{"status":"invalid_token","scope":"mail"}')
+
+
+def token_login(message: bytes) -> Login:
+    parse = parse_oauthbearer if message.startswith(b"n,") else parse_xoauth2
+    return Login(parse(message), ())
+
+
+def test_token_mechanisms_are_advertised_when_listed() -> None:
+    caps = session_for(mechanisms=TOKENS).capabilities()
+    assert caps.endswith(b"AUTH=PLAIN AUTH=LOGIN AUTH=OAUTHBEARER AUTH=XOAUTH2")
+    assert b"OAUTHBEARER" not in session_for().capabilities()
+
+
+@pytest.mark.parametrize("message", [BEARER_MESSAGE, XOAUTH_MESSAGE])
+def test_token_with_initial_response(message: bytes) -> None:
+    mechanism = b"OAUTHBEARER" if message.startswith(b"n,") else b"XOAUTH2"
+    session = check([b"a AUTHENTICATE " + mechanism + b" " + b64encode(message) + b"\r\n",
+                     LoginOk()],
+                    [token_login(message), send(b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"),
+                     Splice(b"")], mechanisms=TOKENS)
+    assert session.state is State.RELAYING
+
+
+def test_token_after_a_continuation() -> None:
+    check([b"a AUTHENTICATE OAUTHBEARER\r\n", b64encode(BEARER_MESSAGE) + b"\r\n"],
+          [send(b"+ \r\n"), token_login(BEARER_MESSAGE)], mechanisms=TOKENS)
+
+
+def test_backend_error_challenge_is_relayed_then_the_no() -> None:
+    # RFC 7628 section 3.2.2: the challenge, the client's %x01, then the failure.
+    session = check(
+        [b"a AUTHENTICATE OAUTHBEARER " + b64encode(BEARER_MESSAGE) + b"\r\n",
+         LoginFails(TokenRefused(JSON_ERROR)), b"AQ==\r\n", b"b NOOP\r\n"],
+        [token_login(BEARER_MESSAGE), send(b"+ " + JSON_ERROR + b"\r\n"
+                                           b"a NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+                                           b"b OK NOOP completed\r\n")],
+        mechanisms=TOKENS)
+    assert session.failed_logins == 1
+
+
+def test_the_no_follows_even_a_cancelled_dummy_response() -> None:
+    session = check(
+        [b"a AUTHENTICATE XOAUTH2 " + b64encode(XOAUTH_MESSAGE) + b"\r\n",
+         LoginFails(TokenRefused(JSON_ERROR)), b"*\r\n"],
+        [token_login(XOAUTH_MESSAGE),
+         send(b"+ " + JSON_ERROR + b"\r\na NO [AUTHENTICATIONFAILED] Authentication failed\r\n")],
+        mechanisms=TOKENS)
+    assert session.failed_logins == 1 and session.bad_commands == 0
+
+
+@pytest.mark.parametrize(("mechanism", "message"), [("OAUTHBEARER", BEARER_MESSAGE),
+                                                    ("XOAUTH2", XOAUTH_MESSAGE)])
+def test_a_user_the_proxy_refuses_gets_the_same_kind_of_challenge(
+        mechanism: str, message: bytes) -> None:
+    # An unknown user must look like a refused token (no user enumeration).
+    check([b"a AUTHENTICATE " + mechanism.encode() + b" " + b64encode(message) + b"\r\n",
+           LoginFails(UserNotFound()), b"AQ==\r\n"],
+          [token_login(message), send(b"+ " + ERROR_CHALLENGES[mechanism] + b"\r\n"
+                                      b"a NO [AUTHENTICATIONFAILED] Authentication failed\r\n")],
+          mechanisms=TOKENS)
+
+
+def test_a_backend_that_is_down_is_no_token_problem() -> None:
+    check([b"a AUTHENTICATE OAUTHBEARER " + b64encode(BEARER_MESSAGE) + b"\r\n",
+           LoginFails(BackendUnavailable())],
+          [token_login(BEARER_MESSAGE),
+           send(b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later\r\n")],
+          mechanisms=TOKENS)
+
+
+@pytest.mark.parametrize(("line", "text"), [
+    (b"a AUTHENTICATE OAUTHBEARER Zm9v!!\r\n", b"Invalid base64 in SASL response"),
+    (b"a AUTHENTICATE OAUTHBEARER " + b64encode(b"n,,\x01auth=Bearer x\x01\x01") + b"\r\n",
+     b"OAUTHBEARER needs the user in the GS2 header (a=)"),
+    (b"a AUTHENTICATE XOAUTH2 " + b64encode(b"user=bob\x01auth=Basic x\x01\x01") + b"\r\n",
+     b"Malformed bearer token"),
+])
+def test_malformed_token_messages_are_bad(line: bytes, text: bytes) -> None:
+    session = check([line], [send(b"a BAD AUTHENTICATE: " + text + b"\r\n")], mechanisms=TOKENS)
+    assert session.state is State.NOT_AUTHENTICATED
+
+
+def test_token_mechanism_not_listed_is_refused() -> None:
+    check([b"a AUTHENTICATE XOAUTH2 " + b64encode(XOAUTH_MESSAGE) + b"\r\n"],
+          [send(b"a NO Unsupported authentication mechanism\r\n")])
+
+
+def test_a_token_larger_than_a_line_ends_the_session_before_any_login() -> None:
+    out = run(session_for(mechanisms=TOKENS),
+              [b"a AUTHENTICATE XOAUTH2 " + b64encode(b"user=bob\x01auth=Bearer "
+                                                      + b"t" * 65536 + b"\x01\x01") + b"\r\n"],
+              split=False)
+    assert not any(isinstance(a, Login) for a in out)
+    assert isinstance(out[-1], Close)

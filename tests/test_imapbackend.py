@@ -7,6 +7,7 @@ adapter relays itself, so they are added to ``trailing`` before comparing.
 
 from __future__ import annotations
 
+from base64 import b64encode
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from imapproxy.errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
+    TokenRefused,
 )
 from imapproxy.imapbackend import (
     MAX_BACKEND_LINE,
@@ -36,6 +38,7 @@ from imapproxy.imapbackend import (
     capability_list,
     id_list,
 )
+from imapproxy.sasl import parse_oauthbearer, parse_xoauth2
 
 DOVECOT_CAPS = (b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS "
                 b"AUTH=PLAIN")
@@ -44,6 +47,10 @@ PLAIN_GREETING = b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n"
 BARE_GREETING = b"* OK ready\r\n"
 LOGGED_IN_CAPS = b"IMAP4rev1 SASL-IR ID ENABLE IDLE SORT MOVE LITERAL+"
 LOGIN_OK = b"P3 OK [CAPABILITY " + LOGGED_IN_CAPS + b"] Logged in\r\n"
+OAUTH_MESSAGE = b"n,a=bob,\x01host=mail\x01auth=Bearer tok3n.abc\x01\x01"
+BEARER = parse_oauthbearer(OAUTH_MESSAGE)
+XOAUTH = parse_xoauth2(b"user=bob\x01auth=Bearer tok3n.abc\x01\x01")
+ERROR_JSON = b64encode(b'{"status":"invalid_token","schemes":"bearer","scope":"mail"}')
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,11 @@ def run(dialogue: ImapBackendLogin, steps: list[BackendStep], *, split: bool) ->
 
 
 def make(password: bytes = b"secret", login: str = "bob", *, starttls: bool = False,
-         client_id: tuple[tuple[str, str | None], ...] = ()) -> ImapBackendLogin:
-    return ImapBackendLogin(Credentials("bob", Secret(password)), login, starttls=starttls,
-                            client_id=client_id)
+         client_id: tuple[tuple[str, str | None], ...] = (),
+         credentials: Credentials | None = None) -> ImapBackendLogin:
+    if credentials is None:
+        credentials = Credentials("bob", Secret(password))
+    return ImapBackendLogin(credentials, login, starttls=starttls, client_id=client_id)
 
 
 def check(steps: list[BackendStep], expected: list[Any], **kwargs: Any) -> ImapBackendLogin:
@@ -495,6 +504,18 @@ def test_transitions_outside_the_table_are_bugs() -> None:
 
 #: Dialogues that between them take every step change: (make() arguments, backend steps).
 _TABLE_TOUR: list[tuple[dict[str, Any], list[BackendStep]]] = [
+    # GREETING -> AUTHENTICATE (SASL-IR) -> CAPABILITY -> DONE
+    ({"credentials": BEARER}, [DOVECOT_GREETING, b"P3 OK in\r\n", b"P4 OK\r\n"]),
+    ({"credentials": BEARER}, [DOVECOT_GREETING, LOGIN_OK]),  # AUTHENTICATE -> DONE
+    # GREETING -> AUTHENTICATE_CONTINUATION -> AUTHENTICATE
+    ({"credentials": BEARER}, [BARE_GREETING, b"+ \r\n"]),
+    ({"credentials": BEARER}, [BARE_GREETING, b"P3 OK in\r\n"]),  # ... -> CAPABILITY
+    ({"credentials": BEARER}, [BARE_GREETING, b"P3 NO\r\n"]),  # ... -> DONE
+    # TLS_CAPABILITY -> AUTHENTICATE, -> AUTHENTICATE_CONTINUATION
+    ({"credentials": BEARER, "starttls": True},
+     [DOVECOT_GREETING, STARTTLS_OK, TlsStarted(), TLS_CAPABILITY_REPLY]),
+    ({"credentials": BEARER, "starttls": True},
+     [BARE_GREETING, STARTTLS_OK, TlsStarted(), b"P5 OK\r\n"]),
     ({}, [b"* BYE busy\r\n"]),  # GREETING -> DONE
     ({}, [BARE_GREETING, b"P3 OK in\r\n", b"P4 OK\r\n"]),  # -> LOGIN -> CAPABILITY -> DONE
     ({}, [BARE_GREETING, LOGIN_OK]),  # LOGIN -> DONE
@@ -570,3 +591,71 @@ def test_any_backend_stream(data: bytes, starttls: bool, password: bytes,
         assert whole[-1] == outcomes[0]
     for action in whole:
         assert isinstance(action, SendToBackend | StartBackendTLS | BackendLoggedIn | Failed)
+
+
+# -- tokens (OAUTHBEARER, XOAUTH2): the client's message replayed in AUTHENTICATE --------
+
+
+
+def test_token_goes_with_sasl_ir_when_offered() -> None:
+    check([DOVECOT_GREETING, LOGIN_OK],
+          [to_backend(b"P3 AUTHENTICATE OAUTHBEARER " + b64encode(OAUTH_MESSAGE) + b"\r\n"),
+           BackendLoggedIn(LOGGED_IN_CAPS)], credentials=BEARER)
+
+
+def test_token_waits_for_the_continuation_without_sasl_ir() -> None:
+    check([PLAIN_GREETING, b"+ \r\n", LOGIN_OK],
+          [to_backend(b"P3 AUTHENTICATE XOAUTH2\r\n"),
+           to_backend(b64encode(b"user=bob\x01auth=Bearer tok3n.abc\x01\x01") + b"\r\n"),
+           BackendLoggedIn(LOGGED_IN_CAPS)], credentials=XOAUTH)
+
+
+def test_token_message_names_the_backend_login() -> None:
+    message = b"n,a=bob@b=2Cx=3D,\x01host=mail\x01auth=Bearer tok3n.abc\x01\x01"
+    check([DOVECOT_GREETING],
+          [to_backend(b"P3 AUTHENTICATE OAUTHBEARER " + b64encode(message) + b"\r\n")],
+          credentials=BEARER, login="bob@b,x=")
+
+
+@pytest.mark.parametrize(("credentials", "dummy"), [(BEARER, b"AQ=="), (XOAUTH, b"")])
+def test_failed_token_answers_the_error_challenge_then_fails_with_it(
+        credentials: Credentials, dummy: bytes) -> None:
+    session = check(
+        [DOVECOT_GREETING, b"+ " + ERROR_JSON + b"\r\n",
+         b"P3 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"],
+        [to_backend(b"P3 AUTHENTICATE " + credentials.mechanism.encode() + b" "
+                    + b64encode(credentials.message.reveal() if credentials.message else b"")
+                    + b"\r\n"),
+         to_backend(dummy + b"\r\n"),
+         failed(TokenRefused(ERROR_JSON))],
+        credentials=credentials)
+    assert session.step is Step.DONE
+
+
+def test_failed_token_error_carries_the_challenge() -> None:
+    dialogue = make(credentials=BEARER)
+    dialogue.receive_data(DOVECOT_GREETING)
+    dialogue.receive_data(b"+ " + ERROR_JSON + b"\r\n")
+    (action,) = dialogue.receive_data(b"P3 NO failed\r\n")
+    assert isinstance(action, BackendLoginFailed)
+    assert isinstance(action.error, TokenRefused) and action.error.challenge == ERROR_JSON
+
+
+@pytest.mark.parametrize("challenge", [b"+ not base64!\r\n", b"+\r\n"])
+def test_a_challenge_not_fit_for_a_client_gives_a_plain_failure(challenge: bytes) -> None:
+    check([DOVECOT_GREETING, challenge, b"P3 NO failed\r\n"],
+          [to_backend(b"P3 AUTHENTICATE OAUTHBEARER " + b64encode(OAUTH_MESSAGE) + b"\r\n"),
+           to_backend(b"AQ==\r\n"), failed(AuthenticationFailed())], credentials=BEARER)
+
+
+def test_a_second_challenge_is_a_protocol_error() -> None:
+    check([DOVECOT_GREETING, b"+ " + ERROR_JSON + b"\r\n", b"+ more\r\n"],
+          [to_backend(b"P3 AUTHENTICATE OAUTHBEARER " + b64encode(OAUTH_MESSAGE) + b"\r\n"),
+           to_backend(b"AQ==\r\n"), failed(BackendProtocolError())], credentials=BEARER)
+
+
+def test_token_refusal_with_a_passed_through_code_keeps_the_code() -> None:
+    check([DOVECOT_GREETING, b"+ " + ERROR_JSON + b"\r\n", b"P3 NO [UNAVAILABLE] later\r\n"],
+          [to_backend(b"P3 AUTHENTICATE OAUTHBEARER " + b64encode(OAUTH_MESSAGE) + b"\r\n"),
+           to_backend(b"AQ==\r\n"), failed(BackendRefused("UNAVAILABLE", "later"))],
+          credentials=BEARER)

@@ -9,6 +9,7 @@ asks for, in which order, what it logs and counts, and what it ends with.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from imapproxy.errors import (
     LoginsRefused,
     ProxyError,
     RoutingLoop,
+    TokenRefused,
     TooManyConnections,
     UserNotFound,
 )
@@ -60,6 +62,7 @@ from imapproxy.limits import ConnectionLimiter, Ticket
 from imapproxy.penalty import Outcome, Penalty
 from imapproxy.penaltygate import Admission
 from imapproxy.pop3backend import Pop3BackendLogin
+from imapproxy.sasl import parse_oauthbearer, parse_xoauth2
 
 #: distinctive, so that a leak into any log text or field is found by a plain search
 PASSWORD = b"Zq7-unique-p4ssw0rd-Xv9"
@@ -185,11 +188,14 @@ class World:
 
     def run(self, username: str = "alice", password: bytes = PASSWORD, *,
             protocol: str = "imap", mechanism: str = "LOGIN", tls: bool = True,
-            client_id: tuple[tuple[str, str | None], ...] = ()) -> Run:
+            client_id: tuple[tuple[str, str | None], ...] = (),
+            credentials: Credentials | None = None) -> Run:
         client = login.Client(protocol=protocol, session_id="4242-7", session_number=7,
                               address=("192.0.2.7", 40000), local=("127.0.0.1", 1143),
                               client_key="192.0.2.7", host="192.0.2.7", tls=tls)
-        flow = login.login(client, Credentials(username, Secret(password), mechanism=mechanism),
+        if credentials is None:
+            credentials = Credentials(username, Secret(password), mechanism=mechanism)
+        flow = login.login(client, credentials,
                            client_id, config=self.config, breaker=self.breaker, keys=self.keys,
                            clock=self.clock, ticket=self.ticket)
         return drive(flow, {WaitForPenalty: self.wait, FinishPenalty: self.finish,
@@ -664,3 +670,34 @@ def test_starttls_and_proxy_v2_reach_the_dial_and_the_dialogue() -> None:
     sent = b"".join(a.data for a in step.dialogue.receive_data(
         b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n"))
     assert sent == b"P1 STARTTLS\r\n"
+
+
+# -- tokens (issue 16) --------------------------------------------------------------------------
+
+
+def test_a_refused_token_is_a_failed_guess_fingerprinted_over_the_token() -> None:
+    token = b"ya29.Secret-Token_1"
+    credentials = parse_oauthbearer(b"n,a=alice,\x01auth=Bearer " + token + b"\x01\x01")
+    world = World(login_errors={"10.0.0.1": TokenRefused(b"eyJ9")})
+    run = world.run(credentials=credentials)
+    assert isinstance(run.result, login.Refused)
+    assert isinstance(run.result.error, TokenRefused)
+    (finish,) = run.of(FinishPenalty)
+    # The same token again is the same credential: the penalty counts it once.
+    assert finish.outcome is Outcome.FAILURE
+    assert finish.fingerprint == world.keys.fingerprint("alice", token)
+    for log in run.logs:
+        assert token.decode() not in log.text and token.decode() not in repr(log.fields)
+    assert all(token not in repr(action).encode() for action in run.actions)
+
+
+def test_a_token_login_is_logged_with_its_mechanism_and_replayed_to_the_route_login() -> None:
+    credentials = parse_xoauth2(b"user=alice\x01auth=Bearer t0k\x01\x01")
+    world = World(route_login="alice@example.org")
+    run = world.run(credentials=credentials)
+    assert isinstance(run.result, login.LoggedIn) and run.result.mechanism == "XOAUTH2"
+    assert any("mechanism=XOAUTH2" in log.text for log in run.logs)
+    (step,) = run.of(LogInAtBackend)
+    out = step.dialogue.receive_data(b"* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n")
+    assert out[0].data.endswith(b"P3 AUTHENTICATE XOAUTH2 " + base64.b64encode(
+        b"user=alice@example.org\x01auth=Bearer t0k\x01\x01") + b"\r\n")

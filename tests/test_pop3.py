@@ -26,6 +26,7 @@ from imapproxy.errors import (
     BackendUnavailable,
     DirectoryUnavailable,
     ProxyError,
+    TokenRefused,
     UserNotFound,
 )
 from imapproxy.pop3 import (
@@ -34,6 +35,7 @@ from imapproxy.pop3 import (
     Pop3Session,
     State,
 )
+from imapproxy.sasl import ERROR_CHALLENGES, parse_oauthbearer, parse_xoauth2
 
 # -- transcript machinery -------------------------------------------------------------------
 
@@ -63,11 +65,12 @@ CAPA_HEAD = b"+OK Capability list follows\r\n"
 
 
 def check(steps: list[Step], expected: list[Any], limits: Limits = DEFAULT_LIMITS,
-          options: Options = PLAINTEXT_OK) -> Pop3Session:
+          options: Options = PLAINTEXT_OK,
+          mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")) -> Pop3Session:
     """Run the transcript whole and byte by byte; both must give ``expected``."""
-    whole = Pop3Session(**options, limits=limits)
+    whole = Pop3Session(**options, limits=limits, mechanisms=mechanisms)
     assert run(whole, steps, split=False) == merged([GREETING, *expected])
-    split = Pop3Session(**options, limits=limits)
+    split = Pop3Session(**options, limits=limits, mechanisms=mechanisms)
     assert run(split, steps, split=True) == merged([GREETING, *expected])
     assert split.state is whole.state
     return whole
@@ -97,7 +100,7 @@ def test_greeting_then_quit() -> None:
 
 def test_capa_when_login_is_allowed_on_starttls_listener() -> None:
     check([b"CAPA\r\n"],
-          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS)])
+          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS)])
 
 
 def test_capa_before_tls_without_plaintext_hides_user_and_sasl() -> None:
@@ -105,7 +108,7 @@ def test_capa_before_tls_without_plaintext_hides_user_and_sasl() -> None:
 
 
 def test_capa_on_implicit_tls_listener() -> None:
-    check([b"CAPA\r\n"], [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)],
+    check([b"CAPA\r\n"], [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\n" + TAIL_CAPS)],
           options=IMPLICIT)
 
 
@@ -137,7 +140,7 @@ def test_commands_refused_before_login(line: bytes, text: bytes) -> None:
 
 def test_bare_lf_ends_a_line_too() -> None:
     check([b"CAPA\nQUIT\n"],
-          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
+          [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
            Close("quit")])
 
 
@@ -152,7 +155,7 @@ def test_too_many_bad_commands_close() -> None:
 
 def test_timeout_says_why_and_closes() -> None:
     session = check([b"CAPA\r\n", TimesOut()],
-                    [send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS),
+                    [send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS),
                      send(b"-ERR Autologout; idle for too long\r\n"),
                      Close("Autologout; idle for too long")])
     assert session.state is State.CLOSED
@@ -192,7 +195,7 @@ def test_stls_discards_pipelined_plaintext() -> None:
         send(b"+OK Begin TLS negotiation now\r\n"), StartClientTLS()]
     assert session.tls_active and session.state is State.AUTHORIZATION
     assert session.receive_data(b"CAPA\r\n") == [
-        send(CAPA_HEAD + b"USER\r\nSASL PLAIN\r\n" + TAIL_CAPS)]
+        send(CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\n" + TAIL_CAPS)]
 
 
 def test_stls_twice_or_on_tls_listener_is_refused() -> None:
@@ -230,8 +233,8 @@ def test_user_pass_login_and_splice_with_pipelined_commands() -> None:
 
 def test_user_then_other_command_forgets_the_name() -> None:
     check([b"USER alice\r\nCAPA\r\nPASS pw\r\n"],
-          [send(b"+OK Send PASS\r\n" + CAPA_HEAD + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS
-                + b"-ERR Send USER first\r\n")])
+          [send(b"+OK Send PASS\r\n" + CAPA_HEAD + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n"
+                + TAIL_CAPS + b"-ERR Send USER first\r\n")])
 
 
 def test_user_twice_keeps_the_second_name() -> None:
@@ -257,7 +260,7 @@ def test_commands_pipelined_behind_a_failing_pass_are_answered_after_the_failure
     check([b"USER alice\r\nPASS bad\r\nCAPA\r\nQUIT\r\n", LoginFails(UserNotFound())],
           [send(b"+OK Send PASS\r\n"), login("alice", b"bad"),
            send(b"-ERR [AUTH] Authentication failed\r\n" + CAPA_HEAD
-                + b"USER\r\nSASL PLAIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
+                + b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n" + TAIL_CAPS + b"+OK Bye\r\n"),
            Close("quit")])
 
 
@@ -336,7 +339,7 @@ def test_auth_bad_base64_and_foreign_authzid() -> None:
 
 
 def test_bare_auth_lists_mechanisms() -> None:
-    check([b"AUTH\r\n"], [send(b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")])
+    check([b"AUTH\r\n"], [send(b"+OK Supported mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n")])
 
 
 def test_user_given_then_auth_forgets_the_user() -> None:
@@ -356,10 +359,16 @@ def test_login_succeeded_after_auth_splices_nothing_when_nothing_pipelined() -> 
 
 _WORDS = st.sampled_from([b"USER alice\r\n", b"PASS pw\r\n", b"CAPA\r\n", b"STLS\r\n",
                           b"AUTH PLAIN\r\n", b"AUTH PLAIN " + plain(b"", b"a", b"b") + b"\r\n",
-                          b"*\r\n", b"QUIT\r\n", b"STAT\r\n", b"\r\n", b"\n", b"AUTH\r\n"])
+                          b"*\r\n", b"QUIT\r\n", b"STAT\r\n", b"\r\n", b"\n", b"AUTH\r\n",
+                          b"AUTH LOGIN\r\n", b"AUTH LOGIN YQ==\r\n", b"YQ==\r\n", b"AQ==\r\n",
+                          b"AUTH OAUTHBEARER\r\n", b"AUTH XOAUTH2\r\n",
+                          b64encode(b"user=a\x01auth=Bearer t\x01\x01") + b"\r\n",
+                          b64encode(b"n,a=a,\x01auth=Bearer t\x01\x01") + b"\r\n"])
 _INPUTS = st.one_of(_WORDS, st.binary(max_size=64), st.just(LoginOk()),
                     st.builds(LoginFails, st.sampled_from([AuthenticationFailed(),
-                                                           BackendUnavailable()])),
+                                                           BackendUnavailable(),
+                                                           TokenRefused(b"eyJ9"),
+                                                           UserNotFound()])),
                     st.just(TimesOut()))
 
 
@@ -367,8 +376,8 @@ _INPUTS = st.one_of(_WORDS, st.binary(max_size=64), st.just(LoginOk()),
 @given(st.lists(_INPUTS, max_size=25), st.sampled_from([IMPLICIT, STARTTLS, PLAINTEXT_OK]))
 def test_session_never_raises_and_stays_bounded(steps: list[Any], options: Options
                                                 ) -> None:
-    limits = Limits(max_line=32, max_bad_commands=1000, max_failed_logins=1000)
-    session = Pop3Session(**options, limits=limits)
+    limits = Limits(max_line=48, max_bad_commands=1000, max_failed_logins=1000)
+    session = Pop3Session(**options, limits=limits, mechanisms=TOKENS)
     session.start()
     for step in steps:
         # Login results only make sense while a login is running; the adapter guarantees it.
@@ -428,3 +437,89 @@ def test_lines_that_are_not_http_requests_are_answered_as_usual(line: bytes) -> 
     assert len(actions) == 1 and isinstance(actions[0], SendToClient)
     assert actions[0].data.startswith(b"-ERR ")
     assert session.state is State.AUTHORIZATION
+
+
+# -- AUTH LOGIN -------------------------------------------------------------------------------
+
+USERNAME_PROMPT = b"+ VXNlcm5hbWU6\r\n"  # "Username:"
+PASSWORD_PROMPT = b"+ UGFzc3dvcmQ6\r\n"  # "Password:"
+
+
+def test_auth_login_two_steps() -> None:
+    session = check([b"AUTH LOGIN\r\n", b64encode(b"alice") + b"\r\n",
+                     b64encode(b"pass word") + b"\r\n", LoginOk()],
+                    [send(USERNAME_PROMPT + PASSWORD_PROMPT), login("alice", b"pass word", "LOGIN"),
+                     send(b"+OK Logged in\r\n"), Splice(b"")])
+    assert session.state is State.RELAYING
+
+
+def test_auth_login_with_initial_response() -> None:
+    check([b"AUTH LOGIN " + b64encode(b"alice") + b"\r\n", b64encode(b"pw") + b"\r\n"],
+          [send(PASSWORD_PROMPT), login("alice", b"pw", "LOGIN")])
+
+
+def test_auth_login_cancelled_and_malformed() -> None:
+    check([b"AUTH LOGIN\r\n", b"*\r\n", b"AUTH LOGIN\r\n", b"b@d!\r\n",
+           b"AUTH LOGIN " + b64encode(b"alice") + b"\r\n", b"\r\n"],
+          [send(USERNAME_PROMPT + b"-ERR AUTH cancelled\r\n" + USERNAME_PROMPT
+                + b"-ERR AUTH: Invalid base64 in SASL response\r\n" + PASSWORD_PROMPT
+                + b"-ERR AUTH: Empty password\r\n")])
+
+
+def test_auth_login_not_offered_when_not_listed() -> None:
+    check([b"AUTH LOGIN\r\n", b"AUTH\r\n"],
+          [send(b"-ERR Unsupported authentication mechanism\r\n"
+                b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")], mechanisms=("PLAIN",))
+
+
+# -- OAUTHBEARER and XOAUTH2 ------------------------------------------------------------------
+
+TOKENS = ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2")
+BEARER_MESSAGE = b"n,a=alice,\x01auth=Bearer ya29.tok\x01\x01"
+XOAUTH_MESSAGE = b"user=alice\x01auth=Bearer ya29.tok\x01\x01"
+JSON_ERROR = b64encode(b'{"status":"invalid_token"}')
+
+
+def test_capa_lists_the_configured_mechanisms() -> None:
+    session = Pop3Session(**IMPLICIT, mechanisms=TOKENS)
+    assert b"SASL PLAIN LOGIN OAUTHBEARER XOAUTH2" in session.capabilities()
+    assert not [c for c in Pop3Session(**IMPLICIT, mechanisms=()).capabilities()
+                if c.startswith(b"SASL")]
+
+
+def test_oauthbearer_with_initial_response_and_xoauth2_after_a_continuation() -> None:
+    check([b"AUTH OAUTHBEARER " + b64encode(BEARER_MESSAGE) + b"\r\n",
+           LoginFails(BackendUnavailable()),
+           b"AUTH XOAUTH2\r\n", b64encode(XOAUTH_MESSAGE) + b"\r\n"],
+          [Login(parse_oauthbearer(BEARER_MESSAGE)),
+           send(b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n+ \r\n"),
+           Login(parse_xoauth2(XOAUTH_MESSAGE))], mechanisms=TOKENS)
+
+
+def test_backend_error_challenge_is_relayed_then_the_err() -> None:
+    session = check(
+        [b"AUTH OAUTHBEARER " + b64encode(BEARER_MESSAGE) + b"\r\n",
+         LoginFails(TokenRefused(JSON_ERROR)), b"AQ==\r\n", b"CAPA\r\n"],
+        [Login(parse_oauthbearer(BEARER_MESSAGE)),
+         send(b"+ " + JSON_ERROR + b"\r\n-ERR [AUTH] Authentication failed\r\n" + CAPA_HEAD
+              + b"USER\r\nSASL PLAIN LOGIN OAUTHBEARER XOAUTH2\r\nSTLS\r\n" + TAIL_CAPS)],
+        mechanisms=TOKENS)
+    assert session.failed_logins == 1
+
+
+def test_an_overlong_dummy_response_still_ends_in_the_err() -> None:
+    session = check(
+        [b"AUTH XOAUTH2 " + b64encode(XOAUTH_MESSAGE) + b"\r\n", LoginFails(UserNotFound()),
+         b"x" * 9000 + b"\r\n"],
+        [Login(parse_xoauth2(XOAUTH_MESSAGE)),
+         send(b"+ " + ERROR_CHALLENGES["XOAUTH2"] + b"\r\n-ERR [AUTH] Authentication failed\r\n")],
+        mechanisms=TOKENS)
+    assert session.failed_logins == 1 and session.state is State.AUTHORIZATION
+
+
+def test_malformed_tokens_and_unlisted_mechanisms() -> None:
+    check([b"AUTH OAUTHBEARER " + b64encode(b"n,,\x01auth=Bearer x\x01\x01") + b"\r\n",
+           b"AUTH XOAUTH2 " + b64encode(XOAUTH_MESSAGE) + b"\r\n"],
+          [send(b"-ERR AUTH: OAUTHBEARER needs the user in the GS2 header (a=)\r\n"
+                b"-ERR Unsupported authentication mechanism\r\n")],
+          mechanisms=("PLAIN", "OAUTHBEARER"))

@@ -28,8 +28,10 @@ from imapproxy.errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
+    TokenRefused,
 )
 from imapproxy.pop3backend import MAX_BACKEND_LINE, MAX_CAPA_LINES, Pop3BackendLogin, Step
+from imapproxy.sasl import parse_oauthbearer, parse_xoauth2
 
 GREETING = b"+OK store1 ready.\r\n"
 CAPA_PLAIN = (b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
@@ -367,3 +369,95 @@ def test_xclient_after_stls() -> None:
         (CAPA_USER_ONLY, [SendToBackend(XCLIENT)]),
         (b"+OK Updated\r\n", [SendToBackend(b"USER alice\r\n")]),
     ], split=False)
+
+
+# -- tokens (OAUTHBEARER, XOAUTH2): the client's message replayed in AUTH ------------------
+
+SHORT_BEARER = parse_oauthbearer(b"n,a=alice,\x01auth=Bearer t0k\x01\x01")
+LONG_BEARER = parse_oauthbearer(b"n,a=alice,\x01auth=Bearer " + b"t" * 300 + b"\x01\x01")
+XOAUTH = parse_xoauth2(b"user=alice\x01auth=Bearer t0k\x01\x01")
+ERROR_JSON = b64encode(b'{"status":"invalid_token"}')
+
+
+def token_dialogue(credentials: Credentials, login: str = "alice") -> Pop3BackendLogin:
+    return Pop3BackendLogin(credentials, login, starttls=False)
+
+
+def check_token(credentials: Credentials, transcript: list[Exchange]) -> None:
+    play(lambda: token_dialogue(credentials), transcript, split=True)
+    play(lambda: token_dialogue(credentials), transcript, split=False)
+
+
+def encoded(credentials: Credentials) -> bytes:
+    assert credentials.message is not None
+    return b64encode(credentials.message.reveal())
+
+
+def test_short_token_goes_as_initial_response() -> None:
+    check_token(SHORT_BEARER, [
+        (GREETING, [SendToBackend(b"CAPA\r\n")]),
+        (CAPA_PLAIN, [SendToBackend(b"AUTH OAUTHBEARER " + encoded(SHORT_BEARER) + b"\r\n")]),
+        (b"+OK Logged in.\r\n", [BackendLoggedIn(None, b"")]),
+    ])
+
+
+def test_long_token_waits_for_the_continuation() -> None:
+    # RFC 5034 section 4: no initial response when the command would pass 255 octets.
+    check_token(LONG_BEARER, [
+        (GREETING, [SendToBackend(b"CAPA\r\n")]),
+        (CAPA_PLAIN, [SendToBackend(b"AUTH OAUTHBEARER\r\n")]),
+        (b"+ \r\n", [SendToBackend(encoded(LONG_BEARER) + b"\r\n")]),
+        (b"+OK Logged in.\r\n", [BackendLoggedIn(None, b"")]),
+    ])
+
+
+def test_token_goes_in_auth_even_without_capa() -> None:
+    check_token(XOAUTH, [
+        (GREETING, [SendToBackend(b"CAPA\r\n")]),
+        (b"-ERR no CAPA\r\n", [SendToBackend(b"AUTH XOAUTH2 " + encoded(XOAUTH) + b"\r\n")]),
+        (b"+OK Logged in.\r\n", [BackendLoggedIn(None, b"")]),
+    ])
+
+
+@pytest.mark.parametrize(("credentials", "dummy"), [(SHORT_BEARER, b"AQ=="), (XOAUTH, b"")])
+def test_failed_token_answers_the_error_challenge_then_fails_with_it(
+        credentials: Credentials, dummy: bytes) -> None:
+    login = token_dialogue(credentials)
+    login.receive_data(GREETING)
+    login.receive_data(CAPA_PLAIN)
+    assert login.receive_data(b"+ " + ERROR_JSON + b"\r\n") == [SendToBackend(dummy + b"\r\n")]
+    (action,) = login.receive_data(b"-ERR [AUTH] Authentication failed.\r\n")
+    assert isinstance(action, BackendLoginFailed)
+    assert isinstance(action.error, TokenRefused) and action.error.challenge == ERROR_JSON
+    assert login.step is Step.DONE
+
+
+def test_token_refusal_with_a_passed_through_code_keeps_the_code() -> None:
+    check_token(SHORT_BEARER, [
+        (GREETING, [SendToBackend(b"CAPA\r\n")]),
+        (CAPA_PLAIN, [SendToBackend(b"AUTH OAUTHBEARER " + encoded(SHORT_BEARER) + b"\r\n")]),
+        (b"+ " + ERROR_JSON + b"\r\n", [SendToBackend(b"AQ==\r\n")]),
+        (b"-ERR [SYS/TEMP] later\r\n", [failed(BackendRefused("UNAVAILABLE", "later",
+                                                               "SYS/TEMP"))]),
+    ])
+
+
+def test_a_second_challenge_or_junk_challenge() -> None:
+    check_token(SHORT_BEARER, [
+        (GREETING, [SendToBackend(b"CAPA\r\n")]),
+        (CAPA_PLAIN, [SendToBackend(b"AUTH OAUTHBEARER " + encoded(SHORT_BEARER) + b"\r\n")]),
+        (b"+ not json!\r\n", [SendToBackend(b"AQ==\r\n")]),
+        (b"+ again\r\n", [failed(BackendProtocolError())]),
+    ])
+    login = token_dialogue(SHORT_BEARER)
+    login.receive_data(GREETING + CAPA_PLAIN + b"+ not json!\r\n")
+    (action,) = login.receive_data(b"-ERR [AUTH] no\r\n")
+    assert type(action.error) is AuthenticationFailed  # type: ignore[attr-defined]
+
+
+def test_token_message_names_the_backend_login() -> None:
+    login = token_dialogue(XOAUTH, login="alice@example.org")
+    login.receive_data(GREETING)
+    (action,) = login.receive_data(CAPA_PLAIN)
+    assert action == SendToBackend(b"AUTH XOAUTH2 " + b64encode(
+        b"user=alice@example.org\x01auth=Bearer t0k\x01\x01") + b"\r\n")

@@ -173,7 +173,7 @@ def test_stls_then_login(tls_proxy: TlsProxy, mail_users: list[MailUser],
         client.user(alice.name)
     client.stls(context=client_tls)
     caps = client.capa()
-    assert caps["SASL"] == ["PLAIN"] and "USER" in caps and "STLS" not in caps
+    assert caps["SASL"] == ["PLAIN", "LOGIN"] and "USER" in caps and "STLS" not in caps
     client.user(alice.name)
     assert client.pass_(alice.password).startswith(b"+OK")
     count, _ = client.stat()
