@@ -96,6 +96,7 @@ class Entry:
     servers: tuple[Server, ...]
     imap_port: int | None = None
     pop3_port: int | None = None
+    managesieve_port: int | None = None
     #: the login name the entry gives for the backend (login_attribute), if any
     login: str | None = None
 
@@ -160,6 +161,7 @@ def parse_entry(dn: str, attributes: Attributes, cfg: LdapConfig) -> Entry:
         servers=tuple(servers),
         imap_port=_port(dn, attributes, cfg.imap_port_attribute),
         pop3_port=_port(dn, attributes, cfg.pop3_port_attribute),
+        managesieve_port=_port(dn, attributes, cfg.managesieve_port_attribute),
         login=login,
     )
 
@@ -187,6 +189,8 @@ def route_for(entry: Entry, protocol: str, login: str) -> Route:
         port = entry.imap_port
     elif protocol == "pop3":
         port = entry.pop3_port
+    elif protocol == "managesieve":
+        port = entry.managesieve_port
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     servers = entry.servers
@@ -456,7 +460,8 @@ class LdapSearcher:
     def _search(self, conn: Any, search_filter: str) -> list[RawEntry]:
         cfg = self.cfg
         attributes = [a for a in (cfg.host_attribute, cfg.imap_port_attribute,
-                                  cfg.pop3_port_attribute, cfg.login_attribute) if a]
+                                  cfg.pop3_port_attribute, cfg.managesieve_port_attribute,
+                                  cfg.login_attribute) if a]
         conn.search(
             search_base=cfg.base,
             search_filter=search_filter,
@@ -646,13 +651,14 @@ class LdapDirectory:
     def lookup(
         self, username: str, protocol: str, backend_login: str | None = None
     ) -> Deferred[Route]:
-        """Route ``username`` (the rewritten lookup name) for "imap" or "pop3".
+        """Route ``username`` (the rewritten lookup name) for "imap", "pop3" or
+        "managesieve".
 
         The backend login is the entry's login_attribute if it has one, else
         ``backend_login``, else ``username``. Fails with UserNotFound (no entry, or
         an unusable one) or DirectoryUnavailable (LDAP down and nothing to serve).
         """
-        if protocol not in ("imap", "pop3"):
+        if protocol not in ("imap", "pop3", "managesieve"):
             return fail(ValueError(f"unknown protocol {protocol!r}"))
         login = backend_login or username
         return self._entry(username).addCallback(
