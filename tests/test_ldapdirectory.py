@@ -156,6 +156,13 @@ def test_protocol_picks_the_port_attribute() -> None:
     assert {s.port for s in route_for(entry, "pop3", "x").servers} == {995}
 
 
+def test_managesieve_has_its_own_port_attribute() -> None:
+    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993, managesieve_port=4190)
+    assert {s.port for s in route_for(entry, "managesieve", "x").servers} == {4190}
+    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993)
+    assert set(route_for(entry, "managesieve", "x").servers) == {Server("a"), Server("b", 1143)}
+
+
 def test_without_port_attribute_host_port_or_default() -> None:
     entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993)
     assert set(route_for(entry, "pop3", "x").servers) == {Server("a"), Server("b", 1143)}
