@@ -205,7 +205,8 @@ def test_login_failures_no_with_codes_and_a_referral_bye() -> None:
     check([login, LoginFails(BackendUnavailable("refused"))],
           [Login(creds()), SendToClient(
               b'NO (TRYLATER) "Service temporarily unavailable, try again later"\r\n')])
-    check([login, LoginFails(BackendRefused("UNAVAILABLE", "too weak", sieve_code="AUTH-TOO-WEAK"))],
+    weak = BackendRefused("UNAVAILABLE", "too weak", sieve_code="AUTH-TOO-WEAK")
+    check([login, LoginFails(weak)],
           [Login(creds()), SendToClient(b'NO (AUTH-TOO-WEAK) "too weak"\r\n')])
     check([login, LoginFails(BackendRefused("UNAVAILABLE", "go there", bye=True,
                                             sieve_code='REFERRAL "sieve://b.example"'))],
