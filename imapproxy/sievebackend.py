@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_sievebackend -*-
 """The proxy's login dialogue with a ManageSieve backend (RFC 5804): sans-IO.
 
-greeting (capabilities, OK) -> [STARTTLS -> TLS -> capabilities, OK] ->
-AUTHENTICATE "PLAIN" with an initial response -> logged in.
+greeting (capabilities, OK) -> [STARTTLS -> TLS -> capabilities, OK] -> [XCLIENT] ->
+AUTHENTICATE "PLAIN" with an initial response -> logged in. XCLIENT tells the backend
+the client's address when it offers the command (Pigeonhole's managesieve-login does,
+to its login_trusted_networks), as pop3backend.py does for POP3.
 Same interface as imapbackend.ImapBackendLogin. A backend's NO becomes an auth
 failure, unless its response code (RFC 5804 section 1.3) tells the user something
 true and useful: then the client gets that NO (or BYE) as the backend sent it.
@@ -30,6 +32,7 @@ from .errors import (
     BackendUnavailable,
     ProxyError,
 )
+from .pop3backend import xclient_command
 from .sievewire import (
     Atom,
     LineTooLong,
@@ -72,6 +75,8 @@ class Step(Enum):
     TLS_HANDSHAKE = auto()
     #: TLS is up; reading the capabilities sent again, up to OK (section 2.2)
     TLS_CAPABILITY = auto()
+    #: sent XCLIENT with the client's address, waiting for its answer (any will do)
+    XCLIENT = auto()
     #: sent AUTHENTICATE "PLAIN" with the initial response (section 2.1)
     AUTHENTICATE = auto()
     DONE = auto()
@@ -79,10 +84,11 @@ class Step(Enum):
 
 # Rule: every step change goes through SieveBackendLogin._enter, checked against this table.
 TRANSITIONS: dict[Step, frozenset[Step]] = {
-    Step.GREETING: frozenset({Step.STARTTLS, Step.AUTHENTICATE, Step.DONE}),
+    Step.GREETING: frozenset({Step.STARTTLS, Step.XCLIENT, Step.AUTHENTICATE, Step.DONE}),
     Step.STARTTLS: frozenset({Step.TLS_HANDSHAKE, Step.DONE}),
     Step.TLS_HANDSHAKE: frozenset({Step.TLS_CAPABILITY, Step.DONE}),
-    Step.TLS_CAPABILITY: frozenset({Step.AUTHENTICATE, Step.DONE}),
+    Step.TLS_CAPABILITY: frozenset({Step.XCLIENT, Step.AUTHENTICATE, Step.DONE}),
+    Step.XCLIENT: frozenset({Step.AUTHENTICATE, Step.DONE}),
     Step.AUTHENTICATE: frozenset({Step.DONE}),
     Step.DONE: frozenset(),
 }
@@ -126,8 +132,9 @@ class SieveBackendLogin:
     def __init__(self, credentials: Credentials, login: str, *, starttls: bool,
                  client_id: tuple[tuple[str, str | None], ...] = ()) -> None:
         # client_id: ManageSieve has no ID command (IMAP's RFC 2971); the client's
-        # address reaches the backend only through [backend] forward_client = "proxy-v2".
+        # address in it (forwarding.py) goes out as XCLIENT if the backend offers it.
         self.step = Step.GREETING
+        self._xclient = xclient_command(client_id)
         self._credentials = credentials
         self._login = login.encode("utf-8")
         self._starttls = starttls
@@ -194,6 +201,12 @@ class SieveBackendLogin:
             if step is Step.GREETING and self._starttls:
                 self._enter(Step.STARTTLS)
                 return [SendToBackend(b"STARTTLS\r\n")]
+            if self._xclient and any(name == b"XCLIENT" for name, _ in self._capabilities):
+                self._enter(Step.XCLIENT)
+                return [SendToBackend(self._xclient)]
+            return self._authenticate()
+        if step is Step.XCLIENT:
+            # OK "Updated", or NO to an untrusted proxy: the login goes on all the same.
             return self._authenticate()
         if step is Step.STARTTLS:
             if status != b"OK":

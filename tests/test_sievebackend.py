@@ -154,3 +154,20 @@ def test_parse_response_and_refusal() -> None:
                            String(b"later")]) == (b"NO", b"TRYLATER", b"later")
     error = refusal(b"NO", b"TRYLATER", b"")
     assert isinstance(error, BackendRefused) and error.client_text() == "Login refused"
+
+
+def test_xclient_when_offered_with_the_clients_address() -> None:
+    client_id = (("x-originating-ip", "192.0.2.9"), ("x-originating-port", "4444"),
+                 ("x-session-id", "12-3"), ("x-proxy-ttl", "4"))
+    dialogue = SieveBackendLogin(Credentials("alice", Secret(b"s3cret")), "alice",
+                                 starttls=False, client_id=client_id)
+    assert dialogue.receive_data(GREETING) == [
+        SendToBackend(b"XCLIENT ADDR=192.0.2.9 PORT=4444 SESSION=12-3 TTL=4\r\n")]
+    assert not dialogue.credentials_sent
+    # OK "Updated", or NO from a backend that does not trust us: the login goes on
+    assert dialogue.receive_data(b'NO "not trusted"\r\n') == [SendToBackend(AUTH)]
+    # not offered: no XCLIENT
+    dialogue = SieveBackendLogin(Credentials("alice", Secret(b"s3cret")), "alice",
+                                 starttls=False, client_id=client_id)
+    assert dialogue.receive_data(GREETING.replace(b'"XCLIENT"\r\n', b"")) == [
+        SendToBackend(AUTH)]

@@ -380,7 +380,7 @@ def test_too_many_bad_commands_before_login_end_at_once(sieve_proxy, test_ca):
     assert ending.tcp_eof_after_last_byte < PROMPT, ending
 
 
-def test_log_lines_and_metrics_name_the_protocol(sieve_proxy, test_ca, mail_users):
+def test_log_lines_and_the_backend_learns_the_session(sieve_proxy, test_ca, mail_users, store1):
     alice = next(u for u in mail_users if u.name == "alice")
     client = _logged_in(sieve_proxy, test_ca, alice)
     try:
@@ -392,3 +392,9 @@ def test_log_lines_and_metrics_name_the_protocol(sieve_proxy, test_ca, mail_user
     assert "login id=" in log and "user=<alice>" in log and "mechanism=PLAIN" in log, log
     assert "session end id=" in log
     assert "alice-secret" not in log
+    # The backend learnt the client's session through XCLIENT ([backend] forward_client
+    # = "id"): Dovecot logs the proxy's session id ("<pid>-<n>").
+    session_id = f"{sieve_proxy.process.pid}-"
+    logins = [line for line in store1.log_path.read_text().splitlines()
+              if "managesieve-login" in line and "user=<alice>" in line and "Login:" in line]
+    assert any(f"session=<{session_id}" in line for line in logins), logins
