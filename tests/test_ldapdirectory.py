@@ -41,6 +41,7 @@ CFG = LdapConfig(
     host_attribute="mailHost",
     imap_port_attribute="mailImapPort",
     pop3_port_attribute="mailPop3Port",
+    managesieve_port_attribute="mailSievePort",
     login_attribute="mailLoginName",
 )
 DN = "uid=alice,ou=people,dc=example,dc=org"
@@ -90,6 +91,9 @@ def test_ports_and_login() -> None:
     entry = parse_entry(DN, {"mailHost": [b"s"], "mailImapPort": [b"1143"],
                              "mailPop3Port": [b"1110"], "mailLoginName": [b"alice.real"]}, CFG)
     assert (entry.imap_port, entry.pop3_port, entry.login) == (1143, 1110, "alice.real")
+    assert entry.managesieve_port is None
+    entry = parse_entry(DN, {"mailHost": [b"s"], "mailsieveport": [b"14190"]}, CFG)
+    assert entry.managesieve_port == 14190
 
 
 @pytest.mark.parametrize("value", [[b"0"], [b"65536"], [b"x"], [b"-1"], [b"143", b"993"]])
