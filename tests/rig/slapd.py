@@ -4,7 +4,7 @@ The directory holds ``dc=example,dc=org`` with user entries below
 ``ou=people,dc=example,dc=org``; the admin DN writes, anonymous clients may read
 everything except userPassword. Each user entry is an inetOrgPerson plus
 misc.schema's inetLocalMailRecipient (``mailHost``) plus our auxiliary
-``imapProxyUser`` (``mailImapPort``, ``mailPop3Port``, ``mailLoginName``, see
+``imapProxyUser`` (``mailImapPort``, ``mailPop3Port``, ``mailLoginName``, ``mailSievePort``, see
 ``imapproxy.schema`` beside this file).
 
 Note: misc.schema declares ``mailHost`` SINGLE-VALUE, so slapd itself refuses an
