@@ -398,3 +398,43 @@ def test_log_lines_and_the_backend_learns_the_session(sieve_proxy, test_ca, mail
     logins = [line for line in store1.log_path.read_text().splitlines()
               if "managesieve-login" in line and "user=<alice>" in line and "Login:" in line]
     assert any(f"session=<{session_id}" in line for line in logins), logins
+
+
+# -- routed by LDAP -----------------------------------------------------------------------
+
+
+def test_ldap_routes_managesieve_by_its_port_attribute(start_proxy, slapd, store1, store2,
+                                                       mail_users, server_cert, test_ca):
+    """[directory.ldap] managesieve_port_attribute: each user's script lands on the store
+    LDAP names (no port in mailHost, no [backend] default that could reach either)."""
+    if store1.sieve_port is None:
+        pytest.skip("Pigeonhole's managesieve not installed: scripts/install-deps")
+    port = free_port()
+    extra = f"""
+[directory.ldap]
+uris = ["{slapd.uri}"]
+base = "{slapd.base}"
+host_attribute = "mailHost"
+managesieve_port_attribute = "mailSievePort"
+
+[backend]
+tls = "starttls"
+ca_file = "{test_ca.ca_path}"
+managesieve_port = {free_port()}
+"""
+    config = imap_config(port, tls="starttls", plaintext_auth=False,
+                         cert=(str(server_cert.chain_path), str(server_cert.key_path)),
+                         extra=extra, protocol="managesieve").replace(
+        'type = "static"\nmap = "users.map"', 'type = "ldap"')
+    start_proxy(config, [port], name="ldap")
+    for name, store, other in (("carol", store1, store2), ("dave", store2, store1)):
+        user = next(u for u in mail_users if u.name == name)
+        client = EndClient("sieve-starttls", port, str(test_ca.ca_path))
+        try:
+            client.login(user.name, user.password)
+            client.send(b'PUTSCRIPT "routed" {5+}\r\nkeep;\r\n')
+            assert client.response()[-1].startswith(b"OK")
+        finally:
+            client.close()
+        assert "routed" in store.sieve_scripts(name)
+        assert "routed" not in other.sieve_scripts(name)

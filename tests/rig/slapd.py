@@ -294,6 +294,7 @@ access to *
         imap_port: int | None = None,
         pop3_port: int | None = None,
         login_name: str | None = None,
+        sieve_port: int | None = None,
     ) -> str:
         """Add ``uid=<uid>`` below ``base`` and return its DN; None leaves an attribute out."""
         attributes: dict[str, list[str]] = {
@@ -308,6 +309,7 @@ access to *
             ("mailImapPort", imap_port),
             ("mailPop3Port", pop3_port),
             ("mailLoginName", login_name),
+            ("mailSievePort", sieve_port),
         ):
             if values := _values(value):
                 attributes[name] = values
