@@ -54,11 +54,20 @@ def _is_loopback(host: str) -> bool:
     return address is not None and address.is_loopback
 
 
-def backend_trust_root(config: BackendConfig) -> object:
-    """The CAs that backend certificates are checked against: ca_file or the system's."""
+def backend_trust_root(config: BackendConfig, config_path: Path | str = "") -> object:
+    """The CAs that backend certificates are checked against: ca_file or the system's.
+    A ca_file that cannot be read, or holds no certificate (it would trust nothing, and
+    every backend would fail verification), is a config error."""
     if config.ca_file is None:
         return ssl.platformTrust()
-    certificates = [ssl.Certificate(c) for c in read_pem_certificates(config.ca_file)]
+    try:
+        certificates = [ssl.Certificate(c) for c in read_pem_certificates(config.ca_file)]
+    except (OSError, crypto.Error, ValueError) as e:
+        raise ConfigError(config_path, "backend.ca_file",
+                          f"cannot load CA certificates from {config.ca_file}: {e}") from None
+    if not certificates:
+        raise ConfigError(config_path, "backend.ca_file",
+                          f"no PEM certificate in {config.ca_file}")
     return ssl.trustRootFromCertificates(certificates)
 
 

@@ -209,7 +209,7 @@ def _backend_login(client: Client, credentials: Credentials, route: Route,
             breaker.mark_failed(server)
             yield CountBackendFailure(label, type(e).__name__)
             if isinstance(e, RoutingLoop):
-                yield LoginLog("error", f"refusing backend {server} port {port}: it is one of "
+                yield LoginLog("error", f"refusing backend {label}: it is one of "
                                "this proxy's own listeners (routing loop); fix the map or "
                                "directory entry")
             yield LoginLog("warn", f"backend {server} unavailable for "

@@ -103,7 +103,8 @@ def build_connector(config: Config, shared: Shared) -> BackendConnector:
     """Dials and logs in at backends: TLS trust and client certificate from the config,
     connect times measured by the metrics."""
     reactor = shared.reactor
-    trust_root = backend_trust_root(config.backend) if config.backend.tls != "none" else None
+    trust_root = (backend_trust_root(config.backend, config.path)
+                  if config.backend.tls != "none" else None)
     endpoints = shared.metrics.timed_endpoints(
         default_endpoint_factory(reactor, config.backend.connect_timeout), reactor)
     return BackendConnector(reactor, config, endpoint_factory=endpoints, trust_root=trust_root,

@@ -1,4 +1,4 @@
-"""Unit tests for imapproxy.ldapdirectory: mapping, cache and failover, no LDAP server.
+"""Unit tests for imapproxy.ldapdirectory: lookups, caching and failover, no LDAP server.
 
 The blocking search is replaced by a scripted fake and the thread pool by a
 synchronous (or manually fired) runner; time is a twisted.internet.task.Clock.
@@ -22,18 +22,9 @@ from imapproxy.config import CacheConfig, Config, ConfigError, LdapConfig
 from imapproxy.config import load as load_config
 from imapproxy.directory import Route, Server, rendezvous_order
 from imapproxy.errors import DirectoryUnavailable, UserNotFound
-from imapproxy.ldapdirectory import (
-    BadEntry,
-    Entry,
-    LdapDirectory,
-    LdapPoolService,
-    LdapSearcher,
-    RouteCache,
-    SearchResult,
-    parse_entry,
-    route_for,
-    select_entry,
-)
+from imapproxy.ldapdirectory import LdapDirectory, LdapPoolService
+from imapproxy.ldapentry import BadEntry
+from imapproxy.ldapsearch import SearchResult
 
 CFG = LdapConfig(
     uris=("ldap://one", "ldap://two"),
@@ -41,212 +32,9 @@ CFG = LdapConfig(
     host_attribute="mailHost",
     imap_port_attribute="mailImapPort",
     pop3_port_attribute="mailPop3Port",
-    managesieve_port_attribute="mailSievePort",
     login_attribute="mailLoginName",
 )
 DN = "uid=alice,ou=people,dc=example,dc=org"
-
-
-# --- parse_entry -----------------------------------------------------------------------
-
-
-def test_single_host() -> None:
-    entry = parse_entry(DN, {"mailHost": [b"store1"]}, CFG)
-    assert entry == Entry(DN, (Server("store1"),))
-
-
-def test_host_with_port_and_ipv6() -> None:
-    entry = parse_entry(DN, {"mailHost": [b"store1:1143", b"[::1]:2143"]}, CFG)
-    assert entry.servers == (Server("store1", 1143), Server("::1", 2143))
-
-
-def test_attribute_names_are_case_insensitive() -> None:
-    # RFC 4512 section 2.5; the server answers with the schema's spelling.
-    entry = parse_entry(DN, {"MAILHOST": [b"s"], "mailimapport": [b"993"]}, CFG)
-    assert entry.servers == (Server("s"),) and entry.imap_port == 993
-
-
-def test_duplicate_hosts_collapse() -> None:
-    assert parse_entry(DN, {"mailHost": [b"a", b"a", b"b"]}, CFG).servers == (
-        Server("a"), Server("b"))
-
-
-def test_missing_host_is_bad_entry() -> None:
-    with pytest.raises(BadEntry, match="no mailHost"):
-        parse_entry(DN, {"mailLoginName": [b"alice"]}, CFG)
-
-
-@pytest.mark.parametrize("value", [b"", b"host:99999", b"host:port", b"[::1"])
-def test_unparsable_host_is_bad_entry(value: bytes) -> None:
-    with pytest.raises(BadEntry):
-        parse_entry(DN, {"mailHost": [b"good", value]}, CFG)
-
-
-def test_non_utf8_is_bad_entry() -> None:
-    with pytest.raises(BadEntry, match="UTF-8"):
-        parse_entry(DN, {"mailHost": [b"\xff"]}, CFG)
-
-
-def test_ports_and_login() -> None:
-    entry = parse_entry(DN, {"mailHost": [b"s"], "mailImapPort": [b"1143"],
-                             "mailPop3Port": [b"1110"], "mailLoginName": [b"alice.real"]}, CFG)
-    assert (entry.imap_port, entry.pop3_port, entry.login) == (1143, 1110, "alice.real")
-    assert entry.managesieve_port is None
-    entry = parse_entry(DN, {"mailHost": [b"s"], "mailsieveport": [b"14190"]}, CFG)
-    assert entry.managesieve_port == 14190
-
-
-@pytest.mark.parametrize("value", [[b"0"], [b"65536"], [b"x"], [b"-1"], [b"143", b"993"]])
-def test_bad_port_is_bad_entry(value: list[bytes]) -> None:
-    with pytest.raises(BadEntry):
-        parse_entry(DN, {"mailHost": [b"s"], "mailImapPort": value}, CFG)
-
-
-def test_several_login_names_is_bad_entry() -> None:
-    # Which one would we log in as? Never a guess.
-    with pytest.raises(BadEntry, match="2 values"):
-        parse_entry(DN, {"mailHost": [b"s"], "mailLoginName": [b"a", b"b"]}, CFG)
-
-
-def test_empty_login_name_is_bad_entry() -> None:
-    with pytest.raises(BadEntry, match="empty"):
-        parse_entry(DN, {"mailHost": [b"s"], "mailLoginName": [b""]}, CFG)
-
-
-def test_unconfigured_attributes_are_ignored() -> None:
-    cfg = LdapConfig(base="dc=x", host_attribute="mailHost")
-    entry = parse_entry(DN, {"mailHost": [b"s"], "mailImapPort": [b"bad"],
-                             "mailLoginName": [b"a", b"b"]}, cfg)
-    assert entry == Entry(DN, (Server("s"),))
-
-
-# --- select_entry ----------------------------------------------------------------------
-
-
-def test_no_entry_is_user_not_found() -> None:
-    with pytest.raises(UserNotFound) as info:
-        select_entry("alice", [])
-    assert not isinstance(info.value, BadEntry)
-
-
-def test_several_entries_is_bad_entry() -> None:
-    with pytest.raises(BadEntry, match="several entries"):
-        select_entry("*", [("uid=a", {}), ("uid=b", {})])
-
-
-def test_one_entry() -> None:
-    assert select_entry("alice", [(DN, {"mailHost": [b"s"]})]) == (DN, {"mailHost": [b"s"]})
-
-
-# --- route_for -------------------------------------------------------------------------
-
-POOL = (Server("a"), Server("b", 1143), Server("c"))
-
-
-def test_route_orders_by_rendezvous_on_dn() -> None:
-    route = route_for(Entry(DN, POOL), "imap", "alice")
-    assert route == Route("alice", tuple(rendezvous_order(DN.lower(), POOL)))
-
-
-def test_route_is_the_same_for_every_login_name_of_an_entry() -> None:
-    entry = Entry(DN, POOL)
-    assert route_for(entry, "imap", "alice").servers == route_for(
-        entry, "imap", "alice@example.org").servers
-
-
-def test_protocol_picks_the_port_attribute() -> None:
-    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993, pop3_port=995)
-    assert {s.port for s in route_for(entry, "imap", "x").servers} == {993}
-    assert {s.port for s in route_for(entry, "pop3", "x").servers} == {995}
-
-
-def test_managesieve_has_its_own_port_attribute() -> None:
-    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993, managesieve_port=4190)
-    assert {s.port for s in route_for(entry, "managesieve", "x").servers} == {4190}
-    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993)
-    assert set(route_for(entry, "managesieve", "x").servers) == {Server("a"), Server("b", 1143)}
-
-
-def test_without_port_attribute_host_port_or_default() -> None:
-    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993)
-    assert set(route_for(entry, "pop3", "x").servers) == {Server("a"), Server("b", 1143)}
-
-
-def test_port_attribute_collapses_duplicates() -> None:
-    entry = Entry(DN, (Server("a", 1), Server("a", 2)), imap_port=993)
-    assert route_for(entry, "imap", "x").servers == (Server("a", 993),)
-
-
-def test_entry_login_wins() -> None:
-    assert route_for(Entry(DN, POOL, login="real"), "imap", "alice").login == "real"
-
-
-def test_unknown_protocol() -> None:
-    with pytest.raises(ValueError):
-        route_for(Entry(DN, POOL), "smtp", "alice")
-
-
-# --- RouteCache ------------------------------------------------------------------------
-
-E = Entry(DN, (Server("s"),))
-
-
-def cache(**kwargs: Any) -> tuple[Clock, RouteCache]:
-    clock = Clock()
-    return clock, RouteCache(CacheConfig(**kwargs), clock)
-
-
-def test_cache_positive_ttl() -> None:
-    clock, c = cache(positive_ttl=10, stale_ttl=100)
-    c.put("alice", E)
-    clock.advance(9.9)
-    assert c.fresh("alice") is not None
-    clock.advance(0.1)
-    assert c.fresh("alice") is None
-    assert c.stale("alice") == (E, 10.0)  # still there for an outage
-
-
-def test_cache_stale_expires() -> None:
-    clock, c = cache(positive_ttl=10, stale_ttl=100)
-    c.put("alice", E)
-    clock.advance(100)
-    assert c.stale("alice") is None
-    assert len(c) == 0
-
-
-def test_cache_negative_ttl_and_never_stale() -> None:
-    clock, c = cache(negative_ttl=5, stale_ttl=100)
-    c.put("nobody", None, "no entry")
-    cached = c.fresh("nobody")
-    assert cached is not None and cached.entry is None and cached.reason == "no entry"
-    assert c.stale("nobody") is None
-    clock.advance(5)
-    assert c.fresh("nobody") is None
-    assert len(c) == 0
-
-
-def test_cache_lru_bound() -> None:
-    _, c = cache(max_entries=2)
-    c.put("a", E)
-    c.put("b", E)
-    assert c.fresh("a") is not None  # a is now the most recently used
-    c.put("c", E)
-    assert c.fresh("b") is None
-    assert c.fresh("a") is not None and c.fresh("c") is not None
-    assert len(c) == 2
-
-
-def test_cache_size_zero_disables() -> None:
-    _, c = cache(max_entries=0)
-    c.put("a", E)
-    assert c.fresh("a") is None
-
-
-def test_cache_clear() -> None:
-    _, c = cache()
-    c.put("a", E)
-    c.clear()
-    assert c.fresh("a") is None and c.stale("a") is None
 
 
 # --- LdapDirectory with a scripted search ---------------------------------------------
@@ -521,41 +309,6 @@ def test_from_config_rejects_an_unparsable_filter(tmp_path: Path) -> None:
     config = write_config(tmp_path, 'filter = "(&(uid={user})(mail=x)"\n')
     with pytest.raises(ConfigError, match="filter"):
         LdapDirectory.from_config(config, Clock())
-
-
-# --- how ldap3 is told where to go (no connection is made) -------------------------------
-
-
-@pytest.mark.parametrize(("uri", "host", "port", "ssl"), [
-    ("ldap://ldap.example.org:389/", "ldap.example.org", 389, False),  # ldap3 alone fails here
-    ("ldap://ldap.example.org/", "ldap.example.org", 389, False),
-    ("ldaps://ldap.example.org", "ldap.example.org", 636, True),
-    ("LDAPS://LDAP.example.org:10636/dc=example,dc=org", "ldap.example.org", 10636, True),
-    ("ldap://[2001:db8::1]:3389/", "2001:db8::1", 3389, False),
-    ("ldap://127.0.0.1", "127.0.0.1", 389, False),
-])
-def test_server_is_built_from_the_parsed_uri(uri: str, host: str, port: int, ssl: bool) -> None:
-    searcher = LdapSearcher(LdapConfig(uris=(uri,), base="dc=x"), slots=1)
-    server = searcher._server(uri)
-    assert (server.host, server.port, server.ssl, server.ipc) == (host, port, ssl, False)
-    if ssl:
-        assert server.tls.sni == (None if ":" in host or host[0].isdigit() else host)
-
-
-def test_ldapi_server_gets_the_socket_path() -> None:
-    uri = "ldapi://%2Frun%2Fslap%20d%2Fldapi/"
-    searcher = LdapSearcher(LdapConfig(uris=(uri,), base="dc=x", starttls=True), slots=1)
-    server = searcher._server(uri)
-    assert server.ipc and server.host == "/run/slap d/ldapi"
-    assert server.tls is None  # no StartTLS over a local socket
-
-
-def test_starttls_applies_to_ldap_uris_only() -> None:
-    cfg = LdapConfig(uris=("ldap://h", "ldaps://h", "ldapi://%2Fs"), base="dc=x", starttls=True)
-    searcher = LdapSearcher(cfg, slots=1)
-    assert [searcher._starttls(searcher._target(uri)) for uri in cfg.uris] == [
-        True, False, False]
-    assert searcher._server("ldap://h").tls.sni == "h"
 
 
 # --- the start-up and reload probe ----------------------------------------------------------

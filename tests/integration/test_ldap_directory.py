@@ -27,7 +27,8 @@ from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from imapproxy.config import load as load_config
 from imapproxy.directory import Route, Server, rendezvous_order
 from imapproxy.errors import DirectoryUnavailable, UserNotFound
-from imapproxy.ldapdirectory import BadEntry, LdapDirectory
+from imapproxy.ldapdirectory import LdapDirectory
+from imapproxy.ldapentry import BadEntry
 
 PREFIX = "ldt-"  # every entry this module adds, so cleanup cannot touch others'
 
