@@ -12,6 +12,7 @@ spends is taken from the server under test.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -418,6 +419,55 @@ def pop3(spec: dict[str, Any]) -> dict[str, Any]:
                         _pop3_session_async)
 
 
+# --- ManageSieve ----------------------------------------------------------------
+
+
+async def _sieve_response(reader: asyncio.StreamReader) -> bytes:
+    """Lines up to the OK/NO/BYE that ends a response (RFC 5804 section 1.3); a literal
+    ({n}) is read as it comes (GETSCRIPT's script)."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise RuntimeError("ManageSieve: connection closed")
+        if line.rstrip().endswith(b"}") and b"{" in line:
+            size = int(line.rstrip()[line.rindex(b"{") + 1:-1].rstrip(b"+"))
+            await reader.readexactly(size)
+            continue
+        word = line.split(b" ", 1)[0].strip()
+        if word in (b"OK", b"NO", b"BYE"):
+            if word != b"OK":
+                raise RuntimeError(f"ManageSieve error: {line!r}")
+            return line
+
+
+async def _sieve_session_async(entry: list[Any]) -> None:
+    """Log in, LISTSCRIPTS, GETSCRIPT, LOGOUT: what a filter editor does on opening."""
+    host, port, user, password, script = entry
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _sieve_response(reader)  # the greeting: capabilities, then OK
+        token = base64.b64encode(f"\0{user}\0{password}".encode())
+        writer.write(b'AUTHENTICATE "PLAIN" "' + token + b'"\r\n')
+        await _sieve_response(reader)
+        writer.write(b"LISTSCRIPTS\r\n")
+        await _sieve_response(reader)
+        writer.write(b'GETSCRIPT "' + script.encode() + b'"\r\n')
+        await _sieve_response(reader)
+        writer.write(b"LOGOUT\r\n")
+        await _sieve_response(reader)
+    finally:
+        writer.close()
+
+
+def _sieve_session_blocking(entry: list[Any]) -> None:
+    _arun(_sieve_session_async(entry))
+
+
+def sieve(spec: dict[str, Any]) -> dict[str, Any]:
+    return _run_entries(spec["entries"], spec["concurrency"], _sieve_session_blocking,
+                        _sieve_session_async)
+
+
 # --- IDLE at scale -------------------------------------------------------------
 
 
@@ -513,7 +563,7 @@ def _arun(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
-KINDS = {"bulk": bulk, "noop": noop, "logins": logins, "pop3": pop3}
+KINDS = {"bulk": bulk, "noop": noop, "logins": logins, "pop3": pop3, "sieve": sieve}
 
 
 def main() -> None:

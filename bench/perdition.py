@@ -1,7 +1,8 @@
 """Perdition 2.2 (Debian packages perdition, perdition-ldap) run as the peer proxy.
 
-One Perdition process serves one protocol, so the bench runs up to three: IMAP4
-plain, IMAP4S (implicit TLS to the client, plaintext to the backend) and POP3.
+One Perdition process serves one protocol, so the bench runs up to four: IMAP4
+plain, IMAP4S (implicit TLS to the client, plaintext to the backend), POP3 and
+ManageSieve.
 Each looks users up in the same slapd as the proxy, through the LDAP map:
 Perdition 2.2 wants exactly three attributes (login name, host, port) and the
 ``3:`` prefix for LDAPv3 (its default, LDAPv2, is refused by slapd 2.5).
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BINARIES = {"imap": "/usr/sbin/perdition.imap4", "imaps": "/usr/sbin/perdition.imaps",
-            "pop3": "/usr/sbin/perdition.pop3"}
+            "pop3": "/usr/sbin/perdition.pop3",
+            "managesieve": "/usr/sbin/perdition.managesieve"}
 START_TIMEOUT = 10.0
 
 
@@ -66,7 +68,7 @@ class Perdition:
     """One Perdition daemon in the foreground, logging to a file in ``workdir``."""
 
     workdir: Path
-    mode: str  # "imap" | "imaps" | "pop3"
+    mode: str  # "imap" | "imaps" | "pop3" | "managesieve"
     port: int
     ldap_uri: str  # ldap://127.0.0.1:PORT
     ldap_base: str
@@ -111,7 +113,8 @@ class Perdition:
             if self.mode == "imaps":
                 if _tcp_open(self.port):
                     return
-            elif _greets(self.port, b"+OK" if self.mode == "pop3" else b"* OK"):
+            elif _greets(self.port, {"pop3": b"+OK", "managesieve": b'"IMPLEMENTATION"'}
+                         .get(self.mode, b"* OK")):
                 return
             if time.monotonic() > deadline:
                 self.stop()

@@ -34,7 +34,7 @@ def _tcp_open(port: int) -> bool:
 
 @dataclass
 class Listen:
-    protocol: str  # imap | pop3
+    protocol: str  # imap | pop3 | managesieve
     port: int
     tls: str  # none | implicit
 
@@ -122,7 +122,8 @@ class ImapProxy:
                     ok = _tcp_open(lst.port)
                 else:
                     g = _greeting(lst.port)
-                    ok = g.startswith(b"+OK" if lst.protocol == "pop3" else b"* OK")
+                    ok = g.startswith({"pop3": b"+OK", "managesieve": b'"IMPLEMENTATION"'}
+                                      .get(lst.protocol, b"* OK"))
                 if not ok:
                     still.append(lst)
             pending = still

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 from bench import procmem  # noqa: E402
 from bench.profiling import HeapSnapshots, PySpy  # noqa: E402
-from bench.stack import BenchPath, Sizes, Stack, machine  # noqa: E402
+from bench.stack import SIEVE_SCRIPT, BenchPath, Sizes, Stack, machine  # noqa: E402
 
 CLIENT = str(ROOT / "bench" / "client.py")
 #: seconds a client waits on one read before it calls the run failed (--quick: 15)
@@ -51,6 +51,8 @@ FIGURES: list[tuple[str, str, str, str, str | None, bool]] = [
     ("noop_median_ms", "noop", "NOOP round trip, median", "ms", "added", True),
     ("noop_p99_ms", "noop", "NOOP round trip, p99", "ms", "added", True),
     ("pop3_c32_per_s", "pop3", "POP3 login+RETR all, {c} concurrent", "sessions/s", "ratio", True),
+    ("sieve_c32_per_s", "sieve", "ManageSieve login+LISTSCRIPTS+GETSCRIPT+LOGOUT, {c} concurrent",
+     "sessions/s", "ratio", True),
 ]
 for _t, _tl in (("plain", "plaintext"), ("tls", "TLS")):
     FIGURES += [
@@ -63,7 +65,7 @@ for _t, _tl in (("plain", "plaintext"), ("tls", "TLS")):
          True),
         (f"idle_{_t}_push_max_ms", "push", f"IDLE {_tl}: push latency, max", "ms", "added", True),
     ]
-GROUPS = ("bulk", "logins", "noop", "pop3", "push")
+GROUPS = ("bulk", "logins", "noop", "pop3", "sieve", "push")
 
 
 def log(msg: str) -> None:
@@ -400,6 +402,40 @@ class Bench:
                     log(f"POP3 r{rnd + 1} {path.name:17} {r['per_s']:8.1f} sessions/s")
 
                 self.guarded(path, "pop3", one)
+
+    # ManageSieve -------------------------------------------------------------------
+
+    def sieve(self) -> None:
+        """As many sessions as the POP3 group, over its users (each has one script)."""
+        st, s = self.stack, self.sizes
+        users = st.pop3_users
+        for rnd in range(s.rounds):
+            for path in self.paths_for("sieve", rnd):
+                def one(path: BenchPath = path, rnd: int = rnd) -> None:
+                    entries = []
+                    for i in range(s.pop3_sessions):
+                        u = users[i % len(users)]
+                        ep = path.sieve(u)
+                        if ep is None:
+                            raise RuntimeError("no ManageSieve on this path")
+                        entries.append([ep[0], ep[1], u, st.password(u), SIEVE_SCRIPT])
+                    pids = path.pids("managesieve")
+                    c0 = cpu_seconds(pids)
+                    r = run_client({"kind": "sieve", "entries": entries,
+                                    "concurrency": min(s.concurrency, len(entries))}, self.work)
+                    cpu = cpu_seconds(pids) - c0 if pids else None
+                    if r["errors"]:
+                        raise RuntimeError(f"{r['errors']} of {len(entries)} ManageSieve "
+                                           f"sessions failed: {r['first_errors']}")
+                    self.results.add("sieve_c32_per_s", path.name, rnd, r["per_s"],
+                                     count=r["count"], seconds=r["seconds"],
+                                     latency_median_ms=r["latency_median_ms"],
+                                     proxy_cpu_ms_per_session=(cpu * 1e3 / r["count"]
+                                                               if cpu is not None and r["count"]
+                                                               else None))
+                    log(f"sieve r{rnd + 1} {path.name:17} {r['per_s']:8.1f} sessions/s")
+
+                self.guarded(path, "sieve", one)
 
     # push at scale -------------------------------------------------------------------
 

@@ -34,6 +34,11 @@ STORES = ("store1", "store2")
 FIRST_UID = 20000
 
 
+#: the script every ManageSieve session of the bench lists and fetches (GETSCRIPT)
+SIEVE_SCRIPT = "bench"
+SIEVE_BODY = b'require ["fileinto"];\r\nif header :contains "subject" "bench" {\r\n' \
+    b'  fileinto "INBOX";\r\n}\r\n'
+
 @dataclass
 class Sizes:
     """Everything that scales between --quick and a full run."""
@@ -64,11 +69,13 @@ class BenchPath:
     kind: str  # direct | imapproxy | perdition
     imap: Callable[[str, bool], tuple[str, int] | None]
     pop3: Callable[[str], tuple[str, int] | None]
-    pids: Callable[[str], list[int]]  # "imap" | "imaps" | "pop3" -> processes to measure
+    pids: Callable[[str], list[int]]  # "imap" | "imaps" | "pop3" | "managesieve" -> processes
     restart: Callable[[], None]
     groups: set[str]  # which figure groups it takes part in
     notes: list[str] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)  # figure group -> reason
+    #: ManageSieve (RFC 5804): where a user's sieve session goes, None if not here
+    sieve: Callable[[str], tuple[str, int] | None] = lambda _user: None
 
 
 class Stack:
@@ -167,6 +174,15 @@ class Stack:
         for u in self.pop3_users:
             self.store(u).populate(u, small)
         self.store(self.noop_user).populate(self.noop_user, small[:3])
+        # The ManageSieve sessions (the POP3 users) list and fetch one stored script.
+        for u in self.pop3_users:
+            store = self.store(u)
+            script = store.home(u) / "sieve" / f"{SIEVE_SCRIPT}.sieve"
+            script.parent.mkdir(exist_ok=True)
+            script.write_bytes(SIEVE_BODY)
+            uid = self.users[u].uid
+            for path in (script.parent, script):
+                os.chown(path, uid, uid)
 
     def _start_slapd(self) -> None:
         from rig.slapd import Slapd
@@ -186,6 +202,8 @@ class Stack:
                          # Perdition wants host and port in separate attributes.
                          "mailHost": [d.host], "mailImapPort": [str(d.imap_port)],
                          "mailPop3Port": [str(d.pop3_port)]}
+                if d.sieve_port is not None:
+                    attrs["mailSievePort"] = [str(d.sieve_port)]
                 if not conn.add(self.slapd.dn(name), attributes=attrs):
                     raise RuntimeError(f"LDAP add {name} failed: {conn.result}")
         finally:
@@ -200,16 +218,19 @@ class Stack:
             "host_attribute": "mailHost",
             "imap_port_attribute": "mailImapPort",
             "pop3_port_attribute": "mailPop3Port",
+            "managesieve_port_attribute": "mailSievePort",
         }
 
     def _start_proxies(self) -> None:
         cert, key = self.cert.chain_path, self.cert.key_path
         d1, d2 = self.dovecots["store1"], self.dovecots["store2"]
         static_map = [("s1*", f"{d1.host}:{d1.imap_port}"), ("s2*", f"{d2.host}:{d2.imap_port}")]
-        ports = {"imap": free_port(), "imaps": free_port(), "pop3": free_port()}
+        ports = {"imap": free_port(), "imaps": free_port(), "pop3": free_port(),
+                 "managesieve": free_port()}
         listeners = [Listen("imap", ports["imap"], "none"),
                      Listen("imap", ports["imaps"], "implicit"),
-                     Listen("pop3", ports["pop3"], "none")]
+                     Listen("pop3", ports["pop3"], "none"),
+                     Listen("managesieve", ports["managesieve"], "none")]
         self.proxy_pop3 = True
         self.proxy_ldap = True
         variants: list[tuple[str, dict[str, object] | None]] = [
@@ -309,7 +330,7 @@ class Stack:
     def _start_perdition(self) -> None:
         cert, key = self.cert.chain_path, self.cert.key_path
         for mode, attr in (("imap", "mailImapPort"), ("imaps", "mailImapPort"),
-                           ("pop3", "mailPop3Port")):
+                           ("pop3", "mailPop3Port"), ("managesieve", "mailSievePort")):
             p = Perdition(self.workdir / "perdition", mode, free_port(), self.slapd.uri,
                           self.slapd.base, attr, cert=cert, key=key)
             self.log(f"starting Perdition {mode}")
@@ -327,9 +348,14 @@ class Stack:
             d = self.store(user)
             return d.host, d.pop3_port
 
-        all_groups = {"bulk", "logins", "noop", "push", "pop3"}
+        def direct_sieve(user: str) -> tuple[str, int] | None:
+            d = self.store(user)
+            return None if d.sieve_port is None else (d.host, d.sieve_port)
+
+        all_groups = {"bulk", "logins", "noop", "push", "pop3", "sieve"}
         self.paths.append(BenchPath("direct", "direct", direct_imap, direct_pop3,
-                                    lambda _proto: [], lambda: None, set(all_groups)))
+                                    lambda _proto: [], lambda: None, set(all_groups),
+                                    sieve=direct_sieve))
 
         for name, proxy in self.proxies.items():
             self.paths.append(self._proxy_path(name, proxy, all_groups))
@@ -344,6 +370,9 @@ class Stack:
         def perd_pop3(_user: str) -> tuple[str, int]:
             return "127.0.0.1", perd["pop3"].port
 
+        def perd_sieve(_user: str) -> tuple[str, int]:
+            return "127.0.0.1", perd["managesieve"].port
+
         def perd_restart() -> None:
             for p in perd.values():
                 p.stop()
@@ -352,7 +381,7 @@ class Stack:
 
         self.paths.append(BenchPath("perdition", "perdition", perd_imap, perd_pop3,
                                     lambda proto: [perd[proto].pid], perd_restart,
-                                    set(all_groups)))
+                                    set(all_groups), sieve=perd_sieve))
 
     def _proxy_path(self, name: str, proxy: ImapProxy, all_groups: set[str]) -> BenchPath:
         def port_of(protocol: str, tls: str) -> int | None:
@@ -369,6 +398,10 @@ class Stack:
             port = port_of("pop3", "none")
             return None if port is None else ("127.0.0.1", port)
 
+        def sieve(_user: str) -> tuple[str, int] | None:
+            port = port_of("managesieve", "none")
+            return None if port is None else ("127.0.0.1", port)
+
         def restart() -> None:
             proxy.stop()
             proxy.start()
@@ -378,7 +411,7 @@ class Stack:
         else:
             groups = set(all_groups)
         path = BenchPath(name, "imapproxy", imap, pop3, lambda _proto: [proxy.pid], restart,
-                         groups)
+                         groups, sieve=sieve)
         if port_of("pop3", "none") is None and "pop3" in groups:
             path.unsupported["pop3"] = "imapproxy has no POP3 listener yet"
         return path

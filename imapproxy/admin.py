@@ -48,6 +48,7 @@ from twisted.web.server import Request
 
 from .config import Config, authority, parse_address
 from .credentials import Secret
+from .login import default_port
 from .metrics import QuietSite, session_protocol, session_state
 from .transports import tcp_server_endpoint
 
@@ -84,8 +85,7 @@ def _backend_port(session: Any) -> int | None:
     server = session.backend.server
     if server.port is not None:
         return int(server.port)
-    backend = session.runtime.config.backend
-    return int(backend.imap_port if session_protocol(session) == "imap" else backend.pop3_port)
+    return default_port(session.runtime.config.backend, session_protocol(session))
 
 
 def parse_backend(text: str) -> tuple[str, int | None]:

@@ -36,8 +36,8 @@ from .config import ConfigError, TlsConfig
 log = Logger(namespace="imapproxy")
 
 #: listener protocol -> its ALPN protocol ID (IANA "TLS Application-Layer Protocol
-#: Negotiation (ALPN) Protocol IDs" registry: "imap", "pop3")
-ALPN_IDS = {"imap": b"imap", "pop3": b"pop3"}
+#: Negotiation (ALPN) Protocol IDs" registry: "imap", "pop3", "managesieve")
+ALPN_IDS = {"imap": b"imap", "pop3": b"pop3", "managesieve": b"managesieve"}
 
 
 class NoApplicationProtocol(SSL.Error):

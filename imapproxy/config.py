@@ -28,7 +28,7 @@ from .sasl import DEFAULT_MECHANISMS, MECHANISMS
 
 T = TypeVar("T")
 
-PROTOCOLS = ("imap", "pop3")
+PROTOCOLS = ("imap", "pop3", "managesieve")
 TLS_MODES = ("none", "starttls", "implicit")
 #: "id": IMAP ID x-originating-ip... (Dovecot login_trusted_networks) and POP3 XCLIENT;
 #: "proxy-v2": a PROXY protocol v2 header before anything else; "none": nothing
@@ -132,6 +132,8 @@ class LdapConfig:
     host_attribute: str = _key("mailHost", required=True)
     imap_port_attribute: str = ""
     pop3_port_attribute: str = ""
+    #: optional; without it ManageSieve goes to the host's port or [backend]'s
+    managesieve_port_attribute: str = ""
     login_attribute: str = ""
     timeout: float = _key(5.0, minimum=0.1)
     pool_size: int = _key(4, minimum=1, maximum=64)
@@ -157,6 +159,8 @@ class DirectoryConfig:
 class BackendConfig:
     imap_port: int = _key(143, minimum=1, maximum=65535)
     pop3_port: int = _key(110, minimum=1, maximum=65535)
+    #: RFC 5804 section 1.8: ManageSieve's registered port
+    managesieve_port: int = _key(4190, minimum=1, maximum=65535)
     tls: str = _key("none", choices=TLS_MODES)
     ca_file: Path | None = None
     connect_timeout: float = _key(10.0, minimum=0.1)

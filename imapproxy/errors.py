@@ -14,6 +14,8 @@ class ProxyError(Exception):
     imap_code: str | None = None
     #: RFC 3206 / RFC 2449 response code for POP3.
     pop3_code: str | None = None
+    #: RFC 5804 section 1.3 response code for ManageSieve, in wire form ("TRYLATER").
+    sieve_code: str | None = None
     #: Text safe to show to the client.
     public_text: str = "Internal error"
 
@@ -39,6 +41,7 @@ class BackendProtocolError(ProxyError):
 
     imap_code = "UNAVAILABLE"
     pop3_code = "SYS/TEMP"
+    sieve_code = "TRYLATER"  # RFC 5804 section 1.3: try again later
     public_text = "Backend error, try again later"
 
     def __init__(self, detail: str = "") -> None:
@@ -84,6 +87,7 @@ class DirectoryUnavailable(ProxyError):
 
     imap_code = "UNAVAILABLE"
     pop3_code = "SYS/TEMP"
+    sieve_code = "TRYLATER"  # RFC 5804 section 1.3: try again later
     public_text = "Service temporarily unavailable, try again later"
 
 
@@ -92,6 +96,7 @@ class BackendUnavailable(ProxyError):
 
     imap_code = "UNAVAILABLE"
     pop3_code = "SYS/TEMP"
+    sieve_code = "TRYLATER"  # RFC 5804 section 1.3: try again later
     public_text = "Service temporarily unavailable, try again later"
 
     def __init__(self, detail: str = "") -> None:
@@ -115,11 +120,16 @@ class BackendRefused(ProxyError):
 
     pop3_code = "AUTH"
 
-    def __init__(self, code: str, text: str, pop3_code: str = "AUTH") -> None:
+    def __init__(self, code: str, text: str, pop3_code: str = "AUTH", *,
+                 sieve_code: str | None = None, bye: bool = False) -> None:
         super().__init__(code)
         self.imap_code = code
         self.pop3_code = pop3_code
+        self.sieve_code = sieve_code
         self.public_text = text
+        #: ManageSieve: the backend said BYE (REFERRAL ...), so the client is told BYE
+        #: and the connection closes (RFC 5804 section 1.3)
+        self.bye = bye
 
 
 class TooManyConnections(ProxyError):
@@ -127,6 +137,7 @@ class TooManyConnections(ProxyError):
 
     imap_code = "UNAVAILABLE"
     pop3_code = "SYS/TEMP"
+    sieve_code = "TRYLATER"  # RFC 5804 section 1.3: try again later
 
     def __init__(self, text: str = "Too many connections, try again later") -> None:
         super().__init__(text)

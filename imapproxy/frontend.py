@@ -49,33 +49,42 @@ from .imap import ImapSession
 from .imapwire import response
 from .limits import Refusal, Ticket, client_key
 from .logquote import quoted
+from .managesieve import ManageSieveSession, SieveCapabilities
 from .penalty import Outcome
 from .pop3 import Pop3Session
 from .pop3wire import reply
 from .relay import Relay
 from .runtime import Current, Runtime
+from .sievewire import response as sieve_response
 from .transports import LOGOUT_GRACE, Backpressure, Leg, configure_socket, write_now
 
 log = Logger(namespace="imapproxy")
 _session_ids = itertools.count(1)
 
 #: protocol name -> front-end session class (both take the same keyword arguments)
-FRONTEND_SESSIONS: dict[str, Callable[..., Any]] = {"imap": ImapSession, "pop3": Pop3Session}
+FRONTEND_SESSIONS: dict[str, Callable[..., Any]] = {"imap": ImapSession, "pop3": Pop3Session,
+                                                    "managesieve": ManageSieveSession}
 
 #: protocol name -> the line refusing a connection in place of the greeting: RFC 3501
-#: section 7.1.5 allows BYE as the greeting; RFC 2449 section 8 codes for POP3.
+#: section 7.1.5 allows BYE as the greeting; RFC 2449 section 8 codes for POP3; RFC 5804
+#: section 1.3: BYE may come at any time, (TRYLATER) says when to come back.
 REFUSALS: dict[str, Callable[[ProxyError], bytes]] = {
     "imap": lambda e: response(b"*", b"BYE", e.client_text(), e.imap_code),
     "pop3": lambda e: reply(False, e.client_text(), e.pop3_code),
+    "managesieve": lambda e: sieve_response(
+        b"BYE", e.client_text(), e.sieve_code.encode() if e.sieve_code else None),
 }
 
 
-def new_session(listener: Listener, config: Config) -> Any:
-    """The pre-login session for a new client of this listener."""
+def new_session(listener: Listener, config: Config,
+                sieve: SieveCapabilities | None = None) -> Any:
+    """The pre-login session for a new client of this listener; ``sieve``: what the
+    ManageSieve greeting says of the backends (runtime.Shared.sieve)."""
+    extra: dict[str, Any] = ({"sieve": sieve} if listener.protocol == "managesieve"
+                             else {"mechanisms": config.auth.mechanisms})
     return FRONTEND_SESSIONS[listener.protocol](
         tls_active=listener.tls == "implicit", starttls_available=listener.tls == "starttls",
-        plaintext_auth=config.tls.plaintext_auth, limits=config.limits,
-        mechanisms=config.auth.mechanisms)
+        plaintext_auth=config.tls.plaintext_auth, limits=config.limits, **extra)
 
 
 class _ReplyBackpressure:
@@ -141,7 +150,7 @@ class FrontendProtocol(Protocol):
         registry.add(self)
         if registry.draining:
             # The session says it in its own protocol (BYE / -ERR [SYS/TEMP]) and closes.
-            self._execute(new_session(listener, config).shutdown())
+            self._execute(new_session(listener, config, runtime.shared.sieve).shutdown())
             return
         limiter = runtime.shared.limiter
         admitted = limiter.admit(getattr(self.transport.getPeer(), "host", ""))
@@ -157,7 +166,7 @@ class FrontendProtocol(Protocol):
             log.debug("connection id={session_id} client={client} admitted ({count} from there, "
                       "{total} in all)", session_id=self.session_id, client=admitted.client,
                       count=limiter.connections_from(admitted.client), total=limiter.total)
-        self.session = new_session(listener, config)
+        self.session = new_session(listener, config, runtime.shared.sieve)
         if listener.tls != "implicit":
             self._add_gate()  # with TLS: once the handshake is done (handshakeCompleted)
         self._timer = self.clock.callLater(config.limits.preauth_timeout, self._preauth_timeout)
@@ -404,7 +413,7 @@ class FrontendProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         self.session = None  # the pre-login session is done; free it
-        relay = Relay(self, backend, self.clock, self.factory.listener.protocol == "imap")
+        relay = Relay(self, backend, self.clock, self.factory.listener.protocol)
         self.relay = backend.relay = relay
         backend.dialogue = None
         if backend.result.trailing:

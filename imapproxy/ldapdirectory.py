@@ -204,13 +204,14 @@ class LdapDirectory:
     def lookup(
         self, username: str, protocol: str, backend_login: str | None = None
     ) -> Deferred[Route]:
-        """Route ``username`` (the rewritten lookup name) for "imap" or "pop3".
+        """Route ``username`` (the rewritten lookup name) for "imap", "pop3" or
+        "managesieve".
 
         The backend login is the entry's login_attribute if it has one, else
         ``backend_login``, else ``username``. Fails with UserNotFound (no entry, or
         an unusable one) or DirectoryUnavailable (LDAP down and nothing to serve).
         """
-        if protocol not in ("imap", "pop3"):
+        if protocol not in ("imap", "pop3", "managesieve"):
             return fail(ValueError(f"unknown protocol {protocol!r}"))
         login = backend_login or username
         return self._entry(username).addCallback(

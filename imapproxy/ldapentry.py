@@ -45,6 +45,7 @@ class Entry:
     servers: tuple[Server, ...]
     imap_port: int | None = None
     pop3_port: int | None = None
+    managesieve_port: int | None = None
     #: the login name the entry gives for the backend (login_attribute), if any
     login: str | None = None
 
@@ -109,6 +110,7 @@ def parse_entry(dn: str, attributes: Attributes, cfg: LdapConfig) -> Entry:
         servers=tuple(servers),
         imap_port=_port(dn, attributes, cfg.imap_port_attribute),
         pop3_port=_port(dn, attributes, cfg.pop3_port_attribute),
+        managesieve_port=_port(dn, attributes, cfg.managesieve_port_attribute),
         login=login,
     )
 
@@ -136,6 +138,8 @@ def route_for(entry: Entry, protocol: str, login: str) -> Route:
         port = entry.imap_port
     elif protocol == "pop3":
         port = entry.pop3_port
+    elif protocol == "managesieve":
+        port = entry.managesieve_port
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     servers = entry.servers

@@ -230,7 +230,8 @@ class LdapSearcher:
     def _search(self, conn: Any, search_filter: str) -> list[RawEntry]:
         cfg = self.cfg
         attributes = [a for a in (cfg.host_attribute, cfg.imap_port_attribute,
-                                  cfg.pop3_port_attribute, cfg.login_attribute) if a]
+                                  cfg.pop3_port_attribute, cfg.managesieve_port_attribute,
+                                  cfg.login_attribute) if a]
         conn.search(
             search_base=cfg.base,
             search_filter=search_filter,

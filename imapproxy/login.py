@@ -37,7 +37,7 @@ from .actions import (
     WaitForPenalty,
 )
 from .breaker import CircuitBreaker
-from .config import Config
+from .config import BackendConfig, Config
 from .credentials import Credentials
 from .directory import Route, Server
 from .errors import (
@@ -57,11 +57,20 @@ from .penalty import Outcome
 from .pop3backend import Pop3BackendLogin
 from .proxyprotocol import Address
 from .routingloops import is_own_listener, names_own_listener
+from .sievebackend import SieveBackendLogin
 from .usernames import rewrite, username_problem
 
 #: protocol name -> backend login dialogue: (credentials, login, *, starttls, client_id)
 BACKEND_DIALOGUES: dict[str, Callable[..., Any]] = {"imap": ImapBackendLogin,
-                                                    "pop3": Pop3BackendLogin}
+                                                    "pop3": Pop3BackendLogin,
+                                                    "managesieve": SieveBackendLogin}
+
+
+def default_port(backend: BackendConfig, protocol: str) -> int:
+    """[backend]'s port for a protocol, for servers the route gives without one."""
+    ports = {"imap": backend.imap_port, "pop3": backend.pop3_port,
+             "managesieve": backend.managesieve_port}
+    return ports[protocol]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +188,8 @@ def _backend_login(client: Client, credentials: Credentials, route: Route,
                    breaker: CircuitBreaker[Server]) -> Generator[LoginAction, Any, Backend]:
     """The route's servers in order (failed ones last), until one logs the user in."""
     for server in breaker.order(route.servers):
-        port = server.port if server.port is not None else (
-            config.backend.imap_port if client.protocol == "imap" else config.backend.pop3_port)
+        port = server.port if server.port is not None else default_port(config.backend,
+                                                                         client.protocol)
         label = str(Server(server.host, port))
         try:
             if names_own_listener(config.listeners, server.host, port):

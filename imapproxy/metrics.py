@@ -232,10 +232,10 @@ class _LiveCollector:
         sessions = GaugeMetricFamily("imapproxy_sessions",
                                      "Client sessions now, by protocol and state",
                                      labels=["protocol", "state"])
-        protocols = {p for p, _ in counts} | {"imap", "pop3"}
+        protocols = {p for p, _ in counts} | {"imap", "pop3", "managesieve"}
         for protocol in sorted(protocols):
-            # POP3 has no IDLE; its sessions are pre-auth or active.
-            for state in (PRE_AUTH, ACTIVE, IDLE) if protocol != "pop3" else (PRE_AUTH, ACTIVE):
+            # POP3 and ManageSieve have no IDLE; their sessions are pre-auth or active.
+            for state in (PRE_AUTH, ACTIVE, IDLE) if protocol == "imap" else (PRE_AUTH, ACTIVE):
                 sessions.add_metric([protocol, state], counts.get((protocol, state), 0))
         yield sessions
         relayed = CounterMetricFamily("imapproxy_client_bytes",

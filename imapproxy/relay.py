@@ -28,10 +28,10 @@ class Relay:
 
     __slots__ = ("client", "backend", "session", "clock")
 
-    def __init__(self, client: Any, backend: Any, clock: Any, imap: bool) -> None:
+    def __init__(self, client: Any, backend: Any, clock: Any, protocol: str) -> None:
         self.client = client  # the FrontendProtocol
         self.backend = backend  # the BackendProtocol
-        self.session = RelaySession(imap, clock.seconds())
+        self.session = RelaySession(protocol, clock.seconds())
         self.clock = clock
 
     @property

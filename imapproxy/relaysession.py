@@ -28,6 +28,10 @@ from .actions import Close, Log, PauseClient, SendToBackend, SendToClient
 from .config import Timeouts
 from .imapwire import BYE_BACKEND_GONE, BYE_SHUTDOWN, BYE_TIMEOUT, STILL_HERE
 from .pop3tracker import Pop3Tracker
+from .sievetracker import SieveTracker
+from .sievewire import BYE_BACKEND_GONE as SIEVE_BACKEND_GONE
+from .sievewire import BYE_SHUTDOWN as SIEVE_SHUTDOWN
+from .sievewire import BYE_TIMEOUT as SIEVE_TIMEOUT
 from .tracker import SessionTracker
 
 #: our own tag for the LOGOUT the proxy sends when it ends a session itself
@@ -60,6 +64,18 @@ IMAP_LINES = Lines(BYE_TIMEOUT, BYE_SHUTDOWN, BYE_BACKEND_GONE, STILL_HERE,
 #: the stream. And never QUIT for the client: that would commit its deletions (RFC 1939
 #: section 6); a closed connection leaves the maildrop as it was.
 POP3_LINES = Lines(None, None, None, None, None)
+#: RFC 5804 section 1.3: BYE tells the client the server is closing, and may come
+#: between commands; TRYLATER says to come back. No keepalive: a ManageSieve client
+#: waits for nothing unprompted. The proxy's LOGOUT (section 2.3) lets the backend
+#: end its side cleanly.
+SIEVE_LINES = Lines(SIEVE_TIMEOUT, SIEVE_SHUTDOWN, SIEVE_BACKEND_GONE, None, b"LOGOUT\r\n")
+
+#: listener protocol -> (its tracker, what the proxy may say in it)
+PROTOCOLS: dict[str, tuple[type[SessionTracker | Pop3Tracker | SieveTracker], Lines]] = {
+    "imap": (SessionTracker, IMAP_LINES),
+    "pop3": (Pop3Tracker, POP3_LINES),
+    "managesieve": (SieveTracker, SIEVE_LINES),
+}
 
 
 class RelaySession:
@@ -68,9 +84,9 @@ class RelaySession:
     __slots__ = ("tracker", "lines", "last_client", "last_server", "draining", "detached",
                  "client_paused", "opaque_noted", "logout_sent")
 
-    def __init__(self, imap: bool, now: float) -> None:
-        self.tracker: SessionTracker | Pop3Tracker = SessionTracker() if imap else Pop3Tracker()
-        self.lines = IMAP_LINES if imap else POP3_LINES
+    def __init__(self, protocol: str, now: float) -> None:
+        tracker, self.lines = PROTOCOLS[protocol]
+        self.tracker: SessionTracker | Pop3Tracker | SieveTracker = tracker()
         self.last_client = self.last_server = now
         self.draining = False
         #: the client has been sent its last line; what the backend says now is dropped

@@ -13,7 +13,7 @@ built (the metrics wrap the directory and the backend endpoints as they are buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import service
@@ -25,6 +25,7 @@ from .clienttls import ServerTLS
 from .config import Config
 from .directory import Server, StaticDirectory
 from .limits import ConnectionLimiter
+from .managesieve import SieveCapabilities
 from .metrics import NullMetrics
 from .registry import SessionRegistry
 
@@ -41,6 +42,9 @@ class Shared:
     breaker: CircuitBreaker[Server]
     metrics: NullMetrics
     client_tls: ServerTLS | None
+    #: the backends' SIEVE capabilities, for the ManageSieve pre-login list (learnt
+    #: from backend logins, so it outlives a reload)
+    sieve: SieveCapabilities = field(default_factory=SieveCapabilities)
 
     def reload_certificates(self, config: Config) -> None:
         """The client TLS loads the new certificates, or raises ConfigError and keeps the

@@ -99,7 +99,7 @@ def slapd(
     user_stores: dict[str, Dovecot],
 ) -> Iterator[Slapd]:
     """Shared slapd with one entry per user: mail ``<uid>@example.org``, mailHost
-    127.0.0.1, mailImapPort/mailPop3Port of the user's store's plain ports."""
+    127.0.0.1, mailImapPort/mailPop3Port/mailSievePort of the user's store's plain ports."""
     server = Slapd(tmp_path_factory.mktemp("slapd"), cert=server_cert)
     try:
         server.start()
@@ -110,6 +110,7 @@ def slapd(
                 mail_host=store.host,
                 imap_port=store.imap_port,
                 pop3_port=store.pop3_port,
+                sieve_port=store.sieve_port,
             )
         yield server
     finally:

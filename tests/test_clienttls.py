@@ -179,7 +179,7 @@ def alpn_handshake(creator: object, sni: str | None, offered: list[str] | None,
     return dns_names(certificate), client.selected_alpn_protocol()
 
 
-@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "managesieve"])
 def test_alpn_selects_the_listener_protocol(certs: dict[str, tuple[Path, Path]],
                                             protocol: str) -> None:
     tls = ServerTLS(sni_config(certs), "/x.toml").for_protocol(protocol)
@@ -193,7 +193,7 @@ def test_alpn_selects_the_listener_protocol(certs: dict[str, tuple[Path, Path]],
 
 @pytest.mark.parametrize(("protocol", "offered"), [
     ("imap", ["http/1.1"]), ("imap", ["h2", "http/1.1"]), ("imap", ["pop3"]),
-    ("pop3", ["imap"]), ("pop3", ["smtp"]),
+    ("pop3", ["imap"]), ("pop3", ["smtp"]), ("managesieve", ["imap"]),
 ])
 def test_alpn_without_the_listener_protocol_is_refused(
         certs: dict[str, tuple[Path, Path]], protocol: str, offered: list[str]) -> None:

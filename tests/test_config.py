@@ -120,6 +120,10 @@ protocol = "pop3"
 address = "localhost:1110"
 tls = "none"
 
+[[listen]]
+protocol = "managesieve"
+address = "localhost:4190"
+
 [tls]
 certificate = "tls/cert.pem"
 key = "tls/key.pem"
@@ -139,6 +143,7 @@ bind_password_file = "ldap.secret"
 starttls = true
 host_attribute = "mailHost"
 imap_port_attribute = "mailImapPort"
+managesieve_port_attribute = "mailSievePort"
 timeout = 2
 pool_size = 8
 
@@ -149,6 +154,7 @@ max_entries = 0
 
 [backend]
 imap_port = 1143
+managesieve_port = 14190
 tls = "starttls"
 connect_timeout = 3
 insecure_skip_verify = true
@@ -175,6 +181,7 @@ def test_full_config(confdir: Path) -> None:
         Listener("imap", "0.0.0.0", 993, "implicit"),
         Listener("imap", "::1", 1143, "starttls"),  # tls defaults to starttls
         Listener("pop3", "localhost", 1110, "none"),
+        Listener("managesieve", "localhost", 4190, "starttls"),
     )
     assert config.tls.certificate == (confdir / "tls" / "cert.pem").resolve()
     assert config.tls.key == (confdir / "tls" / "key.pem").resolve()
@@ -193,6 +200,8 @@ def test_full_config(confdir: Path) -> None:
     assert ldap.pool_size == 8
     assert config.directory.cache == CacheConfig(60.0, 5.5, 3600.0, 0)
     assert config.backend.imap_port == 1143
+    assert config.backend.managesieve_port == 14190
+    assert ldap.managesieve_port_attribute == "mailSievePort"
     assert config.backend.tls == "starttls"
     assert config.backend.insecure_skip_verify is True
     assert config.limits.max_line == 4096

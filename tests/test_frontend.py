@@ -507,3 +507,51 @@ def test_a_backend_gone_before_the_login_is_a_backend_failure_with_its_reason() 
     assert [s.host for s in h.shared.breaker.down()] == ["10.0.0.1"]
     lines = [formatEvent(e) for e in events if "unavailable for" in formatEvent(e)]
     assert lines and lines[0].endswith(": closed the connection during the login")
+
+
+# -- ManageSieve (RFC 5804, issue 15) ---------------------------------------------------------
+
+SIEVE_BACKEND_GREETING = (b'"IMPLEMENTATION" "Dovecot Pigeonhole"\r\n'
+                          b'"SIEVE" "fileinto vacation"\r\n"SASL" "PLAIN"\r\nOK "ready"\r\n')
+
+
+def test_managesieve_login_at_the_backends_default_port_then_relay_and_kick() -> None:
+    from base64 import b64encode
+
+    h = Harness(protocol="managesieve", routes="* 10.0.0.1\n")
+    client, transport = h.connect_client()
+    assert transport.value().endswith(b'OK "ManageSieve proxy ready"\r\n')
+    assert b'"SIEVE" "fileinto envelope encoded-character"' in transport.value()
+    transport.clear()
+    token = b64encode(b"\0alice\0secret")
+    client.dataReceived(b'AUTHENTICATE "PLAIN" "' + token + b'"\r\nLISTSCRIPTS\r\n')
+    backend = h.backends[-1]
+    assert h.reactor.tcpClients == [] and backend.server.port is None
+    assert backend.transport.getPeer().port == 4190  # [backend] managesieve_port
+    backend.dataReceived(SIEVE_BACKEND_GREETING)
+    assert backend.transport.value() == b'AUTHENTICATE "PLAIN" "' + token + b'"\r\n'
+    backend.transport.clear()
+    backend.dataReceived(b'OK "Logged in."\r\n')
+    assert transport.value() == b'OK "Logged in"\r\n'
+    # the pipelined command went on to the backend, and the answer comes back
+    assert backend.transport.value() == b"LISTSCRIPTS\r\n"
+    backend.dataReceived(b'OK "Listscripts completed."\r\n')
+    assert transport.value().endswith(b'OK "Listscripts completed."\r\n')
+    # the next client's greeting has the backend's SIEVE list
+    _second, second_transport = h.connect_client("192.0.2.8")
+    assert b'"SIEVE" "fileinto vacation"' in second_transport.value()
+    # a kick between commands: LOGOUT to the backend, BYE to the client, closed
+    transport.clear()
+    backend.transport.clear()
+    client.drain()
+    assert backend.transport.value() == b"LOGOUT\r\n"
+    assert transport.value() == b'BYE (TRYLATER) "Server shutting down"\r\n'
+    assert closed(transport)
+
+
+def test_managesieve_connections_over_the_total_get_bye_trylater() -> None:
+    h = Harness(protocol="managesieve", limits=Limits(max_connections=1))
+    h.connect_client("192.0.2.7")
+    _extra, transport = h.connect_client("192.0.2.9")
+    assert transport.value() == b'BYE (TRYLATER) "Too many connections, try again later"\r\n'
+    assert closed(transport)

@@ -15,6 +15,7 @@ CFG = LdapConfig(
     host_attribute="mailHost",
     imap_port_attribute="mailImapPort",
     pop3_port_attribute="mailPop3Port",
+    managesieve_port_attribute="mailSievePort",
     login_attribute="mailLoginName",
 )
 DN = "uid=alice,ou=people,dc=example,dc=org"
@@ -64,6 +65,9 @@ def test_ports_and_login() -> None:
     entry = parse_entry(DN, {"mailHost": [b"s"], "mailImapPort": [b"1143"],
                              "mailPop3Port": [b"1110"], "mailLoginName": [b"alice.real"]}, CFG)
     assert (entry.imap_port, entry.pop3_port, entry.login) == (1143, 1110, "alice.real")
+    assert entry.managesieve_port is None
+    entry = parse_entry(DN, {"mailHost": [b"s"], "mailsieveport": [b"14190"]}, CFG)
+    assert entry.managesieve_port == 14190
 
 
 @pytest.mark.parametrize("value", [[b"0"], [b"65536"], [b"x"], [b"-1"], [b"143", b"993"]])
@@ -128,6 +132,13 @@ def test_protocol_picks_the_port_attribute() -> None:
     entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993, pop3_port=995)
     assert {s.port for s in route_for(entry, "imap", "x").servers} == {993}
     assert {s.port for s in route_for(entry, "pop3", "x").servers} == {995}
+
+
+def test_managesieve_has_its_own_port_attribute() -> None:
+    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993, managesieve_port=4190)
+    assert {s.port for s in route_for(entry, "managesieve", "x").servers} == {4190}
+    entry = Entry(DN, (Server("a"), Server("b", 1143)), imap_port=993)
+    assert set(route_for(entry, "managesieve", "x").servers) == {Server("a"), Server("b", 1143)}
 
 
 def test_without_port_attribute_host_port_or_default() -> None:

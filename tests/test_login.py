@@ -63,6 +63,7 @@ from imapproxy.penalty import Outcome, Penalty
 from imapproxy.penaltygate import Admission
 from imapproxy.pop3backend import Pop3BackendLogin
 from imapproxy.sasl import parse_oauthbearer, parse_xoauth2
+from imapproxy.sievebackend import SieveBackendLogin
 
 #: distinctive, so that a leak into any log text or field is found by a plain search
 PASSWORD = b"Zq7-unique-p4ssw0rd-Xv9"
@@ -633,17 +634,21 @@ def test_quotes_and_brackets_in_a_name_cannot_end_the_field() -> None:
     ("pop3", Server("10.0.0.1"), 10110, Pop3BackendLogin, b"CAPA"),
     ("imap", Server("10.0.0.1", 1993), 1993, ImapBackendLogin, b"P3 LOGIN"),
     ("pop3", Server("10.0.0.1", 1995), 1995, Pop3BackendLogin, b"CAPA"),
+    ("managesieve", Server("10.0.0.1"), 14190, SieveBackendLogin, b'AUTHENTICATE "PLAIN"'),
+    ("managesieve", Server("10.0.0.1", 2000), 2000, SieveBackendLogin,
+     b'AUTHENTICATE "PLAIN"'),
 ])
 def test_the_port_and_the_dialogue_follow_the_protocol(
         protocol: str, server: Server, port: int, dialogue: type, first: bytes) -> None:
     config = make_config(backend=BackendConfig(imap_port=10143, pop3_port=10110,
-                                               forward_client="none"))
+                                               managesieve_port=14190, forward_client="none"))
     run = World(config=config, servers=(server,)).run(protocol=protocol)
     assert dialled(run) == [("10.0.0.1", port)]
     assert login.BACKEND_DIALOGUES[protocol] is dialogue
     (step,) = run.of(LogInAtBackend)
     assert type(step.dialogue) is dialogue
-    greeting = b"* OK [CAPABILITY IMAP4rev1] hi\r\n" if protocol == "imap" else b"+OK hi\r\n"
+    greeting = {"imap": b"* OK [CAPABILITY IMAP4rev1] hi\r\n", "pop3": b"+OK hi\r\n",
+                "managesieve": b'"SIEVE" "fileinto"\r\nOK "hi"\r\n'}[protocol]
     sent = b"".join(a.data for a in step.dialogue.receive_data(greeting))
     assert sent.startswith(first)
 

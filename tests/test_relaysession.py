@@ -20,7 +20,7 @@ NO_KEEPALIVE = Timeouts(authenticated=1800.0, idle=600.0, idle_keepalive=0.0)
 
 
 def imap(now: float = 0.0) -> RelaySession:
-    return RelaySession(imap=True, now=now)
+    return RelaySession("imap", now=now)
 
 
 def idling(now: float = 0.0) -> RelaySession:
@@ -309,7 +309,7 @@ def test_any_split_of_the_servers_stream_drains_the_same(cuts: list[int], drain_
 
 
 def pop3() -> RelaySession:
-    s = RelaySession(imap=False, now=0.0)
+    s = RelaySession("pop3", now=0.0)
     assert s.from_client(b"STAT\r\n", 0.0) is NOTHING
     assert s.from_server(b"+OK 2 320\r\n", 0.0) is NOTHING
     return s

@@ -1,4 +1,5 @@
-"""A real Dovecot (IMAP + POP3) run as a child process from a scratch directory.
+"""A real Dovecot (IMAP + POP3, and ManageSieve through Pigeonhole) run as a child
+process from a scratch directory.
 
 Dovecot's master runs as root (the tests run as root) so it can hand each user's
 session to that user's own uid. Per-user uids matter: IDLE watches the maildir
@@ -44,6 +45,8 @@ from .processes import stop_process, tail
 DOVECOT = Path("/usr/sbin/dovecot")
 DOVEADM = Path("/usr/bin/doveadm")
 DOVECOT_LDA = Path("/usr/lib/dovecot/dovecot-lda")
+#: Pigeonhole's ManageSieve service (Debian: dovecot-managesieved, with dovecot-sieve)
+MANAGESIEVE_LOGIN = Path("/usr/lib/dovecot/managesieve-login")
 
 #: Seconds start() waits for the IMAP and POP3 greetings before giving up.
 START_TIMEOUT = 10.0
@@ -188,6 +191,9 @@ class Dovecot:
         self.pop3_port = free_port(self.host)
         self.imaps_port: int | None = free_port(self.host) if cert else None
         self.pop3s_port: int | None = free_port(self.host) if cert else None
+        #: ManageSieve (RFC 5804; STARTTLS with ``cert``); None without Pigeonhole
+        self.sieve_port: int | None = (free_port(self.host) if MANAGESIEVE_LOGIN.exists()
+                                       else None)
         self.config_path = self.workdir / "dovecot.conf"
         self.log_path = self.workdir / "dovecot.log"
         self.stderr_path = self.workdir / "dovecot.stderr"
@@ -302,7 +308,7 @@ state_dir = {self.state_dir}
 log_path = {self.log_path}
 auth_verbose = yes
 verbose_proctitle = yes
-protocols = imap pop3
+protocols = imap pop3{" sieve" if self.sieve_port else ""}
 listen = 127.0.0.1
 login_greeting = {self.name} ready.
 login_trusted_networks = 127.0.0.0/8
@@ -364,7 +370,7 @@ service pop3-login {{
 service imap {{
   process_limit = {process_limit}
 }}
-service pop3 {{
+{self._managesieve(login_processes, process_limit)}service pop3 {{
   process_limit = {process_limit}
 }}
 service anvil {{
@@ -379,6 +385,29 @@ service stats {{
   unix_listener stats-writer {{
     mode = 0666
   }}
+}}
+"""
+
+    def _managesieve(self, login_processes: int, process_limit: int) -> str:
+        """Pigeonhole's ManageSieve: scripts in ~/sieve, the active one ~/.dovecot.sieve."""
+        if self.sieve_port is None:
+            return ""
+        return f"""\
+service managesieve-login {{
+  inet_listener sieve {{
+    address = {self.host}
+    port = {self.sieve_port}
+  }}
+  service_count = 0
+  process_min_avail = 1
+  process_limit = {login_processes}
+  client_limit = {self.max_sessions + 100}
+}}
+service managesieve {{
+  process_limit = {process_limit}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
 }}
 """
 
@@ -416,6 +445,8 @@ service stats {{
             )
         deadline = time.monotonic() + START_TIMEOUT
         pending = {self.imap_port: b"* OK", self.pop3_port: b"+OK"}
+        if self.sieve_port is not None:
+            pending[self.sieve_port] = b'"IMPLEMENTATION"'
         while pending:
             if self._process.poll() is not None:
                 self._fail(f"dovecot {self.name} exited with status {self._process.returncode}")
@@ -460,7 +491,8 @@ service stats {{
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Dovecot {self.name} imap={self.imap_port} pop3={self.pop3_port}>"
+        return (f"<Dovecot {self.name} imap={self.imap_port} pop3={self.pop3_port} "
+                f"sieve={self.sieve_port}>")
 
     # -- mail ----------------------------------------------------------------
 
@@ -506,6 +538,18 @@ service stats {{
                 os.fchown(file.fileno(), account.uid, account.uid)
                 file.write(message)
         self.doveadm("force-resync", "-u", user, "INBOX")
+
+    def active_sieve(self, user: str) -> bytes | None:
+        """The user's active Sieve script as stored on this backend (None if none)."""
+        self._user(user)
+        link = self.home(user) / ".dovecot.sieve"
+        return link.read_bytes() if link.exists() else None
+
+    def sieve_scripts(self, user: str) -> list[str]:
+        """Names of the user's stored Sieve scripts."""
+        self._user(user)
+        return sorted(p.name.removesuffix(".sieve")
+                      for p in (self.home(user) / "sieve").glob("*.sieve"))
 
     def _user(self, user: str) -> MailUser:
         try:

@@ -1,4 +1,4 @@
-"""A blocking IMAP/POP3 client that measures how its session ends.
+"""A blocking IMAP/POP3/ManageSieve client that measures how its session ends.
 
 Used by the session-end tests: it connects in one of the four listener modes (IMAP
 STARTTLS, IMAPS, POP3 STLS, POP3S, or plain), logs in, and then waits for the
@@ -11,6 +11,7 @@ It never closes or answers first: like mbsync after LOGOUT, it waits for the ser
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import socket
 import ssl
@@ -25,6 +26,8 @@ MODES = {
     "pop3s": ("pop3", "implicit"),
     "imap-plain": ("imap", "none"),
     "pop3-plain": ("pop3", "none"),
+    "sieve-starttls": ("managesieve", "starttls"),
+    "sieves": ("managesieve", "implicit"),
 }
 
 
@@ -55,14 +58,20 @@ class EndClient:
         self.last_byte_at = time.monotonic()
         if self.tls == "implicit":
             self._wrap()
-        self.greeting = self.readline()
+        # ManageSieve greets with its capability list, then OK (RFC 5804 section 1.7).
+        self.greeting = (self.readline() if self.protocol != "managesieve"
+                         else b"".join(self.response()))
         if self.tls == "starttls":
-            if self.protocol == "imap":
+            if self.protocol == "managesieve":
+                assert self.command(b"STARTTLS", b"")[-1].startswith(b"OK")
+            elif self.protocol == "imap":
                 self.command(b"s0 STARTTLS", b"s0 ")
             else:
                 self.send(b"STLS\r\n")
                 assert self.readline().startswith(b"+OK")
             self._wrap()
+            if self.protocol == "managesieve":
+                self.response()  # the capabilities again (RFC 5804 section 2.2)
 
     def _wrap(self) -> None:
         self.sock = self._context.wrap_socket(self.sock, server_hostname="localhost")
@@ -88,6 +97,13 @@ class EndClient:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line + b"\n"
 
+    def response(self) -> list[bytes]:
+        """ManageSieve: lines up to the OK, NO or BYE that ends a response (no literals)."""
+        lines = []
+        while not (lines and lines[-1].split(b" ", 1)[0].strip() in (b"OK", b"NO", b"BYE")):
+            lines.append(self.readline())
+        return lines
+
     def command(self, line: bytes, until: bytes) -> list[bytes]:
         """Send ``line``; read lines up to one starting with ``until`` (included)."""
         self.send(line + b"\r\n")
@@ -102,7 +118,15 @@ class EndClient:
 
     def login(self, user: str, password: str) -> None:
         """Log in (IMAP LOGIN with quoted strings / POP3 USER and PASS) and check OK."""
-        if self.protocol == "imap":
+        if self.protocol == "managesieve":
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            self.send(f'AUTHENTICATE "PLAIN" "{token}"\r\n'.encode())
+            reply = self.response()
+            assert reply[-1].startswith(b"OK"), reply
+            self.send(b"LISTSCRIPTS\r\n")
+            reply = self.response()
+            assert reply[-1].startswith(b"OK"), reply
+        elif self.protocol == "imap":
             quoted = password.replace("\\", "\\\\").replace('"', '\\"')
             reply = self.command(f'a1 LOGIN "{user}" "{quoted}"'.encode(), b"a1 ")
             assert reply[-1].startswith(b"a1 OK"), reply

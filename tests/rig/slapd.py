@@ -4,7 +4,7 @@ The directory holds ``dc=example,dc=org`` with user entries below
 ``ou=people,dc=example,dc=org``; the admin DN writes, anonymous clients may read
 everything except userPassword. Each user entry is an inetOrgPerson plus
 misc.schema's inetLocalMailRecipient (``mailHost``) plus our auxiliary
-``imapProxyUser`` (``mailImapPort``, ``mailPop3Port``, ``mailLoginName``, see
+``imapProxyUser`` (``mailImapPort``, ``mailPop3Port``, ``mailLoginName``, ``mailSievePort``, see
 ``imapproxy.schema`` beside this file).
 
 Note: misc.schema declares ``mailHost`` SINGLE-VALUE, so slapd itself refuses an
@@ -294,6 +294,7 @@ access to *
         imap_port: int | None = None,
         pop3_port: int | None = None,
         login_name: str | None = None,
+        sieve_port: int | None = None,
     ) -> str:
         """Add ``uid=<uid>`` below ``base`` and return its DN; None leaves an attribute out."""
         attributes: dict[str, list[str]] = {
@@ -308,6 +309,7 @@ access to *
             ("mailImapPort", imap_port),
             ("mailPop3Port", pop3_port),
             ("mailLoginName", login_name),
+            ("mailSievePort", sieve_port),
         ):
             if values := _values(value):
                 attributes[name] = values
