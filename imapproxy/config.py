@@ -101,9 +101,9 @@ class TlsConfig:
 class AuthConfig:
     """What the proxy lets clients log in with, besides IMAP LOGIN and POP3 USER/PASS."""
 
-    #: SASL mechanisms advertised (CAPABILITY AUTH=..., CAPA SASL ...) and accepted in
-    #: AUTHENTICATE / AUTH; "OAUTHBEARER" and "XOAUTH2" pass the client's token through to
-    #: the backend, which must accept them (sasl.py)
+    #: SASL mechanisms advertised (CAPABILITY AUTH=..., CAPA SASL ..., ManageSieve's
+    #: "SASL" line) and accepted in AUTHENTICATE / AUTH; "OAUTHBEARER" and "XOAUTH2" pass
+    #: the client's token through to the backend, which must accept them (sasl.py)
     mechanisms: tuple[str, ...] = _key(DEFAULT_MECHANISMS, kind="mechanisms")
 
 

@@ -80,8 +80,9 @@ def new_session(listener: Listener, config: Config,
                 sieve: SieveCapabilities | None = None) -> Any:
     """The pre-login session for a new client of this listener; ``sieve``: what the
     ManageSieve greeting says of the backends (runtime.Shared.sieve)."""
-    extra: dict[str, Any] = ({"sieve": sieve} if listener.protocol == "managesieve"
-                             else {"mechanisms": config.auth.mechanisms})
+    extra: dict[str, Any] = {"mechanisms": config.auth.mechanisms}
+    if listener.protocol == "managesieve":
+        extra["sieve"] = sieve
     return FRONTEND_SESSIONS[listener.protocol](
         tls_active=listener.tls == "implicit", starttls_available=listener.tls == "starttls",
         plaintext_auth=config.tls.plaintext_auth, limits=config.limits, **extra)

@@ -9,22 +9,25 @@ shared with the backend dialogue (sievebackend.py).
 
 ManageSieve has no tags and no BAD: every command gets one OK, NO or BYE (section
 1.3), and the greeting is the capability list (section 1.7). Before login the proxy
-answers CAPABILITY, STARTTLS, AUTHENTICATE "PLAIN", NOOP and LOGOUT; script commands
-need a login first.
+answers CAPABILITY, STARTTLS, AUTHENTICATE (the ``[auth] mechanisms``: PLAIN, LOGIN,
+OAUTHBEARER, XOAUTH2, through sasl.py), NOOP and LOGOUT; script commands need a login
+first.
 """
 
 from __future__ import annotations
 
+from base64 import b64encode
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
 
 from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
 from .config import Limits
-from .credentials import decode_sasl_plain
+from .credentials import Credentials
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
 from .prelogin import PreLoginSession
+from .sasl import DEFAULT_MECHANISMS, MECHANISMS, Challenge, ServerExchange, failure_challenge
 from .sievewire import (
     BYE_SHUTDOWN,
     Atom,
@@ -44,8 +47,9 @@ from .sievewire import (
 class State(Enum):
     #: reading commands before login (RFC 5804 section 2)
     NOT_AUTHENTICATED = auto()
-    #: AUTHENTICATE sent its (empty) challenge; the next message is the SASL response
-    #: (RFC 5804 section 2.1)
+    #: AUTHENTICATE sent a challenge; the next message is the SASL response (RFC 5804
+    #: section 2.1), or the dummy response to a backend's error challenge (RFC 7628
+    #: section 3.2.3)
     AUTHENTICATE = auto()
     #: waiting for lookup and backend login; client bytes are held back, unparsed
     LOGGING_IN = auto()
@@ -59,7 +63,8 @@ class State(Enum):
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.NOT_AUTHENTICATED: frozenset({State.AUTHENTICATE, State.LOGGING_IN, State.CLOSED}),
     State.AUTHENTICATE: frozenset({State.NOT_AUTHENTICATED, State.LOGGING_IN, State.CLOSED}),
-    State.LOGGING_IN: frozenset({State.NOT_AUTHENTICATED, State.RELAYING, State.CLOSED}),
+    State.LOGGING_IN: frozenset({State.NOT_AUTHENTICATED, State.AUTHENTICATE, State.RELAYING,
+                                 State.CLOSED}),
     State.RELAYING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
 }
@@ -110,7 +115,7 @@ class SieveCapabilities:
 class ManageSieveSession(PreLoginSession):
     """One client's pre-login ManageSieve session."""
 
-    __slots__ = ("_reader", "sieve")
+    __slots__ = ("_reader", "sieve", "mechanisms", "_sasl", "_refusal", "_login_mechanism")
 
     state: State
     TRANSITIONS = TRANSITIONS
@@ -123,12 +128,21 @@ class ManageSieveSession(PreLoginSession):
 
     def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
                  limits: Limits = DEFAULT_LIMITS,
-                 sieve: SieveCapabilities | None = None) -> None:
+                 sieve: SieveCapabilities | None = None,
+                 mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS) -> None:
         super().__init__(State.NOT_AUTHENTICATED, tls_active=tls_active,
                          starttls_available=starttls_available, plaintext_auth=plaintext_auth,
                          limits=limits)
         self._reader = MessageReader(limits.max_line, limits.max_preauth_literal)
         self.sieve = sieve if sieve is not None else SieveCapabilities()
+        #: the SASL mechanisms offered ([auth] mechanisms)
+        self.mechanisms = mechanisms
+        #: the AUTHENTICATE under way
+        self._sasl: ServerExchange | None = None
+        #: a refusal of a token, said once the client answered its error challenge
+        self._refusal: ProxyError | None = None
+        #: the mechanism of the login under way
+        self._login_mechanism = ""
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -152,6 +166,14 @@ class ManageSieveSession(PreLoginSession):
         """The lookup or the backend said no; the client may try again (within limits)."""
         if self.state is not State.LOGGING_IN:
             return []
+        challenge = failure_challenge(self._login_mechanism, error)
+        if challenge is not None:
+            # RFC 7628 section 3.2.2: a token's error challenge goes to the client (a
+            # string, RFC 5804 section 2.1), which answers with a dummy response; then
+            # the NO (in _process).
+            self._refusal = error
+            self._enter(State.AUTHENTICATE)
+            return [SendToClient(string(challenge) + b"\r\n"), *self._process()]
         self._enter(State.NOT_AUTHENTICATED)
         actions = self._login_refused(error)
         if isinstance(actions[-1], Close):
@@ -174,11 +196,16 @@ class ManageSieveSession(PreLoginSession):
         # Section 1.7: SASL lists the mechanisms available now; none while plaintext
         # authentication is refused (like IMAP's LOGINDISABLED).
         lines = (capability_line(b"IMPLEMENTATION", b"imapproxy")
-                 + capability_line(b"SASL", b"PLAIN" if self.login_allowed else b"")
+                 + capability_line(b"SASL", self._sasl_list())
                  + self.sieve.lines)
         if self.starttls_available:
             lines += capability_line(b"STARTTLS")
         return lines + capability_line(b"VERSION", b"1.0")
+
+    def _sasl_list(self) -> bytes:
+        if not self.login_allowed:
+            return b""
+        return b" ".join(name.encode("ascii") for name in self.mechanisms)
 
     # -- processing -----------------------------------------------------------------------
 
@@ -203,9 +230,19 @@ class ManageSieveSession(PreLoginSession):
                 # Its octets are on their way ({n+} needs no go-ahead): the stream
                 # cannot be followed any more.
                 return actions + self._fatal("Literal too large")
+            if self.state is State.AUTHENTICATE and self._refusal is not None:
+                # The dummy response to the error challenge (RFC 7628 section 3.2.3),
+                # or "*", or anything else: either way the login has failed.
+                self._enter(State.NOT_AUTHENTICATED)
+                error, self._refusal = self._refusal, None
+                actions += self._login_refused(error)
+                if isinstance(actions[-1], Close):  # too many failures: read no more
+                    return actions
+                continue
             if isinstance(message, LineTooLong):
                 if self.state is State.AUTHENTICATE:
                     self._enter(State.NOT_AUTHENTICATED)
+                    self._sasl = None
                 actions += self._bad("Line too long")
                 continue
             if self.state is State.AUTHENTICATE:
@@ -213,6 +250,7 @@ class ManageSieveSession(PreLoginSession):
                 try:
                     actions += self._sasl_response(tokens(message))
                 except Malformed as e:
+                    self._sasl = None
                     actions += self._bad(f"AUTHENTICATE: {e}")
                 continue
             if is_http_request_line(message.segments[0]):
@@ -283,35 +321,51 @@ class ManageSieveSession(PreLoginSession):
         # string ("PLAIN"), also accepted as an atom.
         if not args or len(args) > 2 or (len(args) == 2 and not isinstance(args[1], String)):
             return self._bad("AUTHENTICATE needs a mechanism and at most one response")
-        if args[0].value.upper() != b"PLAIN":
+        name = args[0].value.upper().decode("ascii", "replace")
+        if name not in self.mechanisms or name not in MECHANISMS:
             return [SendToClient(response(b"NO", "Unsupported authentication mechanism"))]
         if not self.login_allowed:
             # Section 1.3: ENCRYPT-NEEDED, "use STARTTLS first".
             return [SendToClient(response(b"NO", "Authentication requires TLS, use STARTTLS",
                                           b"ENCRYPT-NEEDED"))]
-        if len(args) == 1:
-            self._enter(State.AUTHENTICATE)
-            # Section 2.1: the challenge is a string; PLAIN's is empty.
-            return [SendToClient(b'""\r\n')]
-        return self._plain(args[1].value)
+        self._sasl = ServerExchange(name)
+        return self._sasl_step(args[1].value if len(args) == 2 else None, first=True)
 
     def _sasl_response(self, words: list[Token]) -> list[Action]:
         if len(words) != 1:
+            self._sasl = None
             return self._bad("AUTHENTICATE: expected one string")
         if words[0].value == b"*":
             # RFC 5804 section 2.1: "*" cancels, and the server answers NO.
+            self._sasl = None
             return self._bad("Authentication cancelled")
         if not isinstance(words[0], String):
+            self._sasl = None
             return self._bad("AUTHENTICATE: expected one string")
-        return self._plain(words[0].value)
+        return self._sasl_step(words[0].value, first=False)
 
-    def _plain(self, encoded: bytes) -> list[Action]:
+    def _sasl_step(self, encoded: bytes | None, *, first: bool) -> list[Action]:
+        """One client message of the exchange (base64 in a string): a challenge back,
+        or the login begins."""
+        assert self._sasl is not None
         try:
-            credentials = decode_sasl_plain(encoded)
+            step = self._sasl.start(encoded) if first else self._sasl.respond(encoded or b"")
         except ClientProtocolError as e:
+            self._sasl = None
             return self._bad(f"AUTHENTICATE: {e.public_text}")
         except ProxyError as e:
+            self._sasl = None
             return self._login_refused(e)
+        if isinstance(step, Challenge):
+            self._enter(State.AUTHENTICATE)
+            # RFC 5804 section 2.1: a challenge is a string holding base64 (PLAIN's
+            # empty one is "").
+            return [SendToClient(string(b64encode(step.data)) + b"\r\n")]
+        self._sasl = None
+        return self._begin_login(step.credentials)
+
+    def _begin_login(self, credentials: Credentials) -> list[Action]:
+        self._login_mechanism = credentials.mechanism
         self._enter(State.LOGGING_IN)
         return [Login(credentials)]
 

@@ -5,8 +5,8 @@ is sent.
 The client side (``ServerExchange``): the proxy plays the SASL server for PLAIN (RFC 4616),
 LOGIN (draft-murchison-sasl-login), OAUTHBEARER (RFC 7628) and XOAUTH2 (Google's
 ``user=...^Aauth=Bearer ...^A^A``) until it knows who the user is and holds their
-credentials. IMAP's AUTHENTICATE, POP3's AUTH and (later) ManageSieve's AUTHENTICATE
-only frame the messages: base64 lines, "+" challenges, "*" to cancel.
+credentials. IMAP's AUTHENTICATE, POP3's AUTH and ManageSieve's AUTHENTICATE only
+frame the messages: base64 lines ("+" challenges) or strings (ManageSieve), "*" to cancel.
 
 The backend side (``backend_message``, ``dummy_response``): a password is sent with the
 backend protocol's own login; a token cannot be checked here, so the client's message

@@ -2,7 +2,11 @@
 """The proxy's login dialogue with a ManageSieve backend (RFC 5804): sans-IO.
 
 greeting (capabilities, OK) -> [STARTTLS -> TLS -> capabilities, OK] -> [XCLIENT] ->
-AUTHENTICATE "PLAIN" with an initial response -> logged in. XCLIENT tells the backend
+AUTHENTICATE "PLAIN" with an initial response -> logged in. A password (PLAIN or LOGIN
+from the client) goes as PLAIN; a token (OAUTHBEARER, XOAUTH2: sasl.py) goes as the
+client sent it, as the initial response of its own mechanism, and a challenge the
+backend answers it with is the token's error (RFC 7628 section 3.2.2), relayed to the
+client with the failure (errors.TokenRefused). XCLIENT tells the backend
 the client's address when it offers the command (Pigeonhole's managesieve-login does,
 to its login_trusted_networks), as pop3backend.py does for POP3.
 Same interface as imapbackend.ImapBackendLogin. A backend's NO becomes an auth
@@ -31,8 +35,10 @@ from .errors import (
     BackendRefused,
     BackendUnavailable,
     ProxyError,
+    TokenRefused,
 )
 from .pop3backend import xclient_command
+from .sasl import TOKEN_MECHANISMS, backend_message, dummy_response, relayable_challenge
 from .sievewire import (
     Atom,
     LineTooLong,
@@ -77,7 +83,8 @@ class Step(Enum):
     TLS_CAPABILITY = auto()
     #: sent XCLIENT with the client's address, waiting for its answer (any will do)
     XCLIENT = auto()
-    #: sent AUTHENTICATE "PLAIN" with the initial response (section 2.1)
+    #: sent AUTHENTICATE with the initial response (section 2.1); for a token, a
+    #: challenge now is the backend's error challenge (RFC 7628 section 3.2.2)
     AUTHENTICATE = auto()
     DONE = auto()
 
@@ -141,6 +148,8 @@ class SieveBackendLogin:
         self._reader = MessageReader(MAX_BACKEND_LINE, MAX_BACKEND_LITERAL)
         #: the capability lines read so far (name, value) of the current list
         self._capabilities: list[tuple[bytes, bytes | None]] = []
+        #: the backend's error challenge to a token (base64), relayed with the failure
+        self._challenge: bytes | None = None
 
     def receive_data(self, data: bytes) -> list[BackendAction]:
         self._reader.feed(data)
@@ -191,6 +200,10 @@ class SieveBackendLogin:
             if step in (Step.GREETING, Step.TLS_CAPABILITY) and words \
                     and isinstance(words[0], String):
                 return self._capability(words)
+            if step is Step.AUTHENTICATE and self._challenge is None and len(words) == 1 \
+                    and isinstance(words[0], String) \
+                    and self._credentials.mechanism in TOKEN_MECHANISMS:
+                return self._error_challenge(words[0].value)
             return self._fail(BackendProtocolError(f"unexpected message in step {step.name}"))
         status, code, text = parsed
         if step is Step.TLS_HANDSHAKE:
@@ -218,7 +231,10 @@ class SieveBackendLogin:
             return [StartBackendTLS()]
         # Step.AUTHENTICATE: the login's answer.
         if status != b"OK":
-            return self._fail(refusal(status, code, text))
+            error = refusal(status, code, text)
+            if self._challenge and type(error) is AuthenticationFailed:
+                error = TokenRefused(self._challenge)
+            return self._fail(error)
         self._enter(Step.DONE)
         return [BackendLoggedIn(self.learnt_capabilities(), self._reader.take_buffer())]
 
@@ -230,7 +246,17 @@ class SieveBackendLogin:
         self._capabilities.append((name, words[1].value if len(words) == 2 else None))
         return []
 
+    def _error_challenge(self, challenge: bytes) -> list[BackendAction]:
+        # RFC 7628 section 3.2.2: the token failed; the challenge says why, and the
+        # backend waits for the dummy response (section 3.2.3) before its NO. RFC 5804
+        # section 2.1: both are strings holding base64.
+        self._challenge = relayable_challenge(challenge.strip()) or b""
+        dummy = dummy_response(self._credentials.mechanism)
+        return [SendToBackend(string(dummy, to_server=True) + b"\r\n")]
+
     def _authenticate(self) -> list[BackendAction]:
+        if self._credentials.mechanism in TOKEN_MECHANISMS:
+            return self._authenticate_token()
         password = self._credentials.password.reveal()
         if b"\0" in self._login + password:
             return self._fail(AuthenticationFailed())  # cannot be said in SASL PLAIN
@@ -240,3 +266,13 @@ class SieveBackendLogin:
         self._enter(Step.AUTHENTICATE)
         return [SendToBackend(b'AUTHENTICATE "PLAIN" ' + string(token, to_server=True)
                               + b"\r\n")]
+
+    def _authenticate_token(self) -> list[BackendAction]:
+        # The client's own message (naming the backend's login for the user), as the
+        # initial response of its mechanism (RFC 5804 section 2.1; Dovecot's
+        # managesieve-login takes it, long ones as a literal).
+        mechanism = self._credentials.mechanism.encode("ascii")
+        encoded = b64encode(backend_message(self._credentials, self._login.decode("utf-8")))
+        self._enter(Step.AUTHENTICATE)
+        return [SendToBackend(b'AUTHENTICATE "' + mechanism + b'" '
+                              + string(encoded, to_server=True) + b"\r\n")]

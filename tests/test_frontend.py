@@ -555,3 +555,34 @@ def test_managesieve_connections_over_the_total_get_bye_trylater() -> None:
     _extra, transport = h.connect_client("192.0.2.9")
     assert transport.value() == b'BYE (TRYLATER) "Too many connections, try again later"\r\n'
     assert closed(transport)
+
+
+def test_managesieve_offers_the_auth_mechanisms_and_relays_a_token_refusal() -> None:
+    """new_session gives ManageSieve [auth] mechanisms too: the SASL line lists them; a
+    token goes on as the initial response; the backend's error challenge reaches the
+    client as a string (RFC 5804 2.1, RFC 7628 3.2.2), the dummy response gets the NO."""
+    h = Harness(protocol="managesieve", routes="* 10.0.0.1\n",
+                limits=Limits(max_failed_logins=10, preauth_timeout=600),
+                auth=AuthConfig(("PLAIN", "OAUTHBEARER")))
+    client, transport = h.connect_client()
+    assert b'"SASL" "PLAIN OAUTHBEARER"\r\n' in transport.value()
+    transport.clear()
+    message = base64.b64encode(b"n,a=alice,\x01auth=Bearer ya29.tok\x01\x01")
+    error = base64.b64encode(b'{"status":"invalid_token"}')
+    with capturedLogs() as events:
+        client.dataReceived(b'AUTHENTICATE "OAUTHBEARER" "' + message + b'"\r\n')
+        backend = h.backends[-1]
+        backend.dataReceived(SIEVE_BACKEND_GREETING)
+        assert backend.transport.value() == (b'AUTHENTICATE "OAUTHBEARER" "' + message
+                                             + b'"\r\n')
+        backend.transport.clear()
+        backend.dataReceived(b'"' + error + b'"\r\n')
+        assert backend.transport.value() == b'"AQ=="\r\n'  # RFC 7628 3.2.3
+        backend.dataReceived(b'NO "Authentication failed."\r\n')
+        h.reactor.advance(15)  # a failed guess is answered after login_delay
+        assert transport.value() == b'"' + error + b'"\r\n'
+        client.dataReceived(b'"AQ=="\r\n')
+        assert transport.value().endswith(b'NO "Authentication failed"\r\n')
+    lines = [formatEvent(e) for e in events]
+    assert any("user=<alice> reason=TokenRefused" in line for line in lines), lines
+    assert not [line for line in lines if "ya29" in line or message.decode() in line]

@@ -25,15 +25,17 @@ from imapproxy.errors import (
     AuthenticationFailed,
     BackendRefused,
     BackendUnavailable,
+    TokenRefused,
     UserNotFound,
 )
 from imapproxy.managesieve import BASE_SIEVE, ManageSieveSession, SieveCapabilities, State
+from imapproxy.sasl import ERROR_CHALLENGES, parse_oauthbearer, parse_xoauth2
 
 TLS = {"tls_active": True, "starttls_available": False, "plaintext_auth": False}
 STARTTLS = {"tls_active": False, "starttls_available": True, "plaintext_auth": False}
 PLAINTEXT_OK = {"tls_active": False, "starttls_available": True, "plaintext_auth": True}
 
-CAPS_TLS = (b'"IMPLEMENTATION" "imapproxy"\r\n"SASL" "PLAIN"\r\n' + BASE_SIEVE
+CAPS_TLS = (b'"IMPLEMENTATION" "imapproxy"\r\n"SASL" "PLAIN LOGIN"\r\n' + BASE_SIEVE
             + b'"VERSION" "1.0"\r\n')
 CAPS_PLAIN = (b'"IMPLEMENTATION" "imapproxy"\r\n"SASL" ""\r\n' + BASE_SIEVE
               + b'"STARTTLS"\r\n"VERSION" "1.0"\r\n')
@@ -45,11 +47,14 @@ def creds(user: str = "alice", password: bytes = b"secret") -> Credentials:
 
 
 def check(steps: list[Step], expected: list[Any], *, options: dict[str, bool] = TLS,
-          limits: Limits | None = None, greet: bool = False) -> ManageSieveSession:
+          limits: Limits | None = None, greet: bool = False,
+          mechanisms: tuple[str, ...] | None = None) -> ManageSieveSession:
     """Run ``steps`` whole and byte by byte; both must give ``expected``."""
     session = None
     for split in (False, True):
-        extra = {"limits": limits} if limits is not None else {}
+        extra: dict[str, Any] = {"limits": limits} if limits is not None else {}
+        if mechanisms is not None:
+            extra["mechanisms"] = mechanisms
         session = ManageSieveSession(**options, **extra)  # type: ignore[arg-type]
         assert run_steps(session, steps, split=split, greet=greet) == expected, f"split={split}"
     assert session is not None
@@ -254,13 +259,194 @@ def test_login_ok_step_through_the_transcript_runner() -> None:
 @given(st.lists(st.one_of(
     st.binary(max_size=40),
     st.sampled_from([b"NOOP\r\n", b'AUTHENTICATE "PLAIN"\r\n', b'"' + ALICE + b'"\r\n',
-                     b"{3+}\r\nabc", b"STARTTLS\r\n", b"{9999+}\r\n", b"\r\n", b'"*"\r\n'])),
-    max_size=20))
-def test_no_input_makes_the_session_raise_and_holding_is_bounded(chunks: list[bytes]) -> None:
+                     b"{3+}\r\nabc", b"STARTTLS\r\n", b"{9999+}\r\n", b"\r\n", b'"*"\r\n',
+                     b'AUTHENTICATE "LOGIN"\r\n', b'"Ym9i"\r\n', b'"AQ=="\r\n',
+                     b'AUTHENTICATE "XOAUTH2" "dXNlcj1ib2IBYXV0aD1CZWFyZXIgdAEB"\r\n',
+                     b'AUTHENTICATE "OAUTHBEARER"\r\n'])),
+    max_size=20), st.booleans())
+def test_no_input_makes_the_session_raise_and_holding_is_bounded(chunks: list[bytes],
+                                                                 token_refused: bool) -> None:
     limits = Limits(max_line=512, max_preauth_literal=256)
-    session = ManageSieveSession(**PLAINTEXT_OK, limits=limits)  # type: ignore[arg-type]
+    session = ManageSieveSession(**PLAINTEXT_OK, limits=limits,  # type: ignore[arg-type]
+                                 mechanisms=("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2"))
     for chunk in chunks:
         session.receive_data(chunk)
         assert session._reader.buffered <= session._max_held + 2
         if session.state is State.LOGGING_IN:
-            session.login_failed(AuthenticationFailed())
+            session.login_failed(TokenRefused(b"eyJ9") if token_refused
+                                 else AuthenticationFailed())
+
+
+# -- AUTHENTICATE "LOGIN" (RFC 5804 section 2.1: challenges and responses are strings) -----
+
+USERNAME_PROMPT = b'"VXNlcm5hbWU6"\r\n'  # "Username:"
+PASSWORD_PROMPT = b'"UGFzc3dvcmQ6"\r\n'  # "Password:"
+
+
+def login_creds(user: str, password: bytes) -> Login:
+    return Login(Credentials(user, Secret(password), "", "LOGIN"))
+
+
+def test_authenticate_login_with_quoted_and_literal_continuations() -> None:
+    session = check(
+        [b'AUTHENTICATE "LOGIN"\r\n', b'"' + b64encode(b"bob") + b'"\r\n',
+         b"{%d+}\r\n" % len(b64encode(b"pass word")) + b64encode(b"pass word") + b"\r\n",
+         LoginOk(None)],
+        [SendToClient(USERNAME_PROMPT + PASSWORD_PROMPT), login_creds("bob", b"pass word"),
+         SendToClient(b'OK "Logged in"\r\n'), Splice(b"")])
+    assert session.state is State.RELAYING
+
+
+def test_authenticate_login_with_an_initial_response() -> None:
+    check([b'AUTHENTICATE "LOGIN" "' + b64encode(b"bob") + b'"\r\n',
+           b'"' + b64encode(b"pw") + b'"\r\n'],
+          [SendToClient(PASSWORD_PROMPT), login_creds("bob", b"pw")])
+
+
+@pytest.mark.parametrize(("lines", "reply"), [
+    ([b'"*"\r\n'], b'NO "Authentication cancelled"\r\n'),
+    ([b'"' + b64encode(b"bob") + b'"\r\n', b'"*"\r\n'],
+     PASSWORD_PROMPT + b'NO "Authentication cancelled"\r\n'),
+    ([b'""\r\n'], b'NO "AUTHENTICATE: Empty user name"\r\n'),
+    ([b'"' + b64encode(b"bob") + b'"\r\n', b'""\r\n'],
+     PASSWORD_PROMPT + b'NO "AUTHENTICATE: Empty password"\r\n'),
+    ([b'"b@d!"\r\n'], b'NO "AUTHENTICATE: Invalid base64 in SASL response"\r\n'),
+    ([b"ATOM\r\n"], b'NO "AUTHENTICATE: expected one string"\r\n'),
+])
+def test_authenticate_login_refusals(lines: list[bytes], reply: bytes) -> None:
+    session = check([b'AUTHENTICATE "LOGIN"\r\n', *lines, b"NOOP\r\n"],
+                    [SendToClient(USERNAME_PROMPT + reply + b'OK "NOOP completed"\r\n')])
+    assert session.state is State.NOT_AUTHENTICATED
+
+
+def test_a_mechanism_not_listed_is_refused_and_not_offered() -> None:
+    check([b'AUTHENTICATE "LOGIN"\r\nAUTHENTICATE "XOAUTH2" "' + b64encode(XOAUTH_MESSAGE)
+           + b'"\r\n'],
+          [SendToClient(b'NO "Unsupported authentication mechanism"\r\n' * 2)],
+          mechanisms=("PLAIN",))
+    session = ManageSieveSession(**TLS, mechanisms=("PLAIN",))  # type: ignore[arg-type]
+    assert b'"SASL" "PLAIN"\r\n' in session.capabilities()
+
+
+# -- OAUTHBEARER and XOAUTH2 ----------------------------------------------------------------
+
+TOKENS = ("PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2")
+BEARER_MESSAGE = b"n,a=bob,\x01host=sieve.example.org\x01port=4190\x01auth=Bearer ya29.tok\x01\x01"
+XOAUTH_MESSAGE = b"user=bob\x01auth=Bearer ya29.tok\x01\x01"
+JSON_ERROR = b64encode(b'{"status":"invalid_token","scope":"mail"}')
+
+
+def token_login(message: bytes) -> Login:
+    parse = parse_oauthbearer if message.startswith(b"n,") else parse_xoauth2
+    return Login(parse(message))
+
+
+def authenticate(message: bytes) -> bytes:
+    mechanism = b"OAUTHBEARER" if message.startswith(b"n,") else b"XOAUTH2"
+    return b'AUTHENTICATE "' + mechanism + b'" "' + b64encode(message) + b'"\r\n'
+
+
+def test_token_mechanisms_are_in_the_sasl_line_when_listed() -> None:
+    session = ManageSieveSession(**TLS, mechanisms=TOKENS)  # type: ignore[arg-type]
+    assert b'"SASL" "PLAIN LOGIN OAUTHBEARER XOAUTH2"\r\n' in session.capabilities()
+    assert b"OAUTHBEARER" not in ManageSieveSession(**TLS).capabilities()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("message", [BEARER_MESSAGE, XOAUTH_MESSAGE])
+def test_token_with_initial_response(message: bytes) -> None:
+    session = check([authenticate(message), LoginOk(None)],
+                    [token_login(message), SendToClient(b'OK "Logged in"\r\n'), Splice(b"")],
+                    mechanisms=TOKENS)
+    assert session.state is State.RELAYING
+
+
+def test_token_after_a_continuation_quoted_or_literal() -> None:
+    check([b'AUTHENTICATE "OAUTHBEARER"\r\n', b'"' + b64encode(BEARER_MESSAGE) + b'"\r\n'],
+          [SendToClient(b'""\r\n'), token_login(BEARER_MESSAGE)], mechanisms=TOKENS)
+    encoded = b64encode(XOAUTH_MESSAGE)
+    check([b"AUTHENTICATE XOAUTH2\r\n", b"{%d+}\r\n" % len(encoded) + encoded + b"\r\n"],
+          [SendToClient(b'""\r\n'), token_login(XOAUTH_MESSAGE)], mechanisms=TOKENS)
+
+
+def test_backend_error_challenge_is_relayed_then_the_no() -> None:
+    # RFC 7628 section 3.2.2 in RFC 5804's words: the challenge is a string, the
+    # client's dummy response a string, then NO.
+    session = check(
+        [authenticate(BEARER_MESSAGE), LoginFails(TokenRefused(JSON_ERROR)), b'"AQ=="\r\n',
+         b"NOOP\r\n"],
+        [token_login(BEARER_MESSAGE),
+         SendToClient(b'"' + JSON_ERROR + b'"\r\nNO "Authentication failed"\r\n'
+                      b'OK "NOOP completed"\r\n')],
+        mechanisms=TOKENS)
+    assert session.failed_logins == 1 and session.bad_commands == 0
+
+
+@pytest.mark.parametrize("dummy", [b'"*"\r\n', b'""\r\n', b"junk junk\r\n",
+                                   b'"unterminated\r\n', b'"' + b"x" * 600 + b'"\r\n'])
+def test_the_no_follows_whatever_the_dummy_response(dummy: bytes) -> None:
+    session = check(
+        [authenticate(XOAUTH_MESSAGE), LoginFails(TokenRefused(JSON_ERROR)), dummy],
+        [token_login(XOAUTH_MESSAGE),
+         SendToClient(b'"' + JSON_ERROR + b'"\r\nNO "Authentication failed"\r\n')],
+        mechanisms=TOKENS, limits=Limits(max_line=512))
+    assert session.failed_logins == 1 and session.bad_commands == 0
+    assert session.state is State.NOT_AUTHENTICATED
+
+
+def test_the_dummy_response_pipelined_behind_the_token_is_read_after_the_failure() -> None:
+    session = ManageSieveSession(**TLS, mechanisms=TOKENS)  # type: ignore[arg-type]
+    assert session.receive_data(authenticate(BEARER_MESSAGE) + b'"AQ=="\r\nNOOP\r\n') == [
+        token_login(BEARER_MESSAGE)]
+    assert session.login_failed(TokenRefused(JSON_ERROR)) == [
+        SendToClient(b'"' + JSON_ERROR + b'"\r\n'),
+        SendToClient(b'NO "Authentication failed"\r\n'),
+        SendToClient(b'OK "NOOP completed"\r\n')]
+
+
+def test_too_many_refused_tokens_end_with_bye() -> None:
+    check([authenticate(BEARER_MESSAGE), LoginFails(TokenRefused(JSON_ERROR)),
+           b'"AQ=="\r\nNOOP\r\n'],
+          [token_login(BEARER_MESSAGE),
+           SendToClient(b'"' + JSON_ERROR + b'"\r\nNO "Authentication failed"\r\n'
+                        b'BYE "Too many failed logins"\r\n'),
+           Close("too many failed logins")],
+          mechanisms=TOKENS, limits=Limits(max_failed_logins=1))
+
+
+@pytest.mark.parametrize(("mechanism", "message"), [("OAUTHBEARER", BEARER_MESSAGE),
+                                                    ("XOAUTH2", XOAUTH_MESSAGE)])
+def test_a_user_the_proxy_refuses_gets_the_same_kind_of_challenge(
+        mechanism: str, message: bytes) -> None:
+    # An unknown user must look like a refused token (no user enumeration).
+    check([authenticate(message), LoginFails(UserNotFound()), b'"AQ=="\r\n'],
+          [token_login(message),
+           SendToClient(b'"' + ERROR_CHALLENGES[mechanism] + b'"\r\n'
+                        b'NO "Authentication failed"\r\n')],
+          mechanisms=TOKENS)
+
+
+def test_a_backend_that_is_down_is_no_token_problem() -> None:
+    check([authenticate(BEARER_MESSAGE), LoginFails(BackendUnavailable())],
+          [token_login(BEARER_MESSAGE), SendToClient(
+              b'NO (TRYLATER) "Service temporarily unavailable, try again later"\r\n')],
+          mechanisms=TOKENS)
+
+
+@pytest.mark.parametrize(("command", "text"), [
+    (b'AUTHENTICATE "OAUTHBEARER" "Zm9v!!"\r\n', b"Invalid base64 in SASL response"),
+    (b'AUTHENTICATE "OAUTHBEARER" "' + b64encode(b"n,,\x01auth=Bearer x\x01\x01") + b'"\r\n',
+     b"OAUTHBEARER needs the user in the GS2 header (a=)"),
+    (b'AUTHENTICATE "XOAUTH2" "' + b64encode(b"user=bob\x01auth=Basic x\x01\x01") + b'"\r\n',
+     b"Malformed bearer token"),
+])
+def test_malformed_token_messages_are_refused(command: bytes, text: bytes) -> None:
+    session = check([command], [SendToClient(b'NO "AUTHENTICATE: ' + text + b'"\r\n')],
+                    mechanisms=TOKENS)
+    assert session.state is State.NOT_AUTHENTICATED
+
+
+def test_tokens_never_in_an_actions_repr() -> None:
+    session = ManageSieveSession(**TLS, mechanisms=TOKENS)  # type: ignore[arg-type]
+    actions = session.receive_data(authenticate(BEARER_MESSAGE))
+    assert b"ya29" not in repr(actions).encode() and "ya29" not in repr(actions)
+    assert "ya29" not in repr(session.login_failed(TokenRefused(JSON_ERROR)))

@@ -17,7 +17,9 @@ from imapproxy.errors import (
     BackendProtocolError,
     BackendRefused,
     BackendUnavailable,
+    TokenRefused,
 )
+from imapproxy.sasl import parse_oauthbearer, parse_xoauth2
 from imapproxy.sievebackend import SieveBackendLogin, Step, parse_response, refusal
 from imapproxy.sievewire import Atom, String
 
@@ -171,3 +173,103 @@ def test_xclient_when_offered_with_the_clients_address() -> None:
                                  starttls=False, client_id=client_id)
     assert dialogue.receive_data(GREETING.replace(b'"XCLIENT"\r\n', b"")) == [
         SendToBackend(AUTH)]
+
+
+# -- passwords from SASL LOGIN, and tokens (OAUTHBEARER, XOAUTH2: issue 16) ------------------
+
+BEARER = b"n,a=alice,\x01host=sieve.example.org\x01port=4190\x01auth=Bearer ya29.tok\x01\x01"
+XOAUTH = b"user=alice\x01auth=Bearer ya29.tok\x01\x01"
+#: Dovecot's error challenge to a token its oauth2 passdb refuses
+JSON_ERROR = b64encode(b'{"status":"invalid_token","schemes":"bearer","scope":"mail"}')
+
+
+def token_login(message: bytes, name: str = "alice") -> SieveBackendLogin:
+    parse = parse_oauthbearer if message.startswith(b"n,") else parse_xoauth2
+    return SieveBackendLogin(parse(message), name, starttls=False)
+
+
+def test_a_sasl_login_client_logs_in_with_plain() -> None:
+    # As the IMAP and POP3 dialogues do: the password is the password, whatever
+    # mechanism carried it to the proxy.
+    dialogue = SieveBackendLogin(Credentials("alice", Secret(b"s3cret"), "", "LOGIN"), "alice",
+                                 starttls=False)
+    assert dialogue.receive_data(GREETING) == [SendToBackend(AUTH)]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("message", "mechanism"), [(BEARER, b"OAUTHBEARER"),
+                                                    (XOAUTH, b"XOAUTH2")])
+def test_a_token_is_replayed_as_the_initial_response(message: bytes, mechanism: bytes,
+                                                     split: bool) -> None:
+    dialogue = token_login(message)
+    assert feed(dialogue, GREETING, split) == [SendToBackend(
+        b'AUTHENTICATE "' + mechanism + b'" "' + b64encode(message) + b'"\r\n')]
+    assert dialogue.credentials_sent
+    assert feed(dialogue, b'OK "Logged in."\r\n', split) == [BackendLoggedIn(LEARNT, b"")]
+
+
+def test_a_token_for_a_user_the_backend_knows_by_another_name() -> None:
+    dialogue = token_login(XOAUTH, name="alice@store1")
+    assert dialogue.receive_data(GREETING) == [SendToBackend(
+        b'AUTHENTICATE "XOAUTH2" "'
+        + b64encode(b"user=alice@store1\x01auth=Bearer ya29.tok\x01\x01") + b'"\r\n')]
+
+
+def test_a_long_token_goes_as_a_literal() -> None:
+    message = b"user=alice\x01auth=Bearer " + b"t" * 2000 + b"\x01\x01"
+    encoded = b64encode(message)
+    assert token_login(message).receive_data(GREETING) == [SendToBackend(
+        b'AUTHENTICATE "XOAUTH2" {%d+}\r\n' % len(encoded) + encoded + b"\r\n")]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("message", "dummy"), [(BEARER, b'"AQ=="\r\n'), (XOAUTH, b'""\r\n')])
+def test_the_backends_error_challenge_becomes_token_refused(message: bytes, dummy: bytes,
+                                                            split: bool) -> None:
+    # RFC 7628 section 3.2.2-3.2.3: the challenge, our dummy response, then NO.
+    dialogue = token_login(message)
+    feed(dialogue, GREETING, split)
+    assert feed(dialogue, b'"' + JSON_ERROR + b'"\r\n', split) == [SendToBackend(dummy)]
+    out = feed(dialogue, b'NO "Authentication failed."\r\n', split)
+    assert len(out) == 1 and isinstance(out[0], BackendLoginFailed)
+    error = out[0].error
+    assert isinstance(error, TokenRefused) and error.challenge == JSON_ERROR
+    assert "ya29" not in repr(out) and "ya29" not in repr(dialogue.__dict__)
+
+
+def test_a_challenge_as_a_literal_and_one_that_is_not_base64() -> None:
+    dialogue = token_login(BEARER)
+    dialogue.receive_data(GREETING)
+    assert dialogue.receive_data(b"{%d}\r\n" % len(JSON_ERROR) + JSON_ERROR + b"\r\n") == [
+        SendToBackend(b'"AQ=="\r\n')]
+    [failed] = dialogue.receive_data(b'NO "Authentication failed."\r\n')
+    assert isinstance(failed, BackendLoginFailed) and isinstance(failed.error, TokenRefused)
+    # not base64: never shown to a client; ours is shown instead (sasl.failure_challenge)
+    dialogue = token_login(BEARER)
+    dialogue.receive_data(GREETING)
+    assert dialogue.receive_data(b'"{not base64}"\r\n') == [SendToBackend(b'"AQ=="\r\n')]
+    [failed] = dialogue.receive_data(b'NO "Authentication failed."\r\n')
+    assert isinstance(failed, BackendLoginFailed)
+    assert type(failed.error) is AuthenticationFailed
+
+
+def test_a_second_challenge_or_one_to_a_password_is_a_protocol_error() -> None:
+    dialogue = token_login(BEARER)
+    dialogue.receive_data(GREETING)
+    dialogue.receive_data(b'"' + JSON_ERROR + b'"\r\n')
+    [failed] = dialogue.receive_data(b'"' + JSON_ERROR + b'"\r\n')
+    assert isinstance(failed, BackendLoginFailed)
+    assert isinstance(failed.error, BackendProtocolError)
+    dialogue = login()
+    dialogue.receive_data(GREETING)
+    [failed] = dialogue.receive_data(b'""\r\n')
+    assert isinstance(failed, BackendLoginFailed)
+    assert isinstance(failed.error, BackendProtocolError)
+
+
+def test_a_pass_through_code_wins_over_the_challenge() -> None:
+    dialogue = token_login(BEARER)
+    dialogue.receive_data(GREETING)
+    dialogue.receive_data(b'"' + JSON_ERROR + b'"\r\n')
+    [failed] = dialogue.receive_data(b'NO (TRYLATER) "Try later."\r\n')
+    assert isinstance(failed, BackendLoginFailed) and isinstance(failed.error, BackendRefused)

@@ -143,7 +143,7 @@ def test_sieve_connect_over_implicit_tls_sees_the_backends_sieve_list(sieve_prox
     try:
         assert b'"SIEVE" "fileinto reject envelope' in client.greeting, client.greeting
         assert b'"NOTIFY" "mailto"' in client.greeting
-        assert b'"SASL" "PLAIN"' in client.greeting
+        assert b'"SASL" "PLAIN LOGIN"\r\n' in client.greeting
         assert b'"STARTTLS"' not in client.greeting  # already in TLS
     finally:
         client.close()
@@ -216,8 +216,9 @@ def test_before_tls_no_sasl_and_authenticate_is_refused(sieve_proxy, test_ca):
         raw.send(b'AUTHENTICATE "PLAIN" "' + plain("alice", "alice-secret") + b'"\r\n')
         assert raw.response().startswith(b"NO (ENCRYPT-NEEDED)")
         caps = raw.starttls()
-        # RFC 5804 section 2.2: the capabilities again, now with SASL PLAIN, no STARTTLS.
-        assert b'"SASL" "PLAIN"' in caps and b'"STARTTLS"' not in caps, caps
+        # RFC 5804 section 2.2: the capabilities again, now with SASL ([auth]
+        # mechanisms), no STARTTLS.
+        assert b'"SASL" "PLAIN LOGIN"\r\n' in caps and b'"STARTTLS"' not in caps, caps
     finally:
         raw.close()
 

@@ -5,7 +5,8 @@ small introspection endpoint (tests/rig/oauth.py) the test owns; passwords stay 
 passwd-file passdb. The proxy only routes by the user the client's message names and
 replays the exchange: Dovecot's log says who logged in where, and with what.
 Real clients: curl --oauth2-bearer (IMAP, POP3; plain and TLS), imaplib's authenticate,
-and raw sockets for the exact bytes of the failures.
+and raw sockets for the exact bytes of the failures, and for ManageSieve (sieve-connect
+has no OAuth).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class Rig:
     stores: dict[str, Dovecot]
     #: "imap", "pop3" -> the proxy for that protocol (one map each: the ports differ)
     proxies: dict[str, ProxyProcess]
-    #: "imap" (STARTTLS offered), "imaps", "pop3" (STLS offered), "pop3s" -> its port
+    #: "imap" (STARTTLS offered), "imaps", "pop3" (STLS offered), "pop3s", and with
+    #: Pigeonhole "managesieve" (STARTTLS offered), "managesieves" -> its port
     ports: dict[str, int]
     cert: CertPair
     users: list[MailUser]
@@ -93,7 +95,7 @@ def _proxy(workdir: Path, protocol: str, ports: dict[str, int], cert: CertPair,
               + f"[auth]\nmechanisms = {mechanisms}\n\n"
               + '[directory]\ntype = "static"\nmap = "users.map"\n\n'
               + '[backend]\nconnect_timeout = 3\n\n[log]\nlevel = "debug"\n\n' + RIG_LIMITS)
-    port_of = "imap_port" if protocol == "imap" else "pop3_port"
+    port_of = {"imap": "imap_port", "pop3": "pop3_port", "managesieve": "sieve_port"}[protocol]
     routes = "".join(
         f"{u.name}  127.0.0.1:"
         f"{getattr(stores['store1' if u.name in STORE1_USERS else 'store2'], port_of)}\n"
@@ -119,9 +121,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory, mail_users: list[MailUser],
                                    name=name, cert=server_cert,
                                    oauth2_introspection_url=introspection.url)
             stores[name].start()
-        ports = {name: free_port() for name in ("imap", "imaps", "pop3", "pop3s")}
+        protocols = ["imap", "pop3"]
+        if stores["store1"].sieve_port is not None:
+            protocols.append("managesieve")
+        ports = {name: free_port() for p in protocols for name in (p, p + "s")}
         cert = test_ca.issue("localhost", "127.0.0.1")
-        for protocol in ("imap", "pop3"):
+        for protocol in protocols:
             proxies[protocol] = _proxy(tmp_path_factory.mktemp(f"oauth-{protocol}-proxy"),
                                        protocol, ports, cert, stores, mail_users)
         yield Rig(introspection, stores, proxies, ports, cert, mail_users)
@@ -430,6 +435,99 @@ def test_pop3_auth_login(rig: Rig, test_ca: TestCA, mail_users: list[MailUser],
     logins = new_lines(before, rig.backend_logins(rig.store_of("frank")))
     assert len(logins) == 1 and "user=<frank>" in logins[0], logins
     assert any("user=<frank>" in line and "mechanism=LOGIN" in line
+               for line in rig.proxy_logs())
+
+
+# -- ManageSieve (RFC 5804): the same mechanisms -------------------------------------------
+
+
+class Sieve(Line):
+    """A raw ManageSieve client: the greeting is a capability list up to its OK."""
+
+    def __init__(self, rig: Rig) -> None:
+        if "managesieve" not in rig.ports:
+            pytest.skip("Pigeonhole's managesieve not installed: scripts/install-deps")
+        #: the greeting's capability lines (RFC 5804 section 1.7)
+        self.capabilities: list[bytes] = []
+        super().__init__(rig.ports["managesieve"])
+        while not self.greeting.startswith(b"OK"):
+            self.capabilities.append(self.greeting)
+            self.greeting = self.line()
+
+
+def test_managesieve_tokens_reach_the_users_store(rig: Rig) -> None:
+    for user, mechanism, message, store in (
+            ("alice", b"OAUTHBEARER", oauthbearer, "store1"),
+            ("bob", b"XOAUTH2", xoauth2, "store2")):
+        before = rig.backend_logins(rig.stores[store])
+        client = Sieve(rig)
+        assert b'"SASL" "PLAIN LOGIN OAUTHBEARER XOAUTH2"' in client.capabilities
+        blob = b64(message(user, TOKEN_OF[user]))
+        assert client.ask(b'AUTHENTICATE "' + mechanism + b'" "' + blob + b'"\r\n') == (
+            b'OK "Logged in"')
+        # The backend's session: its script list (empty), and the login in its log.
+        assert client.ask(b"LISTSCRIPTS\r\n").startswith(b"OK")
+        client.sock.sendall(b"LOGOUT\r\n")
+        assert client.closed_within(5)
+        logins = new_lines(before, rig.backend_logins(rig.stores[store]))
+        assert len(logins) == 1, logins
+        assert "managesieve-login: Info: Login: " in logins[0]
+        assert f"user=<{user}>, method={mechanism.decode()}" in logins[0], logins
+
+
+def test_managesieve_token_after_a_continuation(rig: Rig) -> None:
+    client = Sieve(rig)
+    # RFC 5804 section 2.1: the (empty) challenge is a string; the response too.
+    assert client.ask(b'AUTHENTICATE "XOAUTH2"\r\n') == b'""'
+    blob = b64(xoauth2("dave", TOKEN_OF["dave"]))
+    assert client.ask(b'"' + blob + b'"\r\n') == b'OK "Logged in"'
+    assert client.ask(b"LISTSCRIPTS\r\n").startswith(b"OK")
+    client.close()
+
+
+@pytest.mark.parametrize(("mechanism", "dummy", "status"), [
+    ("OAUTHBEARER", b'"AQ=="', "invalid_token"),
+    ("XOAUTH2", b'""', "401"),  # Dovecot's XOAUTH2 wording
+])
+def test_expired_token_managesieve_shows_the_json_error_then_no(rig: Rig, mechanism: str,
+                                                                dummy: bytes, status: str) -> None:
+    before = rig.backend_logins(rig.stores["store1"])
+    client = Sieve(rig)
+    message = oauthbearer if mechanism == "OAUTHBEARER" else xoauth2
+    challenge = client.ask(b'AUTHENTICATE "' + mechanism.encode() + b'" "'
+                           + b64(message("alice", EXPIRED)) + b'"\r\n')
+    # RFC 7628 section 3.2.2, in RFC 5804's form: a string holding base64 JSON.
+    assert challenge.startswith(b'"') and challenge.endswith(b'"'), challenge
+    assert json.loads(base64.b64decode(challenge[1:-1]))["status"] == status
+    assert client.ask(dummy + b"\r\n") == b'NO "Authentication failed"'
+    # The session goes on: a good token next.
+    assert client.ask(b'AUTHENTICATE "OAUTHBEARER" "'
+                      + b64(oauthbearer("alice", TOKEN_OF["alice"])) + b'"\r\n') == (
+        b'OK "Logged in"')
+    assert client.ask(b"LISTSCRIPTS\r\n").startswith(b"OK")
+    client.close()
+    logins = new_lines(before, rig.backend_logins(rig.stores["store1"]))
+    assert len(logins) == 1 and "user=<alice>, method=OAUTHBEARER" in logins[0], logins
+    assert EXPIRED in rig.introspection.asked
+
+
+def test_managesieve_authenticate_login(rig: Rig, mail_users: list[MailUser]) -> None:
+    erin = next(u for u in mail_users if u.name == "erin")
+    before = rig.backend_logins(rig.store_of("erin"))
+    client = Sieve(rig)
+    assert client.ask(b'AUTHENTICATE "LOGIN"\r\n') == b'"VXNlcm5hbWU6"'  # "Username:"
+    assert client.ask(b'"' + base64.b64encode(b"erin") + b'"\r\n') == (
+        b'"UGFzc3dvcmQ6"')  # "Password:"
+    password = base64.b64encode(erin.password.encode())
+    # the password as a literal this time (RFC 5804 section 4, {n+})
+    assert client.ask(b"{%d+}\r\n" % len(password) + password + b"\r\n") == (
+        b'OK "Logged in"')
+    assert client.ask(b"LISTSCRIPTS\r\n").startswith(b"OK")
+    client.close()
+    logins = new_lines(before, rig.backend_logins(rig.store_of("erin")))
+    # the password goes on to the backend as PLAIN, as for IMAP and POP3
+    assert len(logins) == 1 and "user=<erin>, method=PLAIN" in logins[0], logins
+    assert any("user=<erin>" in line and "mechanism=LOGIN" in line
                for line in rig.proxy_logs())
 
 
