@@ -29,7 +29,7 @@ import pytest
 import rig.proxy
 from prometheus_client.parser import text_string_to_metric_families
 from rig.imapraw import RawImap
-from rig.ports import free_port
+from rig.ports import free_port, free_port_pair
 from rig.proxy import ADMIN_TOKEN, admin_token_file, store_map
 
 import imapproxy
@@ -264,23 +264,6 @@ def ask(port: int, method: str, path: str, headers: list[tuple[str, str]]) -> tu
         return response.status, json.loads(response.read())
     finally:
         connection.close()
-
-
-def free_port_pair() -> int:
-    """A port that is free, and the next one too (worker 1's admin API)."""
-    while True:
-        port = free_port()
-        if port < 65535 and _free(port + 1):
-            return port
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def test_admin_on_tcp_takes_the_token_and_only_its_own_host(store1, store2, mail_users,

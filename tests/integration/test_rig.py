@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from rig.certs import TestCA
 from rig.dovecot import Dovecot, MailUser
+from rig.ports import free_port, free_port_pair
 from rig.slapd import Slapd
 
 MESSAGE = b"From: rig@example.org\r\nTo: you@example.org\r\nSubject: rig test\r\n\r\nhello\r\n"
@@ -417,3 +418,14 @@ def test_shared_files_leave_a_private_parent(tmp_path: Path, mail_users: list[Ma
     finally:
         store.close()
     assert not store.mail_root.exists()
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    """The kernel may pick the same free port twice in a row (nothing binds it in
+    between): a proxy with two listeners on one port once failed CI that way."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    pair = free_port_pair()
+    later = {free_port() for _ in range(300)}
+    assert pair not in later and pair + 1 not in later
+    assert not set(ports) & later
