@@ -39,7 +39,7 @@ from .registry import SessionRegistry
 from .reload import Reloader, ReloadService
 from .runtime import Current, Shared, build
 from .transports import tcp_server_endpoint
-from .workers import BACKLOG, ReusePortService, WorkerPool
+from .workers import BACKLOG, ParentWatch, ReusePortService, WorkerPool
 
 log = Logger(namespace="imapproxy")
 
@@ -141,6 +141,8 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
             endpoint = listening_endpoint(reactor, listener, listener_tls)
             internet.StreamServerEndpointService(endpoint, served).setServiceParent(top)
     pool = None
+    if worker:
+        ParentWatch(reactor).setServiceParent(top)
     if config.workers > 1 and not worker:
         pool = WorkerPool(reactor, str(config.path), config.workers,
                           penalty_socket=penalty_socket)

@@ -3,7 +3,10 @@
 Each process opens its own listening socket with SO_REUSEPORT, and the kernel
 spreads new connections over them. The process twistd started is worker 0; it
 spawns workers 1..N-1 (the same command with ``--worker``), restarts them if they
-die, and passes SIGTERM on, so each drains its own sessions.
+die, and passes SIGTERM on, so each drains its own sessions. A worker's stdin is a pipe
+from the main process: when the main goes away in any way (SIGKILL included), the
+worker reads EOF there and drains and stops too, rather than serving on alone with a
+config no reload reaches and a penalty it can no longer ask (ParentWatch).
 
 Every session costs two file descriptors (client and backend), so a process holds
 at most about half its RLIMIT_NOFILE in sessions; raise LimitNOFILE (systemd) or
@@ -20,7 +23,7 @@ import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import abstract, defer, fdesc, protocol
 from twisted.internet.abstract import isIPv6Address
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -137,3 +140,50 @@ class WorkerPool(service.Service):
             with contextlib.suppress(OSError):  # already gone
                 transport.signalProcess(signal.SIGTERM)  # each worker drains its sessions
         return defer.DeferredList(ended)
+
+
+class _PipeEnd(abstract.FileDescriptor):
+    """The read end of a pipe, read only to learn when the writer has gone."""
+
+    def __init__(self, reactor: Any, fd: int, gone: Any) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self._gone = gone
+        fdesc.setNonBlocking(fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> Any:  # noqa: N802
+        # EOF (the writer closed, or died) gives CONNECTION_LOST: connectionLost follows.
+        return fdesc.readFromFD(self.fd, lambda data: None)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        super().connectionLost(reason)
+        self._gone()
+
+
+class ParentWatch(service.Service):
+    """In a worker: stop (a drain, as on SIGTERM) once the main process is gone."""
+
+    def __init__(self, reactor: Any, fd: int = 0) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self._pipe: _PipeEnd | None = None
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._pipe = _PipeEnd(self.reactor, self.fd, self._parent_gone)
+        self._pipe.startReading()
+
+    def _parent_gone(self) -> None:
+        self._pipe = None
+        if self.running:
+            log.warn("the main process is gone: this worker drains and stops")
+            self.reactor.stop()
+
+    def stopService(self) -> Any:  # noqa: N802
+        super().stopService()
+        if self._pipe is not None:
+            self._pipe.stopReading()
+            self._pipe = None

@@ -100,3 +100,32 @@ def test_workers_share_the_load(store1, start_proxy, mail_users):
             client.logout()
         pids = set(re.findall(r"login id=\S+ .* pid=(\d+)", proxy.log()))
     assert len(pids) >= 2, proxy.log()
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie nobody reaps (a container's init may not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_worker_stops_when_the_main_process_is_killed(store1, start_proxy):
+    """SIGKILL of the main process (no drain, nothing passed on): the workers read EOF
+    on the pipe the main held and stop, instead of serving on alone."""
+    port = free_port()
+    proxy = start_proxy(imap_config(port, top="workers = 2\n"), [port],
+                        {"users.map": f"*  127.0.0.1:{store1.imap_port}\n"})
+    deadline = time.monotonic() + 10  # the main spawns it once its listeners are up
+    while not (started := re.findall(r"worker 1 started \(pid (\d+)\)", proxy.log())):
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.1)
+    worker = int(started[0])
+    assert not _ended(worker)
+    proxy.signal(signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while not _ended(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ended(worker), proxy.log()
+    assert "the main process is gone: this worker drains and stops" in proxy.log()
