@@ -150,6 +150,17 @@ class CloseBackend:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimSession:
+    """Count the logged-in session on every instance ([shared], redisstate.py): None,
+    or limits.Refusal.PER_USER_CLIENT when that makes more than ``limit``."""
+
+    user: str
+    #: the client address as the limits count it (limits.client_key)
+    client: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class LoginLog:
     """A log line about this login: ``text`` is ready, ``fields`` go along for JSON."""
 
@@ -186,4 +197,4 @@ Action = (
 )
 BackendAction = SendToBackend | StartBackendTLS | BackendLoggedIn | BackendLoginFailed
 LoginAction = (WaitForPenalty | FinishPenalty | Lookup | Dial | LogInAtBackend | CloseBackend
-               | LoginLog | CountLogin | CountRefusal | CountBackendFailure)
+               | ClaimSession | LoginLog | CountLogin | CountRefusal | CountBackendFailure)

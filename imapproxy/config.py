@@ -11,6 +11,7 @@ checks that span keys.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import math
@@ -24,6 +25,8 @@ from typing import Any, TypeVar, get_type_hints
 
 from .credentials import Secret
 from .ldapurl import parse_ldap_uri, redact, same_dn
+from .redisurl import RedisUrl, parse_redis_url
+from .redisurl import redact as redact_redis
 from .sasl import DEFAULT_MECHANISMS, MECHANISMS
 
 T = TypeVar("T")
@@ -272,6 +275,31 @@ class ProxyProtocolConfig:
 
 
 @dataclass(frozen=True)
+class SharedConfig:
+    """[shared]: the brute-force penalty and the per-user+address session counts shared
+    by several proxy instances (and workers) through Redis (redisstate.py)."""
+
+    #: "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]", "rediss://..." (TLS) or
+    #: "unix:///path/to/redis.sock[?db=DB]"; "" = off: each process counts alone
+    redis: str = field(default="", repr=False)
+    #: seconds a login waits on Redis at most; past it, that login counts locally
+    timeout: float = _key(0.25, minimum=0.01)
+    #: a file (mode 0600) holding the secret the keyed hashes of user names are made
+    #: with, the same on every instance; without it a random one is kept in Redis
+    key_file: Path | None = None
+    #: the Redis password, instead of in the URL
+    password_file: Path | None = None
+    #: CA bundle for rediss:// (system CAs without it)
+    ca_file: Path | None = None
+    #: put before every key name: several proxy clusters may share one database
+    prefix: str = _key("imapproxy:", required=True)
+    #: the parsed URL, None when off
+    url: RedisUrl | None = field(default=None, repr=False)
+    #: the secret read from key_file
+    key: Secret | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """[log]: where twisted.logger events go besides twistd's own log."""
 
@@ -303,6 +331,7 @@ class Config:
     admin: AdminConfig | None = None
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     log: LogConfig = LogConfig()
+    shared: SharedConfig = SharedConfig()
 
 
 class _Table:
@@ -704,19 +733,26 @@ def _admin(table: _Table | None) -> AdminConfig | None:
                        token=_admin_token(table, token_file))
 
 
-def _admin_token(table: _Table, path: Path) -> Secret:
-    """The token in ``path``: a file only its owner may read, as ssh wants of its keys."""
+def _owner_only_file(table: _Table, name: str, path: Path) -> bytes:
+    """The content of ``path`` (stripped): a file only its owner may read, as ssh wants
+    of its keys."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            raise table.error("token_file", f"{path} is open to group or others (mode "
-                                            f"{mode:04o}): chmod 600 it")
+            raise table.error(name, f"{path} is open to group or others (mode "
+                                    f"{mode:04o}): chmod 600 it")
         data = path.read_bytes().strip()
     except OSError as e:
-        raise table.error("token_file", f"cannot read {path}: {e.strerror} (run as the "
-                                        "service user or root)") from None
+        raise table.error(name, f"cannot read {path}: {e.strerror} (run as the "
+                                "service user or root)") from None
     if not data:
-        raise table.error("token_file", f"{path} is empty")
+        raise table.error(name, f"{path} is empty")
+    return data
+
+
+def _admin_token(table: _Table, path: Path) -> Secret:
+    """The token in ``path``, an owner-only file."""
+    data = _owner_only_file(table, "token_file", path)
     if not is_token(data):
         # Never the token itself in the message.
         raise table.error("token_file", f"{path}: a token is letters, digits and -._~+/ "
@@ -725,6 +761,42 @@ def _admin_token(table: _Table, path: Path) -> Secret:
         raise table.error("token_file", f"{path}: the token is too short ({len(data)} "
                                         f"characters, at least {MIN_TOKEN})")
     return Secret(data)
+
+
+#: bytes a [shared] key_file holds at least (`openssl rand -hex 32` gives 64)
+MIN_SHARED_KEY = 32
+
+
+def _shared(table: _Table | None) -> SharedConfig:
+    if table is None:
+        return SharedConfig()
+    text = _read(table, SharedConfig, "redis")
+    config = _build(SharedConfig, table, redis=text, url=None, key=None)
+    table.finish()
+    if not text:
+        return config  # off: the other keys wait for a URL
+    try:
+        url = parse_redis_url(text)
+    except ValueError as e:
+        # The URL as written, its password masked; the reason never repeats it.
+        raise table.error("redis", f"{redact_redis(text)!r} {e}") from None
+    if config.password_file is not None:
+        if url.password is not None:
+            raise table.error("password_file", "give the password in the URL or in "
+                                               "password_file, not both")
+        password = _owner_only_file(table, "password_file", config.password_file)
+        url = dataclasses.replace(url, password=Secret(password))
+    if config.ca_file is not None and not url.tls:
+        raise table.error("ca_file", "is for rediss:// (Redis over TLS) only")
+    key = None
+    if config.key_file is not None:
+        data = _owner_only_file(table, "key_file", config.key_file)
+        if len(data) < MIN_SHARED_KEY:
+            raise table.error("key_file", f"{config.key_file}: the key is too short "
+                                          f"({len(data)} bytes, at least {MIN_SHARED_KEY}; "
+                                          "`openssl rand -hex 32` makes one)")
+        key = Secret(data)
+    return dataclasses.replace(config, url=url, key=key)
 
 
 def _log(table: _Table | None) -> LogConfig:
@@ -767,6 +839,7 @@ def _sections(path: Path, data: dict[str, Any]) -> Config:
         admin=_admin(root.table("admin")),
         proxy_protocol=_section(ProxyProtocolConfig, root.table("proxy_protocol")),
         log=_log(root.table("log")),
+        shared=_shared(root.table("shared")),
     )
     root.finish()
     return config

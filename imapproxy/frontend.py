@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from . import forwarding, login
 from .actions import (
+    ClaimSession,
     Close,
     CloseBackend,
     CountBackendFailure,
@@ -135,6 +136,8 @@ class FrontendProtocol(Protocol):
         self._answer: Any = None
         #: the penalty's admission this login waits for (penaltygate.py), if any
         self._waiting: defer.Deferred[Any] | None = None
+        #: this session as counted in the shared state (redisstate.py), if it is
+        self._claim: Any = None
 
     @property
     def clock(self) -> Any:
@@ -192,6 +195,9 @@ class FrontendProtocol(Protocol):
             self.leg.lost()
         if self.ticket is not None:
             self.ticket.release()
+        if self._claim is not None:
+            self.runtime.shared.state.release(self._claim)
+            self._claim = None
         if not self.end_reason:
             # An ALPN refusal (ALPACA) is worth telling apart from a client that left.
             self.end_reason = ("TLS: no application protocol"
@@ -368,6 +374,20 @@ class FrontendProtocol(Protocol):
                 step.backend, step.dialogue))  # type: ignore[arg-type]
         elif isinstance(step, CloseBackend):
             step.backend.close(step.abort)  # type: ignore[attr-defined]
+        elif isinstance(step, ClaimSession):
+            state = runtime.shared.state
+            if state is None:
+                return None
+            return state.claim(step.user, step.client, step.limit).addCallback(self._claimed)
+        return None
+
+    def _claimed(self, claim: Any) -> Refusal | None:
+        if claim is None:
+            return Refusal.PER_USER_CLIENT
+        if self.disconnected:
+            self.runtime.shared.state.release(claim)  # gone while it was counted
+        else:
+            self._claim = claim
         return None
 
     def _waited(self, result: Any) -> Any:

@@ -81,6 +81,13 @@ class Ticket:
             self.user = key
         return refusal
 
+    def logout(self) -> None:
+        """Undo login(): the user is counted no more on this connection (another
+        instance's sessions made it one too many, see redisstate.py)."""
+        if self.user is not None and not self.released:
+            self._limiter._remove_user(self.user, self.client)
+            self.user = None
+
     def release(self) -> None:
         """The connection is gone. Safe to call more than once."""
         if self.released:
@@ -149,7 +156,10 @@ class ConnectionLimiter:
         self.total -= 1
         _decrement(self._clients, client)
         if user is not None:
-            _decrement(self._user_clients, (user, client))
+            self._remove_user(user, client)
+
+    def _remove_user(self, user: str, client: str) -> None:
+        _decrement(self._user_clients, (user, client))
 
 
 def _decrement(counts: dict, key: object) -> None:  # type: ignore[type-arg]

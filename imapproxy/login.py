@@ -5,10 +5,11 @@ A LOGIN (AUTHENTICATE, USER/PASS) goes: the name rewritten ([username]) -> the
 brute-force penalty, paid before anyone sees the credentials -> the name checked ->
 the directory -> what the backend is told of the client ([backend] forward_client) ->
 the route's servers in order (circuit breaker, routing loops) -> the backend's login
-dialogue -> the connection limits -> logged in. This module decides that order, what
-each failure means (a guess, or not), what is logged and counted, and how long a
-failure waits before it is answered. The adapter (frontend.py) carries out its
-actions and sends back what came of each.
+dialogue -> the connection limits (with [shared], counted on every instance) ->
+logged in. This module decides that order, what each failure means (a guess, or
+not), what is logged and counted, and how long a failure waits before it is
+answered. The adapter (frontend.py) carries out its actions and sends back what
+came of each.
 
 ``login()`` is a generator: it yields actions (actions.py) and is sent their results
 (or thrown their errors), so it reads top to bottom like the login it is, as
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 from . import forwarding
 from .actions import (
+    ClaimSession,
     CloseBackend,
     CountBackendFailure,
     CountLogin,
@@ -168,6 +170,13 @@ def login(client: Client, credentials: Credentials, client_id: tuple[tuple[str, 
         return Refused(e, max(0.0, delay))
     yield FinishPenalty(admission, Outcome.SUCCESS)
     refusal = ticket.login(names.lookup) if ticket is not None else None
+    limit = config.limits.max_connections_per_user_ip
+    if refusal is None and ticket is not None and limit and config.shared.url is not None:
+        # The same limit over every instance, counted in Redis (or, Redis away, here
+        # alone: the adapter decides within [shared] timeout).
+        refusal = yield ClaimSession(names.lookup, ticket.client, limit)
+        if refusal is not None:
+            ticket.logout()
     if refusal is not None:
         yield _log(client, "info", "login refused id={session_id} client={client} user={user} "
                    "reason={reason}", credentials.username, reason=refusal.value)

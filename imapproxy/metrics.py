@@ -22,6 +22,7 @@ from OpenSSL import SSL
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     ProcessCollector,
@@ -83,6 +84,13 @@ class NullMetrics:
 
     def reloaded(self, ok: bool) -> None:
         """A SIGHUP reload was applied (ok) or refused."""
+
+    def shared_state_fallback(self, what: str) -> None:
+        """A login counted locally what Redis should have counted ([shared]): "penalty"
+        or "sessions"."""
+
+    def shared_state_up(self, up: bool) -> None:
+        """Redis ([shared] redis) answered, or failed or timed out."""
 
     def timed_directory(self, directory: Any, clock: Any) -> Any:
         return directory
@@ -146,6 +154,12 @@ class Metrics(NullMetrics):
                                      ["reason"], registry=r)
         self.reloads = Counter("imapproxy_reloads", "SIGHUP reloads applied or refused",
                                ["result"], registry=r)
+        self.shared_fallbacks = Counter(
+            "imapproxy_shared_state_fallbacks",
+            "Logins whose brute-force penalty (penalty) or session count (sessions) this "
+            "process counted alone, Redis ([shared] redis) being unavailable or slow",
+            ["what"], registry=r)
+        self._shared_up: Gauge | None = None
         Info("imapproxy_build", "The version of imapproxy running",
              registry=r).info({"version": __version__})
         # The standard process metrics: open descriptors against their limit (each
@@ -183,6 +197,17 @@ class Metrics(NullMetrics):
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "refused").inc()
+
+    def shared_state_fallback(self, what: str) -> None:
+        self.shared_fallbacks.labels(what).inc()
+
+    def shared_state_up(self, up: bool) -> None:
+        if self._shared_up is None:
+            # Made at the first news from Redis: a proxy without [shared] shows none.
+            self._shared_up = Gauge("imapproxy_shared_state_up",
+                                    "1 while Redis ([shared] redis) answers, 0 while this "
+                                    "process counts alone", registry=self.registry)
+        self._shared_up.set(1 if up else 0)
 
     def lookup_done(self, seconds: float, result: str) -> None:
         self.lookup_seconds.labels(result).observe(seconds)

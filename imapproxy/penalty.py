@@ -130,7 +130,7 @@ class Penalty:
         self.base, self.cap, self.memory = base, cap, memory
         self.parallel = max(1, parallel)
         self.known_memory = known_memory
-        self.exempt = tuple(ipaddress.ip_network(n, strict=False) for n in exempt)
+        self.exempt = exempt_networks(exempt)
 
     def reconfigure(self, limits: Limits) -> None:
         self.configure(**_settings(limits))
@@ -139,33 +139,28 @@ class Penalty:
 
     def user_key(self, user: str) -> bytes:
         """A user as the tables know it: a keyed hash of the case-folded name."""
-        return hmac.new(self.key, b"u\x00" + user.casefold().encode("utf-8", "replace"),
-                        hashlib.blake2b).digest()[:16]
+        return user_key(self.key, user)
 
     def fingerprint(self, user: str, password: bytes) -> bytes:
         """A keyed hash of the pair; the password itself is never stored."""
-        message = b"p\x00" + user.casefold().encode("utf-8", "replace") + b"\x00" + password
-        return hmac.new(self.key, message, hashlib.sha256).digest()[:16]
+        return fingerprint(self.key, user, password)
 
     def is_exempt(self, address: str) -> bool:
-        if not self.exempt:
-            return False
-        try:
-            ip = ipaddress.ip_address(address.split("/", 1)[0])
-        except ValueError:
-            return False
-        return any(ip in network for network in self.exempt)
+        return is_exempt(address, self.exempt)
 
     def delay(self, count: int) -> float:
         """``base * 2**(count-1)`` seconds, capped; 0 for no failures."""
-        if count <= 0 or self.base <= 0:
-            return 0.0
-        return min(self.cap, self.base * 2.0 ** min(count - 1, 64))
+        return delay(count, self.base, self.cap)
 
     # -- attempts ------------------------------------------------------------------------
 
-    def submit(self, attempt: int, address: str, ukey: bytes) -> list[int] | Refused:
+    def submit(self, attempt: int, address: str, ukey: bytes, *, known: bool = False,
+               user_failures: bool = False) -> list[int] | Refused:
         """A new attempt from ``address`` (a client key) for the user ``ukey`` (user_key()).
+
+        ``known`` and ``user_failures`` say what other proxy instances learnt (the shared
+        state, redisstate.py): the user logged in from this address lately, the user
+        has recent failures; what this one learnt itself counts as well.
 
         Returns the attempts admitted now (this one among them if it may start at once),
         or Refused when a queue it would wait in is full.
@@ -174,12 +169,11 @@ class Penalty:
         exempt = self.is_exempt(address)
         lane = None if exempt else self._lane(self._addresses, address, now)
         user_lane = self._users.get(ukey)
-        known = user_failures = False
         if user_lane is not None and not exempt:
             user_lane.expire(now - self.memory)
             since = user_lane.known.get(address)
-            known = since is not None and since >= now - self.known_memory
-            user_failures = bool(user_lane.failures)
+            known = known or (since is not None and since >= now - self.known_memory)
+            user_failures = user_failures or bool(user_lane.failures)
         # A user who logged in from this address lately skips the user's queue; and,
         # while nobody is guessing that user's password, the address's queue too: one
         # typo behind a carrier's shared address must not queue the logins of every
@@ -399,6 +393,45 @@ class Penalty:
     def bytes_counted(self) -> int:
         """The tables' estimated size in bytes, as kept up to date."""
         return self._bytes
+
+
+def user_key(key: bytes, user: str) -> bytes:
+    """A user as the tables know it: a keyed hash of the case-folded name."""
+    return hmac.new(key, b"u\x00" + user.casefold().encode("utf-8", "replace"),
+                    hashlib.blake2b).digest()[:16]
+
+
+def fingerprint(key: bytes, user: str, password: bytes) -> bytes:
+    """A keyed hash of the (user, password) pair; the password itself is never stored."""
+    message = b"p\x00" + user.casefold().encode("utf-8", "replace") + b"\x00" + password
+    return hmac.new(key, message, hashlib.sha256).digest()[:16]
+
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def exempt_networks(networks: Iterable[str]) -> Networks:
+    """[limits] penalty_exempt, parsed (config.py checked each)."""
+    return tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def is_exempt(address: str, networks: Networks) -> bool:
+    """Whether the client key ``address`` lies in one of ``networks``."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("/", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def delay(count: int, base: float, cap: float) -> float:
+    """The penalty after ``count`` distinct failures: ``base * 2**(count-1)`` seconds,
+    capped at ``cap``; 0 for no failures."""
+    if count <= 0 or base <= 0:
+        return 0.0
+    return min(cap, base * 2.0 ** min(count - 1, 64))
 
 
 def _settings(limits: Limits) -> dict[str, Any]:

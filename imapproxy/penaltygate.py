@@ -14,12 +14,25 @@ enter. A worker's ``RemoteGate`` asks it; user names travel only as keyed hashes
 passwords never (the workers get the hashing key from the main process). If the main
 process cannot be reached, a worker falls back to a penalty of its own, says so once
 in the log, and goes back to the shared one when it can.
+
+With ``[shared] redis`` set, ``SharedGate`` goes in front of this process's gate
+(local, or the main process's for a worker): it asks Redis first (redisstate.py,
+sharedstate.py) what every instance learnt of the attempt's address and user, and
+for its turn in their penalised lanes; it waits for that turn on the reactor's clock,
+then enters the gate behind it, telling it what the other instances know (the user's
+known address, the user's failures), and reports the check's end to both. Redis
+unavailable, it is the gate behind it alone, as without Redis. Every process talks to
+Redis itself, workers included (they count their own sessions there anyway): the
+main process's gate still serves the local queues of every worker, so the
+parallelism of lanes without failures stays per host, and while Redis is away the
+workers still share one penalty.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
 import tempfile
 from typing import Any
@@ -33,7 +46,16 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from .errors import LoginsRefused
-from .penalty import Outcome, Penalty, Refused
+from .penalty import (
+    Outcome,
+    Penalty,
+    Refused,
+    exempt_networks,
+    fingerprint,
+    is_exempt,
+    user_key,
+)
+from .sharedstate import PenaltySettings, Verdict
 
 log = Logger(namespace="imapproxy")
 
@@ -73,12 +95,15 @@ class LocalGate:
     def fingerprint(self, user: str, password: bytes) -> bytes:
         return self.penalty.fingerprint(user, password)
 
-    def enter(self, address: str, user_key: bytes) -> defer.Deferred[Admission]:
-        """Fires with an Admission when the attempt may be checked; LoginsRefused if not."""
+    def enter(self, address: str, user_key: bytes, *, known: bool = False,
+              user_failures: bool = False) -> defer.Deferred[Admission]:
+        """Fires with an Admission when the attempt may be checked; LoginsRefused if not.
+        ``known``, ``user_failures``: what other instances learnt (Penalty.submit)."""
         attempt = next(self._ids)
         d: defer.Deferred[Admission] = defer.Deferred(lambda _d: self._cancel(attempt))
         self._waiting[attempt] = (d, self.clock.seconds())
-        result = self.penalty.submit(attempt, address, user_key)
+        result = self.penalty.submit(attempt, address, user_key, known=known,
+                                     user_failures=user_failures)
         if isinstance(result, Refused):
             del self._waiting[attempt]
             d.errback(LoginsRefused(result.reason))
@@ -125,6 +150,158 @@ class LocalGate:
         self._admit(self.penalty.poll())
 
 
+# -- shared by instances, through Redis ------------------------------------------------
+
+
+class SharedGate:
+    """The penalty every instance shares through Redis, in front of this process's gate
+    (``inner``: a LocalGate, or a worker's RemoteGate). ``state`` is the RedisState;
+    while it is off or unavailable, the inner gate alone decides."""
+
+    def __init__(self, inner: Any, state: Any, clock: Any, limits: Any) -> None:
+        self.inner = inner
+        self.state = state
+        self.clock = clock
+        self.reconfigure_shared(limits)
+
+    def reconfigure_shared(self, limits: Any) -> None:
+        self.exempt = exempt_networks(limits.penalty_exempt)
+        self.settings = PenaltySettings.from_limits(limits)
+
+    def reconfigure(self, limits: Any) -> None:
+        self.inner.reconfigure(limits)
+        self.reconfigure_shared(limits)
+
+    def _key(self) -> bytes | None:
+        return self.state.key if self.state is not None else None
+
+    # Names are hashed with the key every instance shares, once it is known (until
+    # then, with the inner gate's: such attempts count locally). A login that
+    # straddles the moment the key becomes known sends one odd hash to Redis, which
+    # expires unused.
+
+    def user_key(self, user: str) -> bytes:
+        key = self._key()
+        return user_key(key, user) if key is not None else self.inner.user_key(user)  # type: ignore[no-any-return]
+
+    def fingerprint(self, user: str, password: bytes) -> bytes:
+        key = self._key()
+        if key is not None:
+            return fingerprint(key, user, password)
+        return self.inner.fingerprint(user, password)  # type: ignore[no-any-return]
+
+    def enter(self, address: str, ukey: bytes) -> defer.Deferred[Admission]:
+        """As LocalGate.enter: an Admission once the attempt's turn came on every instance
+        and in this process's queues; LoginsRefused if a queue is full."""
+        state = self.state
+        if state is None or not state.enabled or is_exempt(address, self.exempt):
+            return self.inner.enter(address, ukey)  # type: ignore[no-any-return]
+        return _SharedAttempt(self, address, ukey).start()
+
+
+class _SharedAttempt:
+    """One attempt through a SharedGate: Redis' answer, the wait for its turn, the inner
+    gate's admission; cancelled at any of those steps when the client goes away."""
+
+    def __init__(self, gate: SharedGate, address: str, ukey: bytes) -> None:
+        self.gate = gate
+        self.address = address
+        self.ukey = ukey
+        #: names this attempt's turns in Redis
+        self.token = secrets.token_hex(8)
+        self.settings = gate.settings
+        self.d: defer.Deferred[Admission] = defer.Deferred(self._cancel)
+        #: the inner gate's admission, while waited for
+        self.pending: defer.Deferred[Any] | None = None
+        self.timer: Any = None
+        self.waited = 0.0
+        #: turns are held in Redis for it
+        self.holds_turns = False
+        self.cancelled = False
+
+    def start(self) -> defer.Deferred[Admission]:
+        # Not cancelled with the attempt: a LEAVE must follow ENTER's answer, or it
+        # could overtake it on another thread and leave its turns held.
+        self.gate.state.enter(self.address, self.ukey, self.token,
+                              self.settings).addCallback(self._answered)
+        return self.d
+
+    def _answered(self, verdict: Verdict | Refused | None) -> None:
+        if self.cancelled:
+            if isinstance(verdict, Verdict) and verdict.turns:
+                self.gate.state.leave(self.address, self.ukey, self.token)
+            return
+        if verdict is None:  # Redis unavailable: this process's gate alone
+            self._enter_inner(False, False)
+        elif isinstance(verdict, Refused):
+            self.d.errback(LoginsRefused(verdict.reason))
+        else:
+            self.holds_turns = verdict.turns > 0
+            self.waited = verdict.wait
+            known, failures = verdict.known, verdict.user_failures > 0
+            if verdict.wait > 0:
+                self.timer = self.gate.clock.callLater(verdict.wait, self._enter_inner,
+                                                       known, failures)
+            else:
+                self._enter_inner(known, failures)
+
+    def _enter_inner(self, known: bool, user_failures: bool) -> None:
+        self.timer = None
+        self.pending = self.gate.inner.enter(self.address, self.ukey, known=known,
+                                             user_failures=user_failures)
+        self.pending.addCallbacks(self._admitted, self._refused)
+
+    def _admitted(self, admission: Admission) -> None:
+        self.pending = None
+        finish = _SharedFinish(admission, self.gate.state, self.address, self.ukey,
+                               self.token, self.settings)
+        self.d.callback(Admission(finish, admission.attempt, self.waited + admission.waited))
+
+    def _refused(self, failure: Any) -> None:
+        self.pending = None
+        if self.cancelled:
+            return
+        self._leave()
+        self.d.errback(failure)
+
+    def _leave(self) -> None:
+        if self.holds_turns:
+            self.holds_turns = False
+            self.gate.state.leave(self.address, self.ukey, self.token)
+
+    def _cancel(self, _d: defer.Deferred[Admission]) -> None:
+        self.cancelled = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+        self._leave()
+
+
+class _SharedFinish:
+    """What an Admission from a SharedGate reports to: the inner gate, and Redis."""
+
+    __slots__ = ("admission", "state", "address", "ukey", "token", "settings")
+
+    def __init__(self, admission: Admission, state: Any, address: str, ukey: bytes,
+                 token: str, settings: PenaltySettings) -> None:
+        self.admission = admission
+        self.state = state
+        self.address = address
+        self.ukey = ukey
+        self.token = token
+        self.settings = settings
+
+    def finish(self, attempt: int, outcome: Outcome, fingerprint: bytes) -> None:
+        self.admission.finish(outcome, fingerprint)
+        # Also when Redis was not asked at the start (it was away): what was learnt is
+        # shared if it can be now.
+        self.state.finish(self.address, self.ukey, self.token, outcome.value, fingerprint,
+                          self.settings)
+
+
 # -- shared by workers -------------------------------------------------------------------
 
 
@@ -139,7 +316,10 @@ class Enter(amp.Command):
     """Answered when the attempt may be checked (admitted) or at once if refused."""
 
     arguments = [(b"attempt", amp.Integer()), (b"address", amp.Unicode()),
-                 (b"user", amp.String())]
+                 (b"user", amp.String()),
+                 # what other instances learnt (the shared state, redisstate.py)
+                 (b"known", amp.Boolean(optional=True)),
+                 (b"user_failures", amp.Boolean(optional=True))]
     response = [(b"admitted", amp.Boolean()), (b"reason", amp.Unicode()),
                 (b"waited", amp.Float())]
 
@@ -173,8 +353,10 @@ class _GateServerProtocol(amp.AMP):
         return {"key": self.gate.penalty.key}
 
     @Enter.responder
-    def enter(self, attempt: int, address: str, user: bytes) -> defer.Deferred[dict[str, Any]]:
-        d = self.gate.enter(address, user)
+    def enter(self, attempt: int, address: str, user: bytes, known: bool | None = None,
+              user_failures: bool | None = None) -> defer.Deferred[dict[str, Any]]:
+        d = self.gate.enter(address, user, known=bool(known),
+                            user_failures=bool(user_failures))
         self.attempts[attempt] = d
 
         def admitted(admission: Admission) -> dict[str, Any]:
@@ -324,16 +506,19 @@ class RemoteGate(Service):
     def fingerprint(self, user: str, password: bytes) -> bytes:
         return self.fallback.fingerprint(user, password)
 
-    def enter(self, address: str, user_key: bytes) -> defer.Deferred[Admission]:
+    def enter(self, address: str, user_key: bytes, *, known: bool = False,
+              user_failures: bool = False) -> defer.Deferred[Admission]:
         protocol = self._protocol
         if protocol is None:
             if not self._said_fallback:
                 self._said_fallback = True
                 log.warn("penalty: the main process cannot be reached; this worker counts "
                          "on its own until it can")
-            return self.fallback.enter(address, user_key)
+            return self.fallback.enter(address, user_key, known=known,
+                                       user_failures=user_failures)
         attempt = next(self._ids)
-        waiting = protocol.callRemote(Enter, attempt=attempt, address=address, user=user_key)
+        waiting = protocol.callRemote(Enter, attempt=attempt, address=address, user=user_key,
+                                      known=known, user_failures=user_failures)
         d: defer.Deferred[Admission] = defer.Deferred(
             lambda _d: self._leave(protocol, attempt, waiting))
 
@@ -348,7 +533,8 @@ class RemoteGate(Service):
         def failed(failure: Any) -> None:
             # The main process went away while this attempt waited: ask our own.
             if not d.called:
-                self.fallback.enter(address, user_key).chainDeferred(d)
+                self.fallback.enter(address, user_key, known=known,
+                                    user_failures=user_failures).chainDeferred(d)
         waiting.addCallbacks(answered, failed)
         return d
 

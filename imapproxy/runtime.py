@@ -4,11 +4,12 @@
 A ``Runtime`` holds the config and what is built from it (the directory, the backend
 connector), and the ``Shared`` parts that outlive a reload because they hold live
 state (the session registry, the connection limits' counts, the brute-force penalty,
-the circuit breaker, the metrics, the client TLS contexts): a reload reconfigures
-those in place and builds the rest anew. Every listener's factory reads the one
-``Current`` holder; a new connection takes the runtime current when it arrives, and a
-reload is one assignment: ``current.runtime = new``. Nothing is patched after it is
-built (the metrics wrap the directory and the backend endpoints as they are built).
+the circuit breaker, the metrics, the client TLS contexts, the state shared through
+Redis): a reload reconfigures those in place and builds the rest anew. Every
+listener's factory reads the one ``Current`` holder; a new connection takes the runtime
+current when it arrives, and a reload is one assignment: ``current.runtime = new``.
+Nothing is patched after it is built (the metrics wrap the directory and the backend
+endpoints as they are built).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class Shared:
     #: the backends' SIEVE capabilities, for the ManageSieve pre-login list (learnt
     #: from backend logins, so it outlives a reload)
     sieve: SieveCapabilities = field(default_factory=SieveCapabilities)
+    #: the state shared with other instances through Redis (redisstate.RedisState;
+    #: None: never, as in tests that build a Shared of their own)
+    state: Any = None
 
     def reload_certificates(self, config: Config) -> None:
         """The client TLS loads the new certificates, or raises ConfigError and keeps the
@@ -57,6 +61,8 @@ class Shared:
         self.limiter.reconfigure(config.limits)
         self.penalty.reconfigure(config.limits)
         self.breaker.cooldown = config.backend.down_cooldown
+        if self.state is not None:
+            self.state.reconfigure(config.shared)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,8 +33,9 @@ from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
-from .penaltygate import process_gate
+from .penaltygate import SharedGate, process_gate
 from .proxyheader import proxy_listener
+from .redisstate import RedisState
 from .registry import SessionRegistry
 from .reload import Reloader, ReloadService
 from .runtime import Current, Shared, build
@@ -115,10 +116,18 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     if config.metrics is not None:
         metrics = Metrics(lambda: registry.sessions, draining=lambda: registry.draining,
                           certificates=lambda: certificate_expiry(current))
+    # With [shared] redis, every instance's penalty and session counts meet in Redis
+    # (redisstate.py); off, it stays idle, ready for a reload that turns it on.
+    state = RedisState(reactor, config.shared, metrics)
+    penalty = SharedGate(penalty, state, reactor, config.limits)
     shared = Shared(reactor, registry, ConnectionLimiter.from_limits(config.limits), penalty,
-                    CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls)
+                    CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls,
+                    state=state)
     runtime = build(config, shared)
     top.current = current = Current(runtime)
+    # Stopped after the drain: the sessions it ends are counted out of Redis, then this
+    # instance says goodbye there.
+    state.setServiceParent(top)
     # Started first, so stopped last: by then the listeners no longer accept.
     DrainService(current).setServiceParent(top)
     for child in (penalty_service, *runtime.directory_services):

@@ -18,6 +18,8 @@ import pytest
 from rig.proxy import ADMIN_TOKEN, admin_token_file
 
 from imapproxy import config as config_module
+from imapproxy.credentials import Secret
+from imapproxy.redisurl import RedisUrl
 from imapproxy.config import (
     AdminConfig,
     AuthConfig,
@@ -31,6 +33,7 @@ from imapproxy.config import (
     Listener,
     LogConfig,
     ProxyProtocolConfig,
+    SharedConfig,
     Timeouts,
     TlsConfig,
     UsernameConfig,
@@ -803,6 +806,9 @@ EMPTY_SECTIONS = [
     (MINIMAL + "[proxy_protocol]\n", lambda c: c.proxy_protocol, ProxyProtocolConfig, set()),
     (MINIMAL + "[log]\n", lambda c: c.log, LogConfig, set()),
     (MINIMAL + "[auth]\n", lambda c: c.auth, AuthConfig, set()),
+    (MINIMAL + "[shared]\n", lambda c: c.shared, SharedConfig, set()),
+    (MINIMAL + '[shared]\nredis = "redis://h"\n', lambda c: c.shared.url, RedisUrl,
+     {"scheme", "host"}),
 ]
 
 
@@ -914,3 +920,70 @@ def test_auth_errors_name_the_file_and_the_key(confdir: Path, text: str, key: st
     error = config_error(confdir, MINIMAL + text)
     assert error.key == key and message in error.message
     assert str(error).startswith(str(confdir / "imapproxy.toml") + ": " + key + ": ")
+
+
+# -- [shared] ----------------------------------------------------------------------------------
+
+
+def secret_file(folder: Path, name: str, text: str, mode: int = 0o600) -> Path:
+    path = folder / name
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_shared_is_off_without_a_url(confdir: Path) -> None:
+    config = load_text(confdir, MINIMAL)
+    assert config.shared == SharedConfig() and config.shared.url is None
+    # The other keys may stay while the URL is commented out.
+    assert load_text(confdir, MINIMAL + "[shared]\ntimeout = 1\n").shared.url is None
+
+
+def test_shared_redis_url_and_keys(confdir: Path) -> None:
+    secret_file(confdir, "shared.key", "k" * 64 + "\n")
+    config = load_text(confdir, MINIMAL + '[shared]\nredis = "redis://:pa%40ss@Redis.example:'
+                       '6380/3"\ntimeout = 0.5\nkey_file = "shared.key"\nprefix = "mx1:"\n')
+    shared = config.shared
+    assert shared.url == RedisUrl("redis", "redis.example", 6380, "", 3, "",
+                                  Secret(b"pa@ss"))
+    assert shared.timeout == 0.5 and shared.prefix == "mx1:"
+    assert shared.key == Secret(b"k" * 64) and shared.key_file == confdir / "shared.key"
+    assert "pa@ss" not in repr(config) and "kkkk" not in repr(config)
+
+
+def test_shared_password_file(confdir: Path) -> None:
+    secret_file(confdir, "redis.pw", "from-a-file\n")
+    config = load_text(confdir, MINIMAL + '[shared]\nredis = "redis://127.0.0.1"\n'
+                       'password_file = "redis.pw"\n')
+    assert config.shared.url is not None
+    assert config.shared.url.password == Secret(b"from-a-file")
+
+
+@pytest.mark.parametrize(("text", "key", "message"), [
+    ('redis = "http://127.0.0.1"', "shared.redis", "expected redis://"),
+    ('redis = "redis://127.0.0.1:0"', "shared.redis", "port must be a number"),
+    ('redis = "redis://127.0.0.1/x"', "shared.redis", "database must be a number"),
+    ('redis = "redis://127.0.0.1?timeout=1"', "shared.redis", "no ?parameters"),
+    ('redis = "redis://:hunter2@"', "shared.redis", "has no host"),
+    ('redis = "redis://hunter2@127.0.0.1"', "shared.redis", "without a colon"),
+    ('redis = 6379', "shared.redis", "expected a string"),
+    ('redis = "redis://h"\ntimeout = 0', "shared.timeout", "at least 0.01"),
+    ('redis = "redis://h"\nprefix = ""', "shared.prefix", "is required"),
+    ('redis = "redis://h"\nca_file = "users.map"', "shared.ca_file", "rediss://"),
+    ('redis = "redis://:hunter2@h"\npassword_file = "redis.pw"', "shared.password_file",
+     "not both"),
+    ('redis = "redis://h"\nkey_file = "open.key"', "shared.key_file",
+     "open to group or others"),
+    ('redis = "redis://h"\nkey_file = "short.key"', "shared.key_file", "too short"),
+    ('redis = "redis://h"\nkey_file = "nope.key"', "shared.key_file", "file not found"),
+    ('redis = "redis://h"\nsentinel = "x"', "shared.sentinel", "unknown key"),
+])
+def test_shared_errors_name_the_file_and_the_key_never_the_password(
+        confdir: Path, text: str, key: str, message: str) -> None:
+    secret_file(confdir, "redis.pw", "from-a-file\n")
+    secret_file(confdir, "open.key", "k" * 64, mode=0o644)
+    secret_file(confdir, "short.key", "k" * 31)
+    error = config_error(confdir, MINIMAL + "[shared]\n" + text + "\n")
+    assert error.key == key and message in error.message, str(error)
+    assert str(error).startswith(str(confdir / "imapproxy.toml") + ": " + key + ": ")
+    assert "hunter2" not in str(error)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
+from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 
-from imapproxy.config import AuthConfig, Limits, Timeouts
+from imapproxy.config import AuthConfig, Limits, SharedConfig, Timeouts
+from imapproxy.redisurl import parse_redis_url
 
 
 def closed(transport: object) -> bool:
@@ -586,3 +589,79 @@ def test_managesieve_offers_the_auth_mechanisms_and_relays_a_token_refusal() -> 
     lines = [formatEvent(e) for e in events]
     assert any("user=<alice> reason=TokenRefused" in line for line in lines), lines
     assert not [line for line in lines if "ya29" in line or message.decode() in line]
+
+
+# -- the session counted on every instance ([shared], redisstate.py) -----------------------
+
+
+class FakeSessions:
+    """RedisState as the frontend uses it: claim() answers, release() is noted."""
+
+    def __init__(self, over: bool = False, later: bool = False) -> None:
+        self.over = over
+        self.later = later
+        self.claimed: list[tuple[str, str, int]] = []
+        self.released: list[object] = []
+        self.pending: list[defer.Deferred[object]] = []
+
+    def claim(self, user: str, client: str, limit: int) -> defer.Deferred[object]:
+        self.claimed.append((user, client, limit))
+        answer = None if self.over else ("claim", len(self.claimed))
+        if self.later:
+            d: defer.Deferred[object] = defer.Deferred()
+            self.pending.append(d)
+            d.addCallback(lambda _: answer)
+            return d
+        return defer.succeed(answer)
+
+    def release(self, claim: object) -> None:
+        self.released.append(claim)
+
+
+def shared_harness(sessions: FakeSessions) -> Harness:
+    h = Harness()
+    url = "redis://127.0.0.1"
+    config = dataclasses.replace(h.config, shared=SharedConfig(redis=url,
+                                                               url=parse_redis_url(url)))
+    h.shared = dataclasses.replace(h.shared, state=sessions)
+    h.current.runtime = dataclasses.replace(h.runtime, config=config, shared=h.shared)
+    return h
+
+
+def test_a_shared_session_is_claimed_at_login_and_released_at_the_end() -> None:
+    sessions = FakeSessions()
+    h = shared_harness(sessions)
+    client, _transport, _backend = h.logged_in_client()
+    assert sessions.claimed == [("alice", "192.0.2.7", 20)]
+    client.connectionLost()
+    assert sessions.released == [("claim", 1)]
+
+
+def test_over_the_shared_limit_the_login_is_refused_and_not_counted() -> None:
+    sessions = FakeSessions(over=True)
+    h = shared_harness(sessions)
+    client, transport = h.connect_client()
+    transport.clear()
+    client.dataReceived(b"a1 LOGIN alice secret\r\n")
+    backend = h.backends[-1]
+    backend.dataReceived(DOVECOT_GREETING)
+    backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    assert b"a1 NO [UNAVAILABLE] Too many connections for this user from this address" \
+        in transport.value()
+    assert h.shared.limiter.sessions_of("alice", "192.0.2.7") == 0
+    client.connectionLost()
+    assert sessions.released == []
+
+
+def test_a_client_gone_while_its_session_is_counted_is_released() -> None:
+    sessions = FakeSessions(later=True)
+    h = shared_harness(sessions)
+    client, _transport = h.connect_client()
+    client.dataReceived(b"a1 LOGIN alice secret\r\n")
+    backend = h.backends[-1]
+    backend.dataReceived(DOVECOT_GREETING)
+    backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    assert sessions.claimed and sessions.pending
+    client.connectionLost()
+    sessions.pending[0].callback(None)
+    assert sessions.released == [("claim", 1)]

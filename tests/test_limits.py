@@ -135,3 +135,18 @@ def test_login_on_a_released_ticket_is_a_bug() -> None:
     ticket.release()
     with pytest.raises(AssertionError):
         ticket.login("alice")
+
+
+def test_logout_undoes_a_login_and_the_ticket_may_log_in_again() -> None:
+    """Another instance's sessions made it one too many (redisstate.py): the user no
+    longer counts here, and the connection may try again."""
+    limiter = ConnectionLimiter(max_per_user_client=1)
+    ticket = admitted(limiter.admit("198.51.100.1"))
+    assert ticket.login("alice") is None
+    ticket.logout()
+    assert ticket.user is None and limiter.sessions_of("alice", "198.51.100.1") == 0
+    ticket.logout()  # twice is harmless
+    assert ticket.login("alice") is None
+    ticket.release()
+    ticket.logout()  # after release too
+    assert limiter.total == 0 and not limiter._user_clients

@@ -19,6 +19,7 @@ import pytest
 
 from imapproxy import login
 from imapproxy.actions import (
+    ClaimSession,
     CloseBackend,
     CountBackendFailure,
     CountLogin,
@@ -37,6 +38,7 @@ from imapproxy.config import (
     DirectoryConfig,
     Limits,
     Listener,
+    SharedConfig,
     TlsConfig,
     UsernameConfig,
 )
@@ -58,10 +60,11 @@ from imapproxy.errors import (
     UserNotFound,
 )
 from imapproxy.imapbackend import ImapBackendLogin
-from imapproxy.limits import ConnectionLimiter, Ticket
+from imapproxy.limits import ConnectionLimiter, Refusal, Ticket
 from imapproxy.penalty import Outcome, Penalty
 from imapproxy.penaltygate import Admission
 from imapproxy.pop3backend import Pop3BackendLogin
+from imapproxy.redisurl import parse_redis_url
 from imapproxy.sasl import parse_oauthbearer, parse_xoauth2
 from imapproxy.sievebackend import SieveBackendLogin
 
@@ -155,7 +158,8 @@ def make_config(*, listeners: tuple[Listener, ...] = LISTENERS, **sections: Any)
     return Config(path=Path("/nonexistent/test.toml"), listeners=listeners,
                   tls=TlsConfig(plaintext_auth=True), directory=DirectoryConfig(),
                   backend=backend, limits=sections.pop("limits", Limits(login_delay=2.0)),
-                  username=sections.pop("username", UsernameConfig()))
+                  username=sections.pop("username", UsernameConfig()),
+                  shared=sections.pop("shared", SharedConfig()))
 
 
 @dataclass
@@ -178,6 +182,8 @@ class World:
     waited: float = 0.0
     penalty_refusal: str | None = None
     ticket: Any = None
+    #: what the shared session count answers (ClaimSession)
+    shared_refusal: Refusal | None = None
     clock: FakeClock = field(default_factory=FakeClock)
     gate: RecordingGate = field(default_factory=RecordingGate)
 
@@ -201,7 +207,8 @@ class World:
                            clock=self.clock, ticket=self.ticket)
         return drive(flow, {WaitForPenalty: self.wait, FinishPenalty: self.finish,
                             Lookup: self.lookup, Dial: self.dial,
-                            LogInAtBackend: self.log_in, CloseBackend: self.close})
+                            LogInAtBackend: self.log_in, CloseBackend: self.close,
+                            ClaimSession: lambda _step: self.shared_refusal})
 
     def wait(self, step: WaitForPenalty) -> Admission:
         if self.penalty_refusal is not None:
@@ -543,6 +550,56 @@ def test_the_ticket_counts_the_rewritten_name() -> None:
     assert ticket.user == "alice"  # type: ignore[union-attr]
     again = World(config=config, ticket=limiter.admit("192.0.2.7")).run("Alice")
     assert isinstance(again.result, login.Refused)
+
+
+SHARED = SharedConfig(redis="redis://127.0.0.1", url=parse_redis_url("redis://127.0.0.1"))
+
+
+def test_with_shared_state_the_session_is_counted_over_every_instance() -> None:
+    limiter = ConnectionLimiter(max_per_user_client=20)
+    config = make_config(shared=SHARED, username=UsernameConfig(lowercase=True))
+    world = World(config=config, ticket=limiter.admit("192.0.2.7"))
+    run = world.run("Alice")
+    assert run.kinds == ["WaitForPenalty", "Lookup", "Dial", "LogInAtBackend",
+                         "FinishPenalty", "ClaimSession", "LoginLog", "CountLogin"]
+    assert run.of(ClaimSession) == [ClaimSession("alice", "192.0.2.7", 20)]
+    assert isinstance(run.result, login.LoggedIn)
+    assert limiter.sessions_of("alice", "192.0.2.7") == 1
+
+
+def test_over_the_limit_on_every_instance_together() -> None:
+    limiter = ConnectionLimiter(max_per_user_client=20)
+    ticket = limiter.admit("192.0.2.7")
+    world = World(config=make_config(shared=SHARED), ticket=ticket,
+                  shared_refusal=Refusal.PER_USER_CLIENT)
+    run = world.run()
+    assert run.kinds == ["WaitForPenalty", "Lookup", "Dial", "LogInAtBackend", "FinishPenalty",
+                         "ClaimSession", "LoginLog", "CountRefusal", "CloseBackend"]
+    assert isinstance(run.result, login.Refused)
+    assert isinstance(run.result.error, TooManyConnections)
+    assert run.of(CountRefusal) == [CountRefusal("per_user_client")]
+    # Not counted here either: the connection may log in again (another user, later).
+    assert limiter.sessions_of("alice", "192.0.2.7") == 0
+    assert ticket.user is None  # type: ignore[union-attr]
+
+
+def test_no_shared_count_without_redis_a_limit_or_a_ticket() -> None:
+    limiter = ConnectionLimiter(max_per_user_client=20)
+    for world in (World(ticket=limiter.admit("192.0.2.7")),
+                  World(config=make_config(shared=SHARED,
+                                           limits=Limits(max_connections_per_user_ip=0)),
+                        ticket=limiter.admit("192.0.2.7")),
+                  World(config=make_config(shared=SHARED))):
+        run = world.run()
+        assert isinstance(run.result, login.LoggedIn)
+        assert run.of(ClaimSession) == []
+    # Over the limit here already: Redis is not asked.
+    full = ConnectionLimiter(max_per_user_client=1)
+    assert isinstance(full.admit("192.0.2.7"), Ticket)
+    full_ticket = full.admit("192.0.2.7")
+    full_ticket.login("alice")  # type: ignore[union-attr]
+    run = World(config=make_config(shared=SHARED), ticket=full.admit("192.0.2.7")).run()
+    assert isinstance(run.result, login.Refused) and run.of(ClaimSession) == []
 
 
 # -- success --------------------------------------------------------------------------------

@@ -245,3 +245,19 @@ def test_livez_always_and_readyz_while_listening_and_not_draining() -> None:
     state["draining"] = True  # a drained instance leaves the balancer's pool first
     assert get(b"/readyz")[0] == 503
     assert get(b"/livez")[0] == 200
+
+
+def test_shared_state_fallbacks_and_whether_redis_answers() -> None:
+    metrics = Metrics()
+    assert b"imapproxy_shared_state_up" not in metrics.render(), "not without [shared]"
+    metrics.shared_state_fallback("penalty")
+    metrics.shared_state_fallback("penalty")
+    metrics.shared_state_fallback("sessions")
+    metrics.shared_state_up(False)
+    assert value(metrics, "imapproxy_shared_state_fallbacks_total", what="penalty") == 2
+    assert value(metrics, "imapproxy_shared_state_fallbacks_total", what="sessions") == 1
+    assert value(metrics, "imapproxy_shared_state_up") == 0
+    metrics.shared_state_up(True)
+    assert value(metrics, "imapproxy_shared_state_up") == 1
+    NULL_METRICS.shared_state_fallback("penalty")
+    NULL_METRICS.shared_state_up(True)

@@ -333,3 +333,35 @@ def test_a_penalised_address_queue_is_bounded_and_a_busy_clean_one_is_not() -> N
     attempts = [s.submit("203.0.113.5", f"user{i}") for i in range(40)]
     refused = [a for a in attempts if isinstance(a, Refused)]
     assert len(refused) == 40 - MAX_WAITING
+
+
+# -- what other instances learnt (the shared state, redisstate.py) ------------------------
+
+
+def test_known_elsewhere_skips_the_user_lane_and_the_address_penalty() -> None:
+    """The owner logged in from this carrier address through another instance: a typo
+    of someone else behind it here does not hold the owner back, and neither does an
+    attack on the account from elsewhere."""
+    s = Sim()
+    typo = s.submit("192.0.2.7", "mate")
+    s.fail(typo, "mate", b"typo")  # this address is penalised here now
+    attempt = 1000
+    granted = s.p.submit(attempt, "192.0.2.7", s.p.user_key("alice"), known=True)
+    assert granted == [attempt]
+    # With the user attacked elsewhere, a known address skips the user's lane only.
+    waits = s.p.submit(attempt + 1, "192.0.2.7", s.p.user_key("alice"), known=True,
+                       user_failures=True)
+    assert waits == [], "in the address's penalised queue"
+
+
+def test_user_failures_elsewhere_put_a_known_user_back_in_the_address_queue() -> None:
+    s = Sim()
+    first = s.submit("192.0.2.7", "alice")
+    s.succeed(first)  # known here
+    mate = s.submit("192.0.2.7", "mate")
+    s.fail(mate, "mate", b"typo")
+    assert isinstance(s.submit("192.0.2.7", "alice"), int)
+    assert s.running(3), "known, nobody guessing alice: no queue"
+    s.p.finish(3, Outcome.SUCCESS)
+    granted = s.p.submit(99, "192.0.2.7", s.p.user_key("alice"), user_failures=True)
+    assert granted == [], "alice is attacked elsewhere: the address's queue applies"

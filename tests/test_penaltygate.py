@@ -11,14 +11,16 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 
 from imapproxy.config import Limits
-from imapproxy.penalty import Outcome, Penalty
+from imapproxy.penalty import Outcome, Penalty, Refused, user_key
 from imapproxy.penaltygate import (
     LocalGate,
     LoginsRefused,
     RemoteGate,
+    SharedGate,
     _GateServerService,
     process_gate,
 )
+from imapproxy.sharedstate import PenaltySettings, Verdict
 
 
 def gate(**kwargs: object) -> tuple[LocalGate, MemoryReactorClock]:
@@ -84,6 +86,122 @@ def sleep(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+# -- shared by instances through Redis (the state faked; tests/test_redisstate.py has Redis)
+
+
+class FakeState:
+    """RedisState as SharedGate uses it: answers given by hand."""
+
+    def __init__(self, key: bytes | None = b"s" * 32) -> None:
+        self.enabled = True
+        self.key = key
+        self.asked: list[tuple[str, bytes, str, defer.Deferred[object]]] = []
+        self.finished: list[tuple[str, bytes, str, str, bytes]] = []
+        self.left: list[str] = []
+
+    def enter(self, address: str, ukey: bytes, token: str,
+              settings: PenaltySettings) -> defer.Deferred[object]:
+        d: defer.Deferred[object] = defer.Deferred()
+        self.asked.append((address, ukey, token, d))
+        return d
+
+    def finish(self, address: str, ukey: bytes, token: str, outcome: str, fingerprint: bytes,
+               settings: PenaltySettings) -> None:
+        self.finished.append((address, ukey, token, outcome, fingerprint))
+
+    def leave(self, address: str, ukey: bytes, token: str) -> None:
+        self.left.append(token)
+
+
+def shared(**limits: object) -> tuple[SharedGate, LocalGate, FakeState, MemoryReactorClock]:
+    local, clock = gate()
+    state = FakeState()
+    return SharedGate(local, state, clock, Limits(**limits)), local, state, clock  # type: ignore[arg-type]
+
+
+def test_the_shared_turn_is_waited_for_then_the_local_gate() -> None:
+    g, local, state, clock = shared()
+    ukey = g.user_key("alice")
+    assert ukey == user_key(b"s" * 32, "alice") != local.user_key("alice")
+    entered = g.enter("192.0.2.7", ukey)
+    (address, asked_key, token, answer), = state.asked
+    assert (address, asked_key) == ("192.0.2.7", ukey) and not entered.called
+    answer.callback(Verdict(False, 1, 1, 2.5, 2))
+    assert not entered.called and local.penalty.waiting == 0, "waits before the local gate"
+    clock.advance(2.5)
+    admission = entered.result
+    assert admission.waited == 2.5
+    admission.finish(Outcome.FAILURE, g.fingerprint("alice", b"guess"))
+    assert state.finished == [("192.0.2.7", ukey, token, "failure",
+                               g.fingerprint("alice", b"guess"))]
+    assert local.penalty.failures("192.0.2.7", "x") == (1, 0), "the local gate learnt it too"
+    assert state.left == []
+
+
+def test_what_other_instances_know_reaches_the_local_gate() -> None:
+    g, local, state, clock = shared()
+    mate = local.enter("192.0.2.7", g.user_key("mate")).result
+    mate.finish(Outcome.FAILURE, b"typo")  # penalised here
+    entered = g.enter("192.0.2.7", g.user_key("alice"))
+    state.asked[0][3].callback(Verdict(True, 1, 0, 0.0, 0))  # known there, elsewhere
+    assert entered.called, "the owner's known address skips the local penalty"
+
+
+def test_refused_by_the_shared_lanes() -> None:
+    g, _local, state, _clock = shared()
+    entered = g.enter("192.0.2.7", g.user_key("alice"))
+    state.asked[0][3].callback(Refused("too many login attempts waiting for this user"))
+    failures: list[object] = []
+    entered.addErrback(failures.append)
+    assert failures and failures[0].check(LoginsRefused)  # type: ignore[attr-defined]
+    assert failures[0].value.reason == "too many login attempts waiting for this user"  # type: ignore[attr-defined]
+
+
+def test_redis_unavailable_is_the_local_gate_alone() -> None:
+    g, local, state, _clock = shared()
+    entered = g.enter("192.0.2.7", g.user_key("alice"))
+    state.asked[0][3].callback(None)
+    assert entered.called and entered.result.waited == 0
+    state.enabled = False
+    assert g.enter("192.0.2.7", g.user_key("alice")).called and len(state.asked) == 1
+    state.enabled, state.key = True, None
+    assert g.user_key("alice") == local.user_key("alice"), "no shared key yet: local hashes"
+
+
+def test_exempt_addresses_never_reach_redis() -> None:
+    g, _local, state, _clock = shared(penalty_exempt=("10.0.0.0/8",))
+    assert g.enter("10.1.2.3", g.user_key("webmail")).called
+    assert state.asked == []
+    g.reconfigure(Limits())
+    g.enter("10.1.2.3", g.user_key("webmail"))
+    assert len(state.asked) == 1, "a reload changes the exempt networks"
+
+
+def test_a_client_gone_while_waiting_gives_its_turn_back() -> None:
+    g, local, state, clock = shared()
+    entered = g.enter("192.0.2.7", g.user_key("alice"))
+    entered.addErrback(lambda f: f.trap(defer.CancelledError))
+    state.asked[0][3].callback(Verdict(False, 1, 1, 2.0, 2))
+    entered.cancel()
+    assert state.left == [state.asked[0][2]]
+    clock.advance(5)
+    assert local.penalty.waiting == 0 and not clock.getDelayedCalls()
+    # Gone before Redis answered: the turns are given back once it has.
+    early = g.enter("192.0.2.7", g.user_key("alice"))
+    early.addErrback(lambda f: f.trap(defer.CancelledError))
+    early.cancel()
+    state.asked[1][3].callback(Verdict(False, 1, 1, 4.0, 2))
+    assert state.left[-1] == state.asked[1][2]
+    # Gone while the local gate held it: the local queue lets it go, the turn too.
+    local.enter("192.0.2.9", b"x").result.finish(Outcome.FAILURE, b"f")
+    third = g.enter("192.0.2.9", g.user_key("bob"))
+    third.addErrback(lambda f: f.trap(defer.CancelledError))
+    state.asked[2][3].callback(Verdict(False, 0, 0, 0.0, 1))
+    assert not third.called and local.penalty.waiting == 1
+    third.cancel()
+    assert local.penalty.waiting == 0 and state.left[-1] == state.asked[2][2]
+
+
 @pytest_twisted.ensureDeferred
 async def test_workers_share_the_main_process_penalty(tmp_path: Path) -> None:
     """A failure seen by one worker holds back the next attempt on another, and names
@@ -110,6 +228,11 @@ async def test_workers_share_the_main_process_penalty(tmp_path: Path) -> None:
         admission.finish(Outcome.FAILURE, a.fingerprint("alice", b"typo"))
         await sleep(0.05)
         assert main.penalty.failures("192.0.2.7", "alice") == (1, 1)
+        # What other instances know goes along to the main process (the shared state):
+        # a user known at this address elsewhere passes its penalty at once.
+        known = await b.enter("192.0.2.7", b.user_key("carol"), known=True)
+        assert known.waited < 0.2, "not the 0.3 s penalty"
+        known.finish(Outcome.SUCCESS)
         started = reactor.seconds()
         admission = await b.enter("192.0.2.7", b.user_key("alice"))
         assert reactor.seconds() - started >= 0.2, "the other worker waited the penalty too"

@@ -200,6 +200,27 @@ down_cooldown = 3
     assert shared.breaker.cooldown == 3
 
 
+def test_the_shared_section_applies_on_reload(tmp_path: Path) -> None:
+    class State:
+        configs: list[Any] = []
+
+        def reconfigure(self, config: Any) -> None:
+            self.configs.append(config)
+
+    rig = Rig(tmp_path)
+    state = State()
+    rig.h.current.runtime = dataclasses.replace(
+        rig.h.runtime, shared=dataclasses.replace(rig.h.runtime.shared, state=state))
+    path = tmp_path / "imapproxy.toml"
+    path.write_text(path.read_text() + '\n[shared]\nredis = "redis://127.0.0.1:6390/1"\n'
+                    "timeout = 0.5\n")
+    with capturedLogs() as events:
+        assert rig.reloader.reload()
+    assert not any("needs a restart" in formatEvent(e) for e in events)
+    [shared] = state.configs
+    assert str(shared.url) == "redis://127.0.0.1:6390/1" and shared.timeout == 0.5
+
+
 def test_tls_reload_failure_refuses_everything(tmp_path: Path) -> None:
     class ServerTLS:
         def reload(self, tls: Any) -> None:

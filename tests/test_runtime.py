@@ -29,6 +29,7 @@ from imapproxy.config import (
     LdapConfig,
     Limits,
     Listener,
+    SharedConfig,
     TlsConfig,
 )
 from imapproxy.directory import Route, Server, StaticDirectory
@@ -39,6 +40,7 @@ from imapproxy.limits import ConnectionLimiter, Ticket
 from imapproxy.metrics import NULL_METRICS, Metrics, NullMetrics
 from imapproxy.penalty import Penalty
 from imapproxy.penaltygate import LocalGate
+from imapproxy.redisurl import parse_redis_url
 from imapproxy.registry import SessionRegistry
 from imapproxy.runtime import Current, Shared, build, build_directory
 
@@ -281,6 +283,24 @@ def test_reconfigure_applies_the_new_limits_and_keeps_the_counts(tmp_path: Path)
     assert shared.penalty.penalty.delay(1) == 4.0 and shared.penalty.penalty.delay(5) == 8.0
     assert shared.breaker.cooldown == 5.0
     assert shared.breaker.down() == [Server("10.0.0.1")]  # what it learnt stays
+
+
+def test_reconfigure_passes_the_shared_section_on(tmp_path: Path) -> None:
+    class State:
+        def __init__(self) -> None:
+            self.configs: list[SharedConfig] = []
+
+        def reconfigure(self, config: SharedConfig) -> None:
+            self.configs.append(config)
+
+    config = make_config(tmp_path)
+    state = State()
+    shared = dataclasses.replace(make_shared(config), state=state)
+    url = "redis://127.0.0.1:6390/1"
+    new = dataclasses.replace(config, shared=SharedConfig(redis=url, url=parse_redis_url(url)))
+    shared.reconfigure(new)
+    assert state.configs == [new.shared]
+    make_shared(config).reconfigure(new)  # no state (as in tests): nothing to tell
 
 
 def test_reload_certificates_loads_new_files_or_keeps_the_old(tmp_path: Path,

@@ -1,0 +1,676 @@
+# -*- test-case-name: tests.test_sharedstate -*-
+"""What several proxy instances share through Redis, and how they ask for it: sans-IO.
+
+With ``[shared] redis`` set, every instance (and every worker of one) keeps two things
+in one Redis database besides its own memory, so that a guesser gains nothing by
+landing on another instance, and a user's sessions are counted wherever they are:
+
+- **What the brute-force penalty learnt** (penalty.py): failures per client address
+  and per user, and the addresses each user logged in from lately; and, per
+  penalised lane, the *turns* reserved by the attempts waiting in it. ``ENTER`` is
+  asked before an attempt enters this process's own gate: it answers what is known
+  (failures, known address) and, for each penalised lane the attempt is in, reserves
+  a start time ``slot = max(now, last turn + delay(n), next)``, so that guesses
+  spread over instances are checked one after the other, each ``delay(n)`` after
+  the previous one; it refuses when a lane already holds MAX_WAITING (address) or
+  MAX_WAITING_USER (user) future turns, as the local queues do. ``FINISH`` records
+  what the check found (a failure; or a success, which clears the user's failures
+  and makes the address known) and pushes the lanes' ``next`` start to ``delay(n)``
+  after the check ended; ``LEAVE`` gives a turn back when the client goes away.
+- **Logged-in sessions per user and client address** (limits.py's
+  ``max_connections_per_user_ip``): one hash per (user, address) with a field per
+  instance. ``CLAIM`` sums the fields of live instances and adds one unless that
+  reaches the limit; ``RELEASE`` takes one away. Instances are live while their
+  heartbeat (``HEARTBEAT``, every HEARTBEAT seconds) is younger than INSTANCE_TTL: a
+  crashed instance's sessions stop counting then, and a live one's heartbeat drops
+  their fields (the janitor). An instance that could not write what it counted
+  (Redis was away) writes it all again, whole (``RESYNC``; SessionTally knows when).
+
+Only keyed hashes go to Redis: users as ``penalty.user_key`` (an HMAC whose key every
+instance shares: ``[shared] key_file``, or a random one kept in Redis), wrong
+passwords as ``penalty.fingerprint`` (HMAC of user and password); never a name or a
+password. Client addresses (as limits.client_key counts them) are kept as they are.
+
+Times are Redis' own clock (TIME), so the instances' clocks need not agree; each
+script takes an explicit ``now`` instead for tests. The scripts run atomically in
+Redis (EVALSHA), and need a standalone Redis 5 or later (not a Cluster: the janitor
+reaches keys it is not given).
+
+What is not shared: the local parallelism of lanes without failures (32 checks at
+once per address, 4 per user) is per process; so are the connection limits other than
+per user and address.
+
+No I/O here: redisstate.py runs the scripts on a thread pool and feeds back what came
+of them; this module says what to ask and what the answers mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Limits
+from .penalty import MAX_KNOWN, MAX_WAITING, MAX_WAITING_USER, Refused
+from .penaltylane import MAX_FINGERPRINTS
+
+#: Seconds between an instance's heartbeats (also how often a down Redis is tried
+#: when no login tries it).
+HEARTBEAT = 5.0
+#: Seconds after its last heartbeat an instance's sessions stop counting.
+INSTANCE_TTL = 20.0
+#: Seconds a turn is held at most after its start: a check that never reported its end
+#: (its instance died) stops holding its lane then. Longer than any login takes
+#: ([backend] connect_timeout + login_timeout are 40 s by default).
+LEASE = 120.0
+#: Seconds after Redis failed during which logins count locally without trying it.
+RETRY_AFTER = 2.0
+#: Dead instances the janitor clears per heartbeat, and their keys per instance.
+JANITOR_INSTANCES = 8
+JANITOR_KEYS = 1000
+#: (user, address) pairs written per RESYNC call: a long script blocks Redis.
+RESYNC_CHUNK = 500
+
+# -- the scripts ---------------------------------------------------------------------------
+
+#: Prepended to every script: the time (Redis' own unless given), the penalty's
+#: doubling (penalty.delay), and a lane's live failures (expired ones deleted).
+_PRELUDE = """
+local function clock(given)
+  local now = tonumber(given)
+  if now then return now end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(x) return string.format('%.6f', x) end
+local function delay(n, base, cap)
+  if n <= 0 or base <= 0 then return 0 end
+  return math.min(cap, base * 2 ^ math.min(n - 1, 64))
+end
+local function failures(key, since)
+  local fields = redis.call('HGETALL', key)
+  local live, old = {}, {}
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 2) == 'f:' then
+      local when = tonumber(fields[i + 1])
+      if when and when >= since then live[#live + 1] = {fields[i], when}
+      else old[#old + 1] = fields[i] end
+    end
+  end
+  if #old > 0 then redis.call('HDEL', key, unpack(old)) end
+  return live
+end
+"""
+
+#: KEYS: address lane, its turns, user lane, its turns.
+#: ARGV: address, token, now, base, cap, memory, known_memory, bound (address), bound
+#: (user), lease.
+#: Answers {'refused', 'address'|'user'} or {'ok', known, address failures, user
+#: failures, seconds to wait, turns reserved}. The lanes are chosen as in
+#: Penalty.submit.
+ENTER = _PRELUDE + """
+local address, token = ARGV[1], ARGV[2]
+local now = clock(ARGV[3])
+local base, cap = tonumber(ARGV[4]), tonumber(ARGV[5])
+local memory, known_memory = tonumber(ARGV[6]), tonumber(ARGV[7])
+local lease = tonumber(ARGV[10])
+local a_live = failures(KEYS[1], now - memory)
+local u_live = failures(KEYS[3], now - memory)
+local since = tonumber(redis.call('HGET', KEYS[3], 'k:' .. address))
+local known = since ~= nil and since >= now - known_memory
+local lanes = {}
+if not (known and #u_live == 0) and #a_live > 0 then
+  lanes[#lanes + 1] = {KEYS[1], KEYS[2], #a_live, tonumber(ARGV[8]), 'address'}
+end
+if not known and #u_live > 0 then
+  lanes[#lanes + 1] = {KEYS[3], KEYS[4], #u_live, tonumber(ARGV[9]), 'user'}
+end
+local slot = now
+for _, lane in ipairs(lanes) do
+  redis.call('ZREMRANGEBYSCORE', lane[2], '-inf', '(' .. fmt(now - lease))
+  if redis.call('ZCOUNT', lane[2], '(' .. fmt(now), '+inf') >= lane[4] then
+    return {'refused', lane[5]}
+  end
+  local last = redis.call('ZRANGE', lane[2], -1, -1, 'WITHSCORES')
+  if #last > 0 then slot = math.max(slot, tonumber(last[2]) + delay(lane[3], base, cap)) end
+  local after = tonumber(redis.call('HGET', lane[1], 'next'))
+  if after then slot = math.max(slot, after) end
+end
+for _, lane in ipairs(lanes) do
+  redis.call('ZADD', lane[2], fmt(slot), token)
+  redis.call('PEXPIRE', lane[2], math.ceil((slot - now + lease) * 1000))
+end
+return {'ok', known and 1 or 0, #a_live, #u_live, fmt(slot - now), #lanes}
+"""
+
+#: KEYS: address lane, its turns, user lane, its turns.
+#: ARGV: address, token, outcome, user (hex), fingerprint (hex, or ''), now, base, cap,
+#: memory, known_memory, fingerprints kept, known addresses kept.
+#: As Penalty.finish: a failure is remembered in both lanes (the same fingerprint again
+#: only moves its time); a success forgets the user's failures (at this address, and
+#: the user's own) and makes the address known; then each lane with failures may not
+#: start its next check before delay(n) from now (turns already given keep theirs).
+FINISH = _PRELUDE + """
+local address, token, outcome, user, fp = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now = clock(ARGV[6])
+local base, cap = tonumber(ARGV[7]), tonumber(ARGV[8])
+local memory, known_memory = tonumber(ARGV[9]), tonumber(ARGV[10])
+local max_prints, max_known = tonumber(ARGV[11]), tonumber(ARGV[12])
+redis.call('ZREM', KEYS[2], token)
+redis.call('ZREM', KEYS[4], token)
+local mine = 'f:' .. user .. ':'
+if outcome == 'failure' and fp ~= '' then
+  redis.call('HSET', KEYS[1], mine .. fp, fmt(now))
+  redis.call('HSET', KEYS[3], 'f:' .. fp, fmt(now))
+elseif outcome == 'success' then
+  for _, lane in ipairs({{KEYS[1], mine}, {KEYS[3], 'f:'}}) do
+    local drop = {}
+    for _, f in ipairs(redis.call('HKEYS', lane[1])) do
+      if string.sub(f, 1, #lane[2]) == lane[2] then drop[#drop + 1] = f end
+    end
+    if #drop > 0 then redis.call('HDEL', lane[1], unpack(drop)) end
+  end
+  redis.call('HSET', KEYS[3], 'k:' .. address, fmt(now))
+end
+local newest_first = function(a, b) return a[2] > b[2] end
+for _, key in ipairs({KEYS[1], KEYS[3]}) do
+  local live = failures(key, now - memory)
+  table.sort(live, newest_first)
+  for i = max_prints + 1, #live do redis.call('HDEL', key, live[i][1]) end
+  local n = math.min(#live, max_prints)
+  local ttl = 0
+  if n > 0 then
+    local after = now + delay(n, base, cap)
+    redis.call('HSET', key, 'next', fmt(after))
+    ttl = math.max(memory, after - now)
+  else
+    redis.call('HDEL', key, 'next')
+  end
+  if key == KEYS[3] then
+    local known = {}
+    local fields = redis.call('HGETALL', key)
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'k:' then
+        known[#known + 1] = {fields[i], tonumber(fields[i + 1]) or 0}
+      end
+    end
+    table.sort(known, newest_first)
+    local kept = 0
+    for _, k in ipairs(known) do
+      if kept < max_known and k[2] >= now - known_memory then kept = kept + 1
+      else redis.call('HDEL', key, k[1]) end
+    end
+    if kept > 0 then ttl = math.max(ttl, known_memory) end
+  end
+  if ttl > 0 then redis.call('PEXPIRE', key, math.ceil(ttl * 1000)) end
+end
+return 1
+"""
+
+#: KEYS: address turns, user turns. ARGV: token. The client went away while waiting.
+LEAVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+#: Prepended to the session scripts: is this instance still counted as live (its
+#: heartbeat recent), and mark it live now. A stale instance's fields may have been
+#: dropped by another one's janitor: it must RESYNC.
+_LIVE = """
+local function alive(instances, id, now, ttl)
+  local beat = tonumber(redis.call('ZSCORE', instances, id))
+  redis.call('ZADD', instances, fmt(now), id)
+  if beat == nil or beat < now - ttl then return 0 end
+  return 1
+end
+"""
+
+#: KEYS: the (user, address) counts, the live instances, this instance's count keys.
+#: ARGV: instance id, limit (0: none), now, instance ttl.
+#: Answers {granted 1/0, sessions counted (with this one if granted), live 1/0}.
+CLAIM = _PRELUDE + _LIVE + """
+local id, limit = ARGV[1], tonumber(ARGV[2])
+local now, ttl = clock(ARGV[3]), tonumber(ARGV[4])
+local live = alive(KEYS[2], id, now, ttl)
+local fields = redis.call('HGETALL', KEYS[1])
+local total, dead = 0, {}
+for i = 1, #fields, 2 do
+  local other, n = fields[i], tonumber(fields[i + 1]) or 0
+  if other ~= id then
+    local beat = tonumber(redis.call('ZSCORE', KEYS[2], other))
+    if beat == nil or beat < now - ttl then dead[#dead + 1] = other; n = 0 end
+  end
+  total = total + n
+end
+if #dead > 0 then redis.call('HDEL', KEYS[1], unpack(dead)) end
+if limit > 0 and total >= limit then return {0, total, live} end
+redis.call('HINCRBY', KEYS[1], id, 1)
+redis.call('SADD', KEYS[3], KEYS[1])
+return {1, total + 1, live}
+"""
+
+#: KEYS: the (user, address) counts, this instance's count keys. ARGV: instance id.
+RELEASE = """
+local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if left <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], KEYS[1])
+end
+return left
+"""
+
+#: KEYS: the live instances, the shared hashing key.
+#: ARGV: instance id, now, instance ttl, prefix of instances' count keys, a key to
+#: offer (hex; '' with a key_file: then none is kept in Redis).
+#: Answers {live 1/0, the hashing key kept in Redis (hex) or ''}. Clears the counts
+#: of up to JANITOR_INSTANCES instances gone silent, JANITOR_KEYS keys each.
+HEARTBEAT_SCRIPT = _PRELUDE + _LIVE + f"""
+local id, now, ttl = ARGV[1], clock(ARGV[2]), tonumber(ARGV[3])
+local live = alive(KEYS[1], id, now, ttl)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. fmt(now - ttl),
+                        'LIMIT', 0, {JANITOR_INSTANCES})
+for _, other in ipairs(gone) do
+  local set = ARGV[4] .. other
+  for _, key in ipairs(redis.call('SPOP', set, {JANITOR_KEYS})) do
+    redis.call('HDEL', key, other)
+  end
+  if redis.call('SCARD', set) == 0 then redis.call('ZREM', KEYS[1], other) end
+end
+local key = ''
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[5], 'NX')
+  key = redis.call('GET', KEYS[2])
+end
+return {{live, key}}
+"""
+
+#: KEYS: the live instances, this instance's count keys.
+#: ARGV: instance id, now, clear first (1/0), then pairs of (counts key, count).
+RESYNC = _PRELUDE + """
+local id = ARGV[1]
+redis.call('ZADD', KEYS[1], fmt(clock(ARGV[2])), id)
+if ARGV[3] == '1' then
+  for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('HDEL', key, id) end
+  redis.call('DEL', KEYS[2])
+end
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', ARGV[i], id, ARGV[i + 1])
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+return 1
+"""
+
+#: KEYS: the live instances, this instance's count keys. ARGV: instance id.
+#: A clean stop: this instance's sessions stop counting at once.
+GOODBYE = """
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('HDEL', key, ARGV[1]) end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+SCRIPTS = {"enter": ENTER, "finish": FINISH, "leave": LEAVE, "claim": CLAIM,
+           "release": RELEASE, "heartbeat": HEARTBEAT_SCRIPT, "resync": RESYNC,
+           "goodbye": GOODBYE}
+
+
+# -- key names -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyNames:
+    """Where everything is kept; ``prefix`` ([shared] prefix) comes first in every name."""
+
+    prefix: str
+
+    def address(self, address: str) -> tuple[str, str]:
+        """An address's lane (failures, next start) and its turns."""
+        return f"{self.prefix}a:{address}", f"{self.prefix}a:{address}:t"
+
+    def user(self, ukey: bytes) -> tuple[str, str]:
+        """A user's lane (failures, known addresses, next start) and its turns."""
+        return f"{self.prefix}u:{ukey.hex()}", f"{self.prefix}u:{ukey.hex()}:t"
+
+    def sessions(self, ukey: bytes, client: str) -> str:
+        """The logged-in sessions of a user from a client address, per instance."""
+        return f"{self.prefix}s:{ukey.hex()}:{client}"
+
+    @property
+    def instances(self) -> str:
+        """The live instances, by time of their last heartbeat."""
+        return f"{self.prefix}instances"
+
+    def instance_keys(self, instance: str) -> str:
+        """The session count keys an instance has a field in."""
+        return f"{self.instance_keys_prefix}{instance}"
+
+    @property
+    def instance_keys_prefix(self) -> str:
+        return f"{self.prefix}ik:"
+
+    @property
+    def hashing_key(self) -> str:
+        """The key of the keyed hashes, when no [shared] key_file gives it."""
+        return f"{self.prefix}key"
+
+
+# -- what to ask ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One script to run: its name in SCRIPTS, its KEYS and its ARGV."""
+
+    script: str
+    keys: tuple[str, ...]
+    args: tuple[str | int | float, ...] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PenaltySettings:
+    """The [limits] the scripts apply (every instance should have the same)."""
+
+    base: float
+    cap: float
+    memory: float
+    known_memory: float
+
+    @classmethod
+    def from_limits(cls, limits: Limits) -> PenaltySettings:
+        return cls(limits.login_delay, limits.login_delay_max, limits.login_failure_memory,
+                   limits.known_address_memory)
+
+
+def _now(now: float | None) -> str:
+    return "" if now is None else repr(now)
+
+
+def enter(names: KeyNames, address: str, ukey: bytes, token: str,
+          settings: PenaltySettings, now: float | None = None) -> Call:
+    a_lane, a_turns = names.address(address)
+    u_lane, u_turns = names.user(ukey)
+    return Call("enter", (a_lane, a_turns, u_lane, u_turns),
+                (address, token, _now(now), settings.base, settings.cap, settings.memory,
+                 settings.known_memory, MAX_WAITING, MAX_WAITING_USER, LEASE))
+
+
+def finish(names: KeyNames, address: str, ukey: bytes, token: str, outcome: str,
+           fingerprint: bytes, settings: PenaltySettings, now: float | None = None) -> Call:
+    """``outcome``: a penalty.Outcome's value."""
+    a_lane, a_turns = names.address(address)
+    u_lane, u_turns = names.user(ukey)
+    return Call("finish", (a_lane, a_turns, u_lane, u_turns),
+                (address, token, outcome, ukey.hex(), fingerprint.hex(), _now(now),
+                 settings.base, settings.cap, settings.memory, settings.known_memory,
+                 MAX_FINGERPRINTS, MAX_KNOWN))
+
+
+def leave(names: KeyNames, address: str, ukey: bytes, token: str) -> Call:
+    return Call("leave", (names.address(address)[1], names.user(ukey)[1]), (token,))
+
+
+def claim(names: KeyNames, instance: str, ukey: bytes, client: str, limit: int,
+          now: float | None = None) -> Call:
+    return Call("claim", (names.sessions(ukey, client), names.instances,
+                          names.instance_keys(instance)),
+                (instance, limit, _now(now), INSTANCE_TTL))
+
+
+def release(names: KeyNames, instance: str, ukey: bytes, client: str) -> Call:
+    return Call("release", (names.sessions(ukey, client), names.instance_keys(instance)),
+                (instance,))
+
+
+def heartbeat(names: KeyNames, instance: str, offer: bytes | None,
+              now: float | None = None) -> Call:
+    """``offer``: the hashing key to keep in Redis if it has none (None: a key_file)."""
+    return Call("heartbeat", (names.instances, names.hashing_key),
+                (instance, _now(now), INSTANCE_TTL, names.instance_keys_prefix,
+                 offer.hex() if offer is not None else ""))
+
+
+def resync(names: KeyNames, instance: str, counts: Sequence[tuple[bytes, str, int]],
+           now: float | None = None) -> list[Call]:
+    """Write this instance's counts whole: ``counts`` is (user key, client, sessions)."""
+    calls = []
+    for start in range(0, max(1, len(counts)), RESYNC_CHUNK):
+        pairs: list[str | int] = []
+        for ukey, client, count in counts[start:start + RESYNC_CHUNK]:
+            pairs += [names.sessions(ukey, client), count]
+        calls.append(Call("resync", (names.instances, names.instance_keys(instance)),
+                          (instance, _now(now), 1 if start == 0 else 0, *pairs)))
+    return calls
+
+
+def goodbye(names: KeyNames, instance: str) -> Call:
+    return Call("goodbye", (names.instances, names.instance_keys(instance)), (instance,))
+
+
+# -- what the answers mean -----------------------------------------------------------------
+
+
+class BadAnswer(ValueError):
+    """Redis answered something the scripts never send (another program's keys?)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the instances know of an attempt, and how long it must wait for its turn."""
+
+    #: the user logged in from this address lately (on any instance)
+    known: bool
+    address_failures: int
+    user_failures: int
+    #: seconds until the turn reserved for it (0: none was needed)
+    wait: float
+    #: lanes a turn was reserved in (0, 1 or 2): LEAVE gives them back
+    turns: int
+
+
+#: ENTER's lane name -> the local Penalty's words for the same refusal
+_REFUSALS = {b"address": "too many login attempts waiting for this address",
+             b"user": "too many login attempts waiting for this user"}
+
+
+def _text(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, int | str):
+        return str(value).encode()
+    raise BadAnswer(f"unexpected {type(value).__name__}")
+
+
+def parse_enter(answer: Any) -> Verdict | Refused:
+    try:
+        status = _text(answer[0])
+        if status == b"refused":
+            return Refused(_REFUSALS[_text(answer[1])])
+        if status != b"ok" or len(answer) != 6:
+            raise BadAnswer(f"ENTER answered {status[:20]!r}")
+        known, a_n, u_n, wait, turns = (_text(v) for v in answer[1:])
+        return Verdict(known == b"1", int(a_n), int(u_n), max(0.0, float(wait)), int(turns))
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        raise BadAnswer(f"ENTER: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """CLAIM's answer."""
+
+    granted: bool
+    #: sessions of this user from this address on every live instance, this one included
+    #: if granted
+    sessions: int
+    #: False: this instance had been taken for dead; its counts must be written again
+    live: bool
+
+
+def parse_claim(answer: Any) -> Claimed:
+    try:
+        granted, sessions, live = (int(_text(v)) for v in answer)
+    except (TypeError, ValueError) as e:
+        raise BadAnswer(f"CLAIM: {e}") from None
+    return Claimed(granted == 1, sessions, live == 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """HEARTBEAT's answer."""
+
+    live: bool
+    #: the hashing key kept in Redis (None with a key_file)
+    key: bytes | None
+
+
+def parse_heartbeat(answer: Any) -> Beat:
+    try:
+        live, key = answer
+        text = _text(key)
+        shared = bytes.fromhex(text.decode("ascii")) if text else None
+        if shared is not None and len(shared) < 16:
+            raise ValueError("the hashing key kept in Redis is too short")
+        return Beat(int(_text(live)) == 1, shared)
+    except (TypeError, ValueError) as e:
+        raise BadAnswer(f"HEARTBEAT: {e}") from None
+
+
+def key_from_file(secret: bytes) -> bytes:
+    """The hashing key from a [shared] key_file's content (any length past the minimum)."""
+    return hashlib.sha256(b"imapproxy shared key\x00" + secret).digest()
+
+
+# -- this instance's sessions, as Redis should count them --------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class Claim:
+    """One logged-in session counted under (user, client address)."""
+
+    user: str
+    client: str
+    #: the tally's epoch when it was made
+    epoch: int
+    #: Redis counted it (CLAIM granted)
+    counted: bool = False
+    done: bool = False
+    released: bool = False
+
+
+class SessionTally:
+    """This instance's logged-in sessions per (user, address), and whether Redis holds
+    the same counts.
+
+    A session is counted here when it logs in, whether Redis could count it or not; a
+    release takes it away. Whenever Redis may hold other counts than these (a write
+    failed or timed out, or this instance was taken for dead), ``needs_resync`` is set,
+    and the adapter writes them whole (``snapshot``) once no CLAIM is in flight (a CLAIM
+    answered after the snapshot would be counted twice, or not at all). Sessions that
+    Redis did not count (it was away) count there from the next snapshot on: until then
+    their release sends nothing. Users are kept by name (casefolded) here, in memory
+    only; the adapter hashes them when it writes.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.epoch = 0
+        self.in_flight = 0
+        self.needs_resync = False
+
+    def begin(self, user: str, client: str) -> Claim:
+        """A login asks to be counted (CLAIM goes out)."""
+        self.in_flight += 1
+        return Claim(user.casefold(), client, self.epoch)
+
+    def granted(self, claim: Claim) -> None:
+        """Redis counted it."""
+        self._end(claim, counted=True)
+
+    def refused(self, claim: Claim) -> None:
+        """Redis says the user has its limit of sessions from there: not counted."""
+        claim.done = True
+        self.in_flight -= 1
+
+    def counted_locally(self, claim: Claim) -> None:
+        """Redis could not be asked, or did not answer in time (it may have counted it,
+        or not): counted here, and Redis is to be told the whole again."""
+        self._end(claim, counted=False)
+        self.needs_resync = True
+
+    def _end(self, claim: Claim, *, counted: bool) -> None:
+        claim.done = True
+        claim.counted = counted
+        self.in_flight -= 1
+        key = (claim.user, claim.client)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def release(self, claim: Claim) -> bool:
+        """The session ended; whether Redis is to be told (RELEASE)."""
+        if claim.released or not claim.done:
+            return False
+        claim.released = True
+        key = (claim.user, claim.client)
+        left = self.counts.get(key, 0) - 1
+        if left > 0:
+            self.counts[key] = left
+        else:
+            self.counts.pop(key, None)
+        return claim.counted or claim.epoch < self.epoch
+
+    def write_failed(self) -> None:
+        """A RELEASE (or a RESYNC) may not have been applied."""
+        self.needs_resync = True
+
+    def snapshot(self) -> list[tuple[str, str, int]] | None:
+        """The counts to write whole now, or None if it cannot be done yet (a CLAIM is
+        in flight). Every session counted so far counts in Redis from here on."""
+        if self.in_flight:
+            return None
+        self.needs_resync = False
+        self.epoch += 1
+        return [(user, client, count) for (user, client), count in self.counts.items()]
+
+
+# -- whether to ask Redis at all -----------------------------------------------------------
+
+
+class Availability:
+    """Up, or down since a failure: then logins count locally without asking for
+    RETRY_AFTER seconds, after which one call (a login's or the heartbeat's) tries
+    again while the others still count locally. So a dead Redis costs one timeout per
+    RETRY_AFTER, not one per login. The transitions return True once each, for the
+    one log line they deserve."""
+
+    def __init__(self, retry_after: float = RETRY_AFTER) -> None:
+        self.retry_after = retry_after
+        self.up = True
+        self.retry_at = 0.0
+        self.probing = False
+        #: why it is down (for the log line)
+        self.reason = ""
+
+    def may_ask(self, now: float) -> bool:
+        if self.up:
+            return True
+        if self.probing or now < self.retry_at:
+            return False
+        self.probing = True
+        return True
+
+    def failed(self, now: float, reason: str) -> bool:
+        """A call failed or timed out; True if Redis was up until now."""
+        self.probing = False
+        self.retry_at = now + self.retry_after
+        went_down = self.up
+        self.up = False
+        if went_down:
+            self.reason = reason
+        return went_down
+
+    def answered(self) -> bool:
+        """A call was answered; True if Redis was down until now."""
+        self.probing = False
+        came_back = not self.up
+        self.up = True
+        return came_back
