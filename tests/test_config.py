@@ -18,8 +18,6 @@ import pytest
 from rig.proxy import ADMIN_TOKEN, admin_token_file
 
 from imapproxy import config as config_module
-from imapproxy.credentials import Secret
-from imapproxy.redisurl import RedisUrl
 from imapproxy.config import (
     AdminConfig,
     AuthConfig,
@@ -40,6 +38,8 @@ from imapproxy.config import (
     load,
     parse_address,
 )
+from imapproxy.credentials import Secret
+from imapproxy.redisurl import RedisUrl
 
 MINIMAL = """
 [[listen]]
