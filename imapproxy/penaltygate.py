@@ -214,10 +214,15 @@ class _SharedAttempt:
         #: the inner gate's admission, while waited for
         self.pending: defer.Deferred[Any] | None = None
         self.timer: Any = None
+        #: seconds waited for its turn in Redis
         self.waited = 0.0
         #: turns are held in Redis for it
         self.holds_turns = False
+        #: a START is under way (its answer gives the turns back if cancelled meanwhile)
+        self.asking = False
         self.cancelled = False
+        #: what the other instances know (Verdict): for the gate behind this one
+        self.known = self.user_failures = False
 
     def start(self) -> defer.Deferred[Admission]:
         # Not cancelled with the attempt: a LEAVE must follow ENTER's answer, or it
@@ -232,23 +237,48 @@ class _SharedAttempt:
                 self.gate.state.leave(self.address, self.ukey, self.token)
             return
         if verdict is None:  # Redis unavailable: this process's gate alone
-            self._enter_inner(False, False)
+            self._enter_inner()
         elif isinstance(verdict, Refused):
             self.d.errback(LoginsRefused(verdict.reason))
         else:
             self.holds_turns = verdict.turns > 0
-            self.waited = verdict.wait
-            known, failures = verdict.known, verdict.user_failures > 0
-            if verdict.wait > 0:
-                self.timer = self.gate.clock.callLater(verdict.wait, self._enter_inner,
-                                                       known, failures)
+            self.known, self.user_failures = verdict.known, verdict.user_failures > 0
+            if not self.holds_turns:
+                self._enter_inner()
+            elif verdict.wait > 0:
+                self._wait(verdict.wait)
             else:
-                self._enter_inner(known, failures)
+                self._start()
 
-    def _enter_inner(self, known: bool, user_failures: bool) -> None:
+    def _wait(self, seconds: float) -> None:
+        """For the turn (then START)."""
+        self.waited += seconds
+        self.timer = self.gate.clock.callLater(seconds, self._start)
+
+    def _start(self) -> None:
+        """The turn came: may it start? (Not while an earlier check in its lanes runs,
+        nor before their penalty since its end: sharedstate.START.)"""
         self.timer = None
-        self.pending = self.gate.inner.enter(self.address, self.ukey, known=known,
-                                             user_failures=user_failures)
+        started = self.gate.clock.seconds()
+
+        def answered(wait: float | None) -> None:
+            self.asking = False
+            if self.cancelled:
+                self.gate.state.leave(self.address, self.ukey, self.token)
+                return
+            self.waited += self.gate.clock.seconds() - started
+            if wait:
+                self._wait(wait)
+            else:  # now, or Redis unavailable: this process's gate decides the rest
+                self._enter_inner()
+        self.asking = True
+        self.gate.state.start(self.address, self.ukey, self.token).addCallback(answered)
+
+    def _enter_inner(self) -> None:
+        self.timer = None
+        self.asking = False
+        self.pending = self.gate.inner.enter(self.address, self.ukey, known=self.known,
+                                             user_failures=self.user_failures)
         self.pending.addCallbacks(self._admitted, self._refused)
 
     def _admitted(self, admission: Admission) -> None:
@@ -265,7 +295,7 @@ class _SharedAttempt:
         self.d.errback(failure)
 
     def _leave(self) -> None:
-        if self.holds_turns:
+        if self.holds_turns and not self.asking:  # (else START's answer does it)
             self.holds_turns = False
             self.gate.state.leave(self.address, self.ukey, self.token)
 

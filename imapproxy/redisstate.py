@@ -325,6 +325,24 @@ class RedisState(Service):
             return None
         return d.addCallback(answered).addErrback(failed)
 
+    def start(self, address: str, ukey: bytes, token: str) -> defer.Deferred[float | None]:
+        """An attempt's turn came: seconds it must wait still (0: start now), or None
+        (Redis unavailable: start now). Never fails."""
+        link = self._usable(None)
+        if link is None:
+            return defer.succeed(None)
+        d = self._ask(link, link.penalty_pool,
+                      sharedstate.start(link.names, address, ukey, token, self.now()))
+
+        def answered(answer: Any) -> float:
+            wait = sharedstate.parse_start(answer)
+            self._answered(link)
+            return wait
+
+        def failed(failure: Failure) -> None:
+            self._failed(link, failure)
+        return d.addCallback(answered).addErrback(failed)
+
     # What is sent without waiting for an answer returns a Deferred that fires (never
     # fails) once it is done, or None if nothing was sent: for tests.
 

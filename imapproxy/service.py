@@ -125,8 +125,8 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
                     state=state)
     runtime = build(config, shared)
     top.current = current = Current(runtime)
-    # Stopped after the drain: the sessions it ends are counted out of Redis, then this
-    # instance says goodbye there.
+    # On stop it says goodbye to Redis at once: the sessions the drain is ending stop
+    # counting on the other instances, where their clients are coming over.
     state.setServiceParent(top)
     # Started first, so stopped last: by then the listeners no longer accept.
     DrainService(current).setServiceParent(top)

@@ -10,13 +10,16 @@ landing on another instance, and a user's sessions are counted wherever they are
   penalised lane, the *turns* reserved by the attempts waiting in it. ``ENTER`` is
   asked before an attempt enters this process's own gate: it answers what is known
   (failures, known address) and, for each penalised lane the attempt is in, reserves
-  a start time ``slot = max(now, last turn + delay(n), next)``, so that guesses
-  spread over instances are checked one after the other, each ``delay(n)`` after
-  the previous one; it refuses when a lane already holds MAX_WAITING (address) or
-  MAX_WAITING_USER (user) future turns, as the local queues do. ``FINISH`` records
-  what the check found (a failure; or a success, which clears the user's failures
-  and makes the address known) and pushes the lanes' ``next`` start to ``delay(n)``
-  after the check ended; ``LEAVE`` gives a turn back when the client goes away.
+  a turn at ``slot = max(now, last turn + delay(n), next)``; it refuses when a lane
+  already holds MAX_WAITING (address) or MAX_WAITING_USER (user) waiting turns, as
+  the local queues do. When the slot comes, ``START`` says whether the attempt may
+  start: not while an earlier turn of its lanes is there (a check running), nor
+  before the lane's ``next``; so guesses spread over instances are checked one at a
+  time, each ``delay(n)`` after the previous one ended, as in one process's queues.
+  ``FINISH`` records what the check found (a failure; or a success, which clears
+  the user's failures and makes the address known), ends its turns and sets the
+  lanes' ``next`` start to ``delay(n)`` after the check ended; ``LEAVE`` gives the
+  turns back when the client goes away.
 - **Logged-in sessions per user and client address** (limits.py's
   ``max_connections_per_user_ip``): one hash per (user, address) with a field per
   instance. ``CLAIM`` sums the fields of live instances and adds one unless that
@@ -64,6 +67,10 @@ INSTANCE_TTL = 20.0
 #: (its instance died) stops holding its lane then. Longer than any login takes
 #: ([backend] connect_timeout + login_timeout are 40 s by default).
 LEASE = 120.0
+#: Seconds between two STARTs of an attempt whose turn came while an earlier one in
+#: its lane has not ended: a check takes milliseconds (a failed one at Dovecot 0.5 s,
+#: or its auth_failure_delay, 2 s by default).
+POLL = 0.2
 #: Seconds after Redis failed during which logins count locally without trying it.
 RETRY_AFTER = 2.0
 #: Dead instances the janitor clears per heartbeat, and their keys per instance.
@@ -129,7 +136,11 @@ end
 local slot = now
 for _, lane in ipairs(lanes) do
   redis.call('ZREMRANGEBYSCORE', lane[2], '-inf', '(' .. fmt(now - lease))
-  if redis.call('ZCOUNT', lane[2], '(' .. fmt(now), '+inf') >= lane[4] then
+  -- waiting: every turn but the first, when that one is due (it runs, or is about to)
+  local waiting = redis.call('ZCARD', lane[2])
+  local first = redis.call('ZRANGE', lane[2], 0, 0, 'WITHSCORES')
+  if #first > 0 and tonumber(first[2]) <= now then waiting = waiting - 1 end
+  if waiting >= lane[4] then
     return {'refused', lane[5]}
   end
   local last = redis.call('ZRANGE', lane[2], -1, -1, 'WITHSCORES')
@@ -142,6 +153,31 @@ for _, lane in ipairs(lanes) do
   redis.call('PEXPIRE', lane[2], math.ceil((slot - now + lease) * 1000))
 end
 return {'ok', known and 1 or 0, #a_live, #u_live, fmt(slot - now), #lanes}
+"""
+
+#: KEYS: address lane, its turns, user lane, its turns. ARGV: token, now, lease, poll.
+#: Asked when an attempt's turn has come: answers the seconds it must wait still, as a
+#: string ('0.000000': it may start now). Each lane it holds a turn in is checked one
+#: at a time: while an earlier turn is there (its check runs, or it waits in its own
+#: process's queue), ``poll`` seconds; then until the lane's ``next`` (delay(n) after
+#: the end of the last check), as a process's own queue does.
+START = _PRELUDE + """
+local token, now = ARGV[1], clock(ARGV[2])
+local lease, poll = tonumber(ARGV[3]), tonumber(ARGV[4])
+local wait = 0
+for _, lane in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do
+  local mine = tonumber(redis.call('ZSCORE', lane[2], token))
+  if mine then
+    redis.call('ZREMRANGEBYSCORE', lane[2], '-inf', '(' .. fmt(now - lease))
+    if redis.call('ZCOUNT', lane[2], '-inf', '(' .. fmt(mine)) > 0 then
+      wait = math.max(wait, poll)
+    else
+      local after = tonumber(redis.call('HGET', lane[1], 'next'))
+      if after and after > now then wait = math.max(wait, after - now) end
+    end
+  end
+end
+return fmt(wait)
 """
 
 #: KEYS: address lane, its turns, user lane, its turns.
@@ -311,7 +347,7 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
 
-SCRIPTS = {"enter": ENTER, "finish": FINISH, "leave": LEAVE, "claim": CLAIM,
+SCRIPTS = {"enter": ENTER, "start": START, "finish": FINISH, "leave": LEAVE, "claim": CLAIM,
            "release": RELEASE, "heartbeat": HEARTBEAT_SCRIPT, "resync": RESYNC,
            "goodbye": GOODBYE}
 
@@ -394,6 +430,12 @@ def enter(names: KeyNames, address: str, ukey: bytes, token: str,
     return Call("enter", (a_lane, a_turns, u_lane, u_turns),
                 (address, token, _now(now), settings.base, settings.cap, settings.memory,
                  settings.known_memory, MAX_WAITING, MAX_WAITING_USER, LEASE))
+
+
+def start(names: KeyNames, address: str, ukey: bytes, token: str,
+          now: float | None = None) -> Call:
+    return Call("start", (*names.address(address), *names.user(ukey)),
+                (token, _now(now), LEASE, POLL))
 
 
 def finish(names: KeyNames, address: str, ukey: bytes, token: str, outcome: str,
@@ -480,6 +522,14 @@ def _text(value: Any) -> bytes:
     if isinstance(value, int | str):
         return str(value).encode()
     raise BadAnswer(f"unexpected {type(value).__name__}")
+
+
+def parse_start(answer: Any) -> float:
+    """START's answer: seconds to wait still (0: start now)."""
+    try:
+        return max(0.0, float(_text(answer)))
+    except (TypeError, ValueError) as e:
+        raise BadAnswer(f"START: {e}") from None
 
 
 def parse_enter(answer: Any) -> Verdict | Refused:

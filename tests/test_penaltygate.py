@@ -98,6 +98,20 @@ class FakeState:
         self.asked: list[tuple[str, bytes, str, defer.Deferred[object]]] = []
         self.finished: list[tuple[str, bytes, str, str, bytes]] = []
         self.left: list[str] = []
+        #: START's answers, in turn (then: start now); None is "Redis unavailable"
+        self.waits: list[float | None] = []
+        self.started: list[str] = []
+        #: START asked, not answered yet: when set, each START waits for a callback
+        self.hold_starts = False
+        self.held: list[defer.Deferred[float | None]] = []
+
+    def start(self, address: str, ukey: bytes, token: str) -> defer.Deferred[float | None]:
+        self.started.append(token)
+        if self.hold_starts:
+            d: defer.Deferred[float | None] = defer.Deferred()
+            self.held.append(d)
+            return d
+        return defer.succeed(self.waits.pop(0) if self.waits else 0.0)
 
     def enter(self, address: str, ukey: bytes, token: str,
               settings: PenaltySettings) -> defer.Deferred[object]:
@@ -128,14 +142,34 @@ def test_the_shared_turn_is_waited_for_then_the_local_gate() -> None:
     assert (address, asked_key) == ("192.0.2.7", ukey) and not entered.called
     answer.callback(Verdict(False, 1, 1, 2.5, 2))
     assert not entered.called and local.penalty.waiting == 0, "waits before the local gate"
+    # At its turn it asks whether it may start: an earlier check still runs (START
+    # says: again in 0.2 s); then the penalty since that one's end (1.5 s more).
+    state.waits = [0.2, 1.5]
     clock.advance(2.5)
+    assert state.started == [token] and not entered.called
+    clock.advance(0.2)
+    assert state.started == [token] * 2 and not entered.called
+    clock.advance(1.5)
+    assert state.started == [token] * 3
     admission = entered.result
-    assert admission.waited == 2.5
+    assert admission.waited == 4.2
     admission.finish(Outcome.FAILURE, g.fingerprint("alice", b"guess"))
     assert state.finished == [("192.0.2.7", ukey, token, "failure",
                                g.fingerprint("alice", b"guess"))]
     assert local.penalty.failures("192.0.2.7", "x") == (1, 0), "the local gate learnt it too"
     assert state.left == []
+
+
+def test_no_turn_no_start_and_redis_gone_at_the_turn_starts() -> None:
+    g, _local, state, clock = shared()
+    entered = g.enter("192.0.2.7", g.user_key("alice"))
+    state.asked[0][3].callback(Verdict(False, 0, 0, 0.0, 0))
+    assert entered.called and state.started == [], "no penalised lane: nothing to ask"
+    again = g.enter("192.0.2.7", g.user_key("alice"))
+    state.waits = [None]
+    state.asked[1][3].callback(Verdict(False, 1, 0, 1.0, 1))
+    clock.advance(1.0)
+    assert again.called, "Redis gone at its turn: the local gate decides"
 
 
 def test_what_other_instances_know_reaches_the_local_gate() -> None:
@@ -192,14 +226,25 @@ def test_a_client_gone_while_waiting_gives_its_turn_back() -> None:
     early.cancel()
     state.asked[1][3].callback(Verdict(False, 1, 1, 4.0, 2))
     assert state.left[-1] == state.asked[1][2]
+    # Gone while START was asked: given back once it is answered.
+    state.hold_starts = True
+    fourth = g.enter("192.0.2.7", g.user_key("alice"))
+    fourth.addErrback(lambda f: f.trap(defer.CancelledError))
+    state.asked[-1][3].callback(Verdict(False, 1, 1, 0.0, 2))
+    assert state.started[-1] == state.asked[-1][2]
+    fourth.cancel()
+    assert state.left[-1] != state.asked[-1][2], "not before START's answer"
+    state.held[-1].callback(0.0)
+    assert state.left[-1] == state.asked[-1][2]
+    state.hold_starts = False
     # Gone while the local gate held it: the local queue lets it go, the turn too.
     local.enter("192.0.2.9", b"x").result.finish(Outcome.FAILURE, b"f")
     third = g.enter("192.0.2.9", g.user_key("bob"))
     third.addErrback(lambda f: f.trap(defer.CancelledError))
-    state.asked[2][3].callback(Verdict(False, 0, 0, 0.0, 1))
+    state.asked[-1][3].callback(Verdict(False, 0, 0, 0.0, 1))
     assert not third.called and local.penalty.waiting == 1
     third.cancel()
-    assert local.penalty.waiting == 0 and state.left[-1] == state.asked[2][2]
+    assert local.penalty.waiting == 0 and state.left[-1] == state.asked[-1][2]
 
 
 @pytest_twisted.ensureDeferred

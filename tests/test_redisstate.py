@@ -26,7 +26,7 @@ from imapproxy.metrics import Metrics
 from imapproxy.penalty import Refused, fingerprint, user_key
 from imapproxy.redisstate import RedisState
 from imapproxy.redisurl import parse_redis_url
-from imapproxy.sharedstate import LEASE, PenaltySettings, Verdict
+from imapproxy.sharedstate import LEASE, POLL, PenaltySettings, Verdict
 
 SETTINGS = PenaltySettings(base=2.0, cap=15.0, memory=900.0, known_memory=86400.0)
 ADDRESS, OTHER = "192.0.2.7", "198.51.100.9"
@@ -153,6 +153,32 @@ async def test_failures_on_one_instance_hold_back_the_next_guess_on_another(
     dump = server.cli("KEYS", "p1:*") + "".join(
         server.cli("HGETALL", k) for k in server.cli("KEYS", "p1:*").split())
     assert "alice" not in dump and "guess1" not in dump
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_check_at_a_time_each_the_penalty_after_the_last_one_ended(
+        server: RedisServer) -> None:
+    """A turn that comes while the check before it runs (on another instance) waits for
+    its end, then for the penalty from there: as one process's queue does."""
+    clock = Clock()
+    t0 = clock.now
+    a = await started(config(server.url, "p6:"), "A", clock)
+    b = await started(config(server.url, "p6:"), "B", clock)
+    erin = user_key(a.key, "erin")  # type: ignore[arg-type]
+    await a.finish(ADDRESS, erin, "0", "failure", b"\x01" * 16, SETTINGS)  # next: t0 + 2
+    clock.now = t0 + 0.5
+    assert (await a.enter(ADDRESS, erin, "ta", SETTINGS)).wait == 1.5  # type: ignore[union-attr]
+    assert (await b.enter(ADDRESS, erin, "tb", SETTINGS)).wait == 3.5  # type: ignore[union-attr]
+    clock.now = t0 + 2
+    assert await a.start(ADDRESS, erin, "ta") == 0.0, "its turn: it starts"
+    clock.now = t0 + 4
+    assert await b.start(ADDRESS, erin, "tb") == POLL, "A's check has not ended"
+    clock.now = t0 + 4.5  # A's check ends: a second failure, 4 s from now
+    await a.finish(ADDRESS, erin, "ta", "failure", b"\x02" * 16, SETTINGS)
+    clock.now = t0 + 4.6
+    assert await b.start(ADDRESS, erin, "tb") == pytest.approx(3.9)
+    clock.now = t0 + 8.5
+    assert await b.start(ADDRESS, erin, "tb") == 0.0
 
 
 @pytest_twisted.ensureDeferred

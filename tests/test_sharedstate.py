@@ -55,6 +55,9 @@ def test_enter_and_finish_calls() -> None:
     assert done.keys == call.keys
     assert done.args[:6] == ("192.0.2.7", "tok", "failure", UKEY.hex(), "abcd", "7.0")
     assert "abcd" not in repr(done), "fingerprints stay out of reprs"
+    start = sharedstate.start(NAMES, "192.0.2.7", UKEY, "tok", now=3.0)
+    assert start.keys == call.keys
+    assert start.args == ("tok", "3.0", sharedstate.LEASE, sharedstate.POLL)
     assert sharedstate.leave(NAMES, "192.0.2.7", UKEY, "tok").keys == (
         NAMES.address("192.0.2.7")[1], NAMES.user(UKEY)[1])
 
@@ -100,6 +103,15 @@ def test_parse_enter(answer: list[object], expected: object) -> None:
 def test_parse_enter_refuses_what_the_script_never_says(answer: object) -> None:
     with pytest.raises(BadAnswer):
         sharedstate.parse_enter(answer)
+
+
+def test_parse_start() -> None:
+    assert sharedstate.parse_start(b"0.000000") == 0.0
+    assert sharedstate.parse_start(b"1.250000") == 1.25
+    assert sharedstate.parse_start(b"-0.000001") == 0.0
+    for bad in (b"soon", None, [b"1"]):
+        with pytest.raises(BadAnswer):
+            sharedstate.parse_start(bad)
 
 
 def test_parse_claim_and_heartbeat() -> None:
