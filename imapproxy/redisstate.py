@@ -139,14 +139,14 @@ class RedisState(Service):
         self.availability = Availability(retry_after)
         #: offered to Redis as the hashing key if it has none yet
         self._candidate = os.urandom(32)
-        self._key: bytes | None = None
+        self.config = config
+        #: the key of the keyed hashes: from key_file, else learnt from Redis
+        self._key: bytes | None = self._file_key(config)
         self._link: _Link | None = None
         self._beat: task.LoopingCall | None = None
         self._resyncing = False
         #: links being closed (their goodbye under way)
         self._closing: set[defer.Deferred[None]] = set()
-        self.config = config
-        self._key = self._file_key(config)
 
     @staticmethod
     def _file_key(config: SharedConfig) -> bytes | None:
@@ -190,9 +190,7 @@ class RedisState(Service):
         if (config.url, config.prefix, config.key) != (old.url, old.prefix, old.key):
             self._key = self._file_key(config)  # learnt again from the new place
         self.availability = Availability(self.retry_after)
-        if config.url is not None:
-            log.info("shared state: now {url}", url=str(config.url))
-        else:
+        if config.url is None:
             log.info("shared state: off; every process counts alone")
         if self.running and self.enabled:
             self._open()
@@ -208,6 +206,8 @@ class RedisState(Service):
         sessions_pool.start()
         self._link = _Link(config, client, scripts, KeyNames(config.prefix), penalty_pool,
                            sessions_pool)
+        log.info("shared state through {url}, this instance {instance}",
+                 url=self._link.label, instance=self.instance)
         # Whatever Redis held of this instance is gone or stale: written whole once it
         # answers.
         self.tally.needs_resync = True

@@ -8,7 +8,8 @@ the shared parts that hold live state are reconfigured in place, and the new run
 is put in force in one assignment: new sessions use it; sessions already there keep
 the one they came with. So [limits] (connection limits and the brute-force penalty,
 which keeps what it has learnt), [timeouts], [username], [backend] (down_cooldown
-included), [proxy_protocol], [tls] certificates and the directory all apply at once.
+included), [proxy_protocol], [tls] certificates, the directory and [shared] (the Redis
+connection: redisstate.py) all apply at once.
 What a running process cannot take over (listen addresses, workers, the metrics and
 admin addresses, log destinations, the sweep's period) is named key by key in the
 "reloaded" line ("reloaded ...; listen[1].address needs a restart") and left as it is.

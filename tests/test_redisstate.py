@@ -435,7 +435,8 @@ async def test_reconfigure_moves_the_counts_and_turning_off_stops(server: RedisS
     await until(lambda: state.key is not None, "the key", 10)
     await until(lambda: hget(server, NAMES(state, "alice", ADDRESS), "A") == "1", "moved")
     assert hget(server, old, "A") == "", "gone from the old place"
-    assert log.count("shared state: now redis://127.0.0.1") == 1
+    assert log.count(f"shared state through redis://127.0.0.1:{server.port}/0, this "
+                     "instance A") == 2, "at the start, and again"
     state.reconfigure(SharedConfig())
     assert not state.enabled and state.key is None
     assert log.count("shared state: off") == 1
