@@ -384,6 +384,26 @@ async def test_a_slow_redis_costs_a_login_the_timeout_at_most(own_server: RedisS
         own_server.resume()
 
 
+@pytest_twisted.ensureDeferred
+async def test_busy_threads_cost_a_login_the_timeout_at_most_and_late_calls_are_dropped(
+        server: RedisServer, log: Log) -> None:
+    """Every thread busy (here: the one of the session counts, held by a sleep): the
+    reactor side gives up at the timeout, and the call, when a thread is free at last,
+    is not run."""
+    state = await started(config(server.url, "busy:", timeout=0.2), "A", retry_after=0.1)
+    link = state._link
+    assert link is not None
+    link.sessions_pool.callInThread(time.sleep, 0.6)
+    claim = await state.claim("alice", ADDRESS, 5)
+    assert claim is not None and not claim.counted, "counted locally"
+    assert log.count("no answer within 0.2 s") == 1
+    await sleep(0.8)  # the thread is free: the late CLAIM was dropped, not run
+    # (The next heartbeat, 5 s after the first, is still to come.)
+    assert hget(server, NAMES(state, "alice", ADDRESS), "A") == ""
+    await until(lambda: hget(server, NAMES(state, "alice", ADDRESS), "A") == "1",
+                "written whole once Redis answers again (the heartbeat)")
+
+
 # -- connecting ---------------------------------------------------------------------------
 
 
