@@ -232,6 +232,10 @@ class Timeouts:
     sweep_interval: float = _key(15.0, minimum=0.1)
     #: seconds a graceful drain (SIGTERM) waits for sessions before closing them
     drain: float = 30.0
+    #: seconds between SIGTERM and the drain, while /readyz answers 503 and sessions go
+    #: on, new ones included: a load balancer's health check takes the instance out of
+    #: its pool before the drain sends its sessions back through it. 0: drain at once.
+    drain_notice: float = _key(0.0, minimum=0.0)
     #: TCP keepalive on both legs: idle seconds, probe interval, probe count
     tcp_keepalive_idle: int = _key(300, minimum=1)
     tcp_keepalive_interval: int = _key(60, minimum=1)

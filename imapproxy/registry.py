@@ -24,6 +24,8 @@ class SessionRegistry:
         self.draining = False
         #: the process is going away (the SIGTERM drain): no undrain
         self.stopping = False
+        #: [timeouts] drain_notice is running: /readyz says 503, sessions go on
+        self.leaving = False
         #: drains under way: (fires when done, its sessions, their backends)
         self._drains: list[tuple[defer.Deferred[None], set[Any], set[Any]]] = []
 

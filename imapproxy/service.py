@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.internet import task
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
@@ -69,6 +70,22 @@ class ProxyService(LoggingRoot):
     #: one per [[listen]] table, in order
     factories: list[ProxyFactory]
     reloader: Reloader
+
+    def stopService(self) -> Any:  # noqa: N802
+        """SIGTERM: with [timeouts] drain_notice, first a notice: /readyz answers 503 while
+        every session, and new ones, go on being served, so that a load balancer takes
+        this instance out of its pool (its health check) before the drain ends the
+        sessions and their clients reconnect through it. Then the tree stops: listeners
+        close, and DrainService drains."""
+        runtime = self.current.runtime
+        notice = runtime.config.timeouts.drain_notice
+        if notice <= 0 or runtime.registry.leaving:
+            return super().stopService()
+        runtime.registry.leaving = True
+        log.info("stopping: /readyz answers 503; the drain begins in {notice:g}s",
+                 notice=notice)
+        stop = super().stopService
+        return task.deferLater(runtime.shared.reactor, notice, stop)
 
 
 def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> Any:
@@ -160,7 +177,8 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     if isinstance(metrics, Metrics) and config.metrics is not None:
         endpoint = tcp_server_endpoint(reactor, config.metrics.host,
                                        config.metrics.port + worker_index)
-        site = metrics_site(metrics, lambda: ready.serving and not registry.draining)
+        site = metrics_site(metrics, lambda: ready.serving and not registry.draining
+                            and not registry.leaving)
         internet.StreamServerEndpointService(endpoint, site).setServiceParent(top)
     if config.admin is not None:
         internet.StreamServerEndpointService(

@@ -82,12 +82,16 @@ def test_rolling_restart_then_a_crash_loses_no_push(phones_store: Dovecot, tmp_p
         with mailman:
             # A rolling restart: A drains, its phones go to B; then A comes back empty.
             started = time.monotonic()
+            failed = sum(p.failed for p in phones)
             drain_seconds = pool.drain(a)
             fleet.wait(lambda: fleet.idling() == PHONES and sum(p.dropped for p in phones)
                        == on_a, "A's phones back in IDLE on B", 60)
             first_switch = time.monotonic() - started
             assert pool.status()[b.name][1] == PHONES, pool.status()
             assert drain_seconds < 15, "the drain ended well before its deadline"
+            # [timeouts] drain_notice: HAProxy had A out of the pool before the drain, so
+            # no phone was sent back to A on its way out.
+            assert sum(p.failed for p in phones) == failed, [p.errors for p in phones]
             pool.bring_back(a)
             # Then a crash: B is killed without a drain; all its phones come back to A.
             dropped = sum(p.dropped for p in phones)

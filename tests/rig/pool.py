@@ -81,6 +81,9 @@ login_delay_max = 0.05
 
 [timeouts]
 drain = 20
+# HAProxy sees /readyz 503 within one check interval (fall 1): by the time the drain
+# sends the phones back through it, it passes them to the other instance.
+drain_notice = {4 * CHECK_INTERVAL}
 
 {extra}
 """
