@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
@@ -586,3 +587,44 @@ def test_managesieve_offers_the_auth_mechanisms_and_relays_a_token_refusal() -> 
     lines = [formatEvent(e) for e in events]
     assert any("user=<alice> reason=TokenRefused" in line for line in lines), lines
     assert not [line for line in lines if "ya29" in line or message.decode() in line]
+
+
+def test_a_login_walks_a_short_one_way_path() -> None:
+    """Issue 14: from the client's bytes to the backend's LOGIN, no call chain is deeper
+    than about 12 of our functions, and none re-enters a module it has left (an object's
+    inherited methods count as its own class's: a session's base in prelogin.py)."""
+    import sys
+
+    deepest: list[str] = []
+    reentered: list[list[str]] = []
+    stack: list[tuple[str, str, object]] = []
+
+    def owner(frame: Any) -> str:
+        self = frame.f_locals.get("self")
+        if self is not None and type(self).__module__.startswith("imapproxy."):
+            return type(self).__module__
+        return frame.f_globals.get("__name__", "")
+
+    def profile(frame: Any, event: str, _arg: object) -> None:
+        if event == "call" and frame.f_globals.get("__name__", "").startswith("imapproxy."):
+            stack.append((owner(frame), frame.f_code.co_qualname, frame))
+            runs = [m for i, (m, _, _) in enumerate(stack) if i == 0 or stack[i - 1][0] != m]
+            if len(runs) != len(set(runs)):
+                reentered.append([f"{m}.{f}" for m, f, _ in stack])
+            if len(stack) > len(deepest):
+                deepest[:] = [f"{m}.{f}" for m, f, _ in stack]
+        elif event == "return" and stack and stack[-1][2] is frame:
+            stack.pop()
+
+    h = Harness()
+    client, _transport = h.connect_client()
+    sys.setprofile(profile)
+    try:
+        client.dataReceived(b"a1 LOGIN alice secret\r\n")
+        backend = h.backends[-1]
+        backend.dataReceived(DOVECOT_GREETING)
+    finally:
+        sys.setprofile(None)
+    assert b"P3 LOGIN \"alice\" \"secret\"\r\n" in backend.transport.value()
+    assert 3 <= len(deepest) <= 12, deepest
+    assert reentered == [], reentered[:3]
