@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -43,69 +42,18 @@ from .actions import (
 )
 from .backendconn import CONNECTION_DONE, BackendProtocol
 from .clienttls import NoApplicationProtocol
-from .config import Config, Listener
+from .config import Listener
 from .errors import BackendUnavailable, ProxyError, TooManyConnections
-from .imap import ImapSession
-from .imapwire import response
 from .limits import Refusal, Ticket, client_key
 from .logquote import quoted
-from .managesieve import ManageSieveSession, SieveCapabilities
 from .penalty import Outcome
-from .pop3 import Pop3Session
-from .pop3wire import reply
+from .protocols import REFUSALS, new_session
 from .relay import Relay
 from .runtime import Current, Runtime
-from .sievewire import response as sieve_response
 from .transports import LOGOUT_GRACE, Backpressure, Leg, configure_socket, write_now
 
 log = Logger(namespace="imapproxy")
 _session_ids = itertools.count(1)
-
-#: protocol name -> front-end session class (both take the same keyword arguments)
-FRONTEND_SESSIONS: dict[str, Callable[..., Any]] = {"imap": ImapSession, "pop3": Pop3Session,
-                                                    "managesieve": ManageSieveSession}
-
-#: protocol name -> the line refusing a connection in place of the greeting: RFC 3501
-#: section 7.1.5 allows BYE as the greeting; RFC 2449 section 8 codes for POP3; RFC 5804
-#: section 1.3: BYE may come at any time, (TRYLATER) says when to come back.
-REFUSALS: dict[str, Callable[[ProxyError], bytes]] = {
-    "imap": lambda e: response(b"*", b"BYE", e.client_text(), e.imap_code),
-    "pop3": lambda e: reply(False, e.client_text(), e.pop3_code),
-    "managesieve": lambda e: sieve_response(
-        b"BYE", e.client_text(), e.sieve_code.encode() if e.sieve_code else None),
-}
-
-
-def new_session(listener: Listener, config: Config,
-                sieve: SieveCapabilities | None = None) -> Any:
-    """The pre-login session for a new client of this listener; ``sieve``: what the
-    ManageSieve greeting says of the backends (runtime.Shared.sieve)."""
-    extra: dict[str, Any] = {"mechanisms": config.auth.mechanisms}
-    if listener.protocol == "managesieve":
-        extra["sieve"] = sieve
-    return FRONTEND_SESSIONS[listener.protocol](
-        tls_active=listener.tls == "implicit", starttls_available=listener.tls == "starttls",
-        plaintext_auth=config.tls.plaintext_auth, limits=config.limits, **extra)
-
-
-class _ReplyBackpressure:
-    """IPushProducer for the pre-login phase: the transport pauses us when our replies
-    pile up unread, and we stop reading the client until they drain."""
-
-    __slots__ = ("client",)
-
-    def __init__(self, client: FrontendProtocol) -> None:
-        self.client = client
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        self.client.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        self.client.transport.resumeProducing()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        pass
-
 
 @implementer(IHandshakeListener)
 class FrontendProtocol(Protocol):
@@ -251,7 +199,7 @@ class FrontendProtocol(Protocol):
         if not self._gate and self.session is not None and not self.end_reason:
             self._gate = True
             assert self.leg is not None
-            self.leg.register(_ReplyBackpressure(self))
+            self.leg.register(Backpressure(self.transport))
 
     def _drop_gate(self) -> None:
         if self._gate:
