@@ -52,11 +52,12 @@ def test_default_config_path_is_where_the_unit_points() -> None:
 
 
 def test_unit_waits_for_the_drain(tmp_path: Path) -> None:
-    """systemd's stop timeout must outlast [timeouts] drain, or SIGKILL cuts the drain."""
+    """systemd's stop timeout must outlast [timeouts] drain_notice and drain, or SIGKILL
+    cuts the drain."""
     unit = (CONF / "imapproxy.service").read_text()
     stop_timeout = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))
-    drain = load(relocated(CONF / "imapproxy.toml", tmp_path)).timeouts.drain
-    assert stop_timeout >= drain + 10
+    timeouts = load(relocated(CONF / "imapproxy.toml", tmp_path)).timeouts
+    assert stop_timeout >= timeouts.drain_notice + timeouts.drain + 10
 
 
 def test_haproxy_example_is_valid() -> None:
