@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -45,8 +46,6 @@ from rig.pool import Instance, Pool  # noqa: E402
 from bench import procmem  # noqa: E402
 
 HOST = "127.0.0.1"
-#: phones per client address (the proxy's max_connections_per_ip is 2,000)
-PER_SOURCE = 500
 
 
 def log(message: str) -> None:
@@ -80,6 +79,11 @@ class Mailman:
         self._thread.join(60)
 
 
+def address(index: int) -> str:
+    """The index-th client address: 127.0.0.2, 127.0.0.3, ... (Linux routes 127/8 to lo)."""
+    return f"127.0.{index // 250}.{2 + index % 250}"
+
+
 def memory_per_session(instance: Instance, sessions: int, baseline: dict[str, Any]
                        ) -> float | None:
     process = instance.process.process
@@ -94,12 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phones", type=int, default=2000)
     parser.add_argument("--jitter", type=float, default=2.0,
                         help="seconds over which a dropped phone comes back (random)")
+    parser.add_argument("--per-address", type=int, default=100,
+                        help="phones per client address (127.0.0.2, .3, ...): a penalty lane "
+                             "checks 32 logins at once per address (max_parallel_logins_per_ip)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the working folder (logs of HAProxy, the instances, Dovecot)")
     args = parser.parse_args(argv)
     n = args.phones
-    figures: dict[str, Any] = {"phones": n, "jitter_s": args.jitter}
-    with tempfile.TemporaryDirectory(prefix="rolling-") as tmp:
-        work = Path(tmp)
+    figures: dict[str, Any] = {"phones": n, "jitter_s": args.jitter,
+                               "phones_per_address": args.per_address}
+    work = Path(tempfile.mkdtemp(prefix="rolling-"))
+    if args.keep:
+        log(f"working folder {work}")
+    try:
         users = make_users(n, prefix="phone", first_uid=20000)
         log(f"starting Dovecot with {n} users")
         store = Dovecot(work / "store", users, name="store", max_sessions=2 * n + 100)
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             a, b = pool.instances
             baselines = {i.name: procmem.tree_memory([i.process.process.pid])  # type: ignore[union-attr]
                          for i in pool.instances}
-            phones = [Phone(u.name, u.password, source=f"127.0.0.{2 + i // PER_SOURCE}")
+            phones = [Phone(u.name, u.password, source=address(i // args.per_address))
                       for i, u in enumerate(users)]
             fleet = Fleet(HOST, pool.port, phones, jitter=args.jitter)
             figures["open_s"] = fleet.start(max(120.0, n / 10))
@@ -178,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 fleet.stop()
             pool.stop()
             store.stop()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(figures, indent=2))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -36,6 +36,8 @@ global
 defaults
     mode tcp
     timeout connect 2s
+    # A busy instance (a reconnect storm) may answer /readyz late: late is not down.
+    timeout check 2s
     timeout client 2h
     timeout server 2h
     option redispatch 1
