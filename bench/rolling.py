@@ -26,6 +26,7 @@ import contextlib
 import json
 import random
 import shutil
+import ssl
 import sys
 import tempfile
 import threading
@@ -39,11 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from rig.certs import TestCA  # noqa: E402
 from rig.dovecot import Dovecot, make_users  # noqa: E402
 from rig.fleet import Fleet, Phone  # noqa: E402
 from rig.pool import Instance, Pool  # noqa: E402
 
 from bench import procmem  # noqa: E402
+from bench.run import cpu_seconds  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -101,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-address", type=int, default=100,
                         help="phones per client address (127.0.0.2, .3, ...): a penalty lane "
                              "checks 32 logins at once per address (max_parallel_logins_per_ip)")
+    parser.add_argument("--tls", action="store_true",
+                        help="phones use implicit TLS (993), terminated by the instances")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true",
                         help="keep the working folder (logs of HAProxy, the instances, Dovecot)")
     args = parser.parse_args(argv)
     n = args.phones
-    figures: dict[str, Any] = {"phones": n, "jitter_s": args.jitter,
+    figures: dict[str, Any] = {"phones": n, "jitter_s": args.jitter, "tls": args.tls,
                                "phones_per_address": args.per_address}
     work = Path(tempfile.mkdtemp(prefix="rolling-"))
     if args.keep:
@@ -116,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"starting Dovecot with {n} users")
         store = Dovecot(work / "store", users, name="store", max_sessions=2 * n + 100)
         store.start()
-        pool = Pool(work / "pool", store.imap_port)
+        cert = context = None
+        if args.tls:
+            ca = TestCA(work / "ca")
+            cert = ca.issue("localhost")
+            context = ssl.create_default_context(cafile=str(ca.ca_path))
+        pool = Pool(work / "pool", store.imap_port, cert=cert)
         fleet = None
         try:
             pool.start()
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                          for i in pool.instances}
             phones = [Phone(u.name, u.password, source=address(i // args.per_address))
                       for i, u in enumerate(users)]
-            fleet = Fleet(HOST, pool.port, phones, jitter=args.jitter)
+            fleet = Fleet(HOST, pool.port, phones, jitter=args.jitter, tls=context)
             figures["open_s"] = fleet.start(max(120.0, n / 10))
             time.sleep(1.0)
             status = pool.status()
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 dropped = sum(p.dropped for p in phones)
                 failed = sum(p.failed for p in phones)
                 on_b = pool.status()[b.name][1]
+                pid_a = a.process.process.pid  # type: ignore[union-attr]
+                cpu_a = cpu_seconds([pid_a])
                 killed = time.monotonic()
                 pool.kill(b)
                 fleet.wait(lambda: sum(p.dropped for p in phones) == dropped + on_b
@@ -164,9 +176,15 @@ def main(argv: list[str] | None = None) -> int:
                 figures["crash_moved"] = on_b
                 figures["crash_failed_attempts"] = sum(p.failed for p in phones) - failed
                 figures["crash_logins_per_s"] = on_b / figures["crash_back_in_idle_s"]
+                # What the storm cost the instance that took it: logins per CPU second
+                # of its process, a capacity per core whatever else the machine ran.
+                figures["crash_cpu_s"] = cpu_seconds([pid_a]) - cpu_a
+                figures["logins_per_cpu_s"] = on_b / figures["crash_cpu_s"]
                 log(f"kill of B: {on_b} phones back in IDLE on A after "
                     f"{figures['crash_back_in_idle_s']:.2f}s "
-                    f"({figures['crash_logins_per_s']:.0f} logins/s, "
+                    f"({figures['crash_logins_per_s']:.0f} logins/s; A spent "
+                    f"{figures['crash_cpu_s']:.1f} CPU s: {figures['logins_per_cpu_s']:.0f} "
+                    f"logins per CPU second; "
                     f"{figures['crash_failed_attempts']} attempts refused on the way)")
             finally:
                 mailman.stop()

@@ -12,12 +12,14 @@ bench/rolling.py runs the same with 2,000 phones and reports the times.
 from __future__ import annotations
 
 import random
+import ssl
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from rig.certs import CertPair
 from rig.dovecot import Dovecot, make_users
 from rig.fleet import Fleet, Phone
 from rig.pool import Pool
@@ -67,13 +69,17 @@ class Mailman:
         return {user: self.delivered[user] for user in self.users}
 
 
-def test_rolling_restart_then_a_crash_loses_no_push(phones_store: Dovecot, tmp_path: Path
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "implicit-tls"])
+def test_rolling_restart_then_a_crash_loses_no_push(phones_store: Dovecot, tmp_path: Path,
+                                                    server_cert: CertPair,
+                                                    client_tls: ssl.SSLContext, tls: bool
                                                     ) -> None:
     users = [u for u in phones_store.users.values()]
     phones = [Phone(u.name, u.password, source=f"127.0.0.{2 + i % 4}")
               for i, u in enumerate(users)]
-    with Pool(tmp_path, phones_store.imap_port) as pool, \
-            Fleet(HOST, pool.port, phones, jitter=0.5) as fleet:
+    with Pool(tmp_path, phones_store.imap_port, cert=server_cert if tls else None) as pool, \
+            Fleet(HOST, pool.port, phones, jitter=0.5, tls=client_tls if tls else None
+                  ) as fleet:
         a, b = pool.instances
         fleet.start(60)
         on_a = pool.status()[a.name][1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -58,8 +59,11 @@ class Fleet:
     """``Phone``s that connect to ``host:port`` and hold IDLE until ``stop()``."""
 
     def __init__(self, host: str, port: int, phones: Iterable[Phone], *,
-                 jitter: float = 1.0, open_concurrency: int = 64) -> None:
+                 jitter: float = 1.0, open_concurrency: int = 64,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        #: implicit TLS (RFC 8314) with this context; None: plaintext
+        self.tls = tls
         self.phones = list(phones)
         self.jitter = jitter
         self.open_concurrency = open_concurrency
@@ -163,7 +167,8 @@ class Fleet:
 
     async def _open(self, phone: Phone) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            self.host, self.port, limit=1 << 16, local_addr=(phone.source, 0)), STEP_TIMEOUT)
+            self.host, self.port, limit=1 << 16, local_addr=(phone.source, 0), ssl=self.tls,
+            server_hostname=self.host if self.tls else None), STEP_TIMEOUT)
         self._writers.add(writer)
         try:
             greeting = await _line(reader)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .certs import CertPair
 from .ports import free_port
 from .processes import tail
 from .proxy import ProxyProcess
@@ -52,18 +53,21 @@ backend proxies
 {servers}"""
 
 
-def instance_config(port: int, health_port: int, admin_socket: Path, extra: str = "") -> str:
-    """One instance: a PROXY-protocol listener for HAProxy, /readyz, the admin socket."""
+def instance_config(port: int, health_port: int, admin_socket: Path, extra: str = "",
+                    cert: CertPair | None = None) -> str:
+    """One instance: a PROXY-protocol listener for HAProxy (implicit TLS with ``cert``:
+    HAProxy passes TLS through, the instance terminates it), /readyz, the admin socket."""
+    tls = (f'certificate = "{cert.chain_path}"\nkey = "{cert.key_path}"\n' if cert
+           else "plaintext_auth = true\n")
     return f"""\
 [[listen]]
 protocol = "imap"
 address = "{HOST}:{port}"
-tls = "none"
+tls = "{'implicit' if cert else 'none'}"
 proxy_protocol = true
 
 [tls]
-plaintext_auth = true
-
+{tls}
 [proxy_protocol]
 trusted = ["127.0.0.1/32"]
 
@@ -94,14 +98,15 @@ drain_notice = {4 * CHECK_INTERVAL}
 class Instance:
     """One proxy instance of the pool: its process comes and goes, its ports stay."""
 
-    def __init__(self, workdir: Path, name: str, backend_port: int, extra: str = "") -> None:
+    def __init__(self, workdir: Path, name: str, backend_port: int, extra: str = "",
+                 cert: CertPair | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.health_port = free_port()
         self.admin_socket = workdir / f"{name}.admin.sock"
         self.process = ProxyProcess(
             workdir / name,
-            instance_config(self.port, self.health_port, self.admin_socket, extra),
+            instance_config(self.port, self.health_port, self.admin_socket, extra, cert),
             [self.port, self.health_port], {"users.map": f"*  {HOST}:{backend_port}\n"})
 
     def start(self) -> None:
@@ -130,11 +135,11 @@ class Pool:
     """``size`` instances in front of one backend port, and HAProxy in front of them."""
 
     def __init__(self, workdir: Path, backend_port: int, size: int = 2, *, maxconn: int = 8000,
-                 extra: str = "") -> None:
+                 extra: str = "", cert: CertPair | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.instances = [Instance(workdir, f"instance{chr(ord('a') + i)}", backend_port,
-                                   extra) for i in range(size)]
+                                   extra, cert) for i in range(size)]
         self.port = free_port()
         self.stats = workdir / "haproxy.stats.sock"
         self.config_path = workdir / "haproxy.cfg"
