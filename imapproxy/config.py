@@ -217,6 +217,15 @@ class Limits:
     known_address_memory: float = 30 * 86400.0
     #: longest username in bytes (RFC 5321: 64 + 1 + 255); longer is a failed login
     max_username: int = _key(320, minimum=1, maximum=65536)
+    #: admission pacing (pacing.py): logins let through per second by this process (with
+    #: workers = N, by each worker), after the penalty and before the directory and the
+    #: backend see them, so that a reconnect storm is served at the rate they take; the
+    #: rest wait their turn; 0 = unlimited
+    max_login_rate: float = 0.0
+    #: logins waiting for their turn at most; more are refused at once (NO [UNAVAILABLE],
+    #: -ERR [SYS/TEMP]); 0 = automatic: what max_login_rate lets through in half of
+    #: preauth_timeout (the other half is for the TLS handshake and the login itself)
+    max_login_queue: int = 0
 
 
 @dataclass(frozen=True)

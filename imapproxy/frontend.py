@@ -4,9 +4,10 @@
 ``FrontendProtocol`` serves one client. Before login it feeds the bytes to the
 protocol's pre-login session (imap.py, pop3.py) and carries out what that asks; a
 login it hands to the login's policy (login.py), carrying out each of its steps
-(the penalty's wait, the lookup, the backend connection) and sending back what came
-of it; once logged in, the relay (relay.py) pumps the bytes. It decides nothing of
-its own: what it knows is how to do each action, and the state of its connection.
+(the penalty's wait, the wait for its turn, the lookup, the backend connection) and
+sending back what came of it; once logged in, the relay (relay.py) pumps the bytes.
+It decides nothing of its own: what it knows is how to do each action, and the state
+of its connection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .actions import (
     CountBackendFailure,
     CountLogin,
     CountRefusal,
+    CountTurn,
     Dial,
     FinishPenalty,
     Login,
@@ -39,6 +41,7 @@ from .actions import (
     Splice,
     StartClientTLS,
     WaitForPenalty,
+    WaitForTurn,
 )
 from .backendconn import CONNECTION_DONE, BackendProtocol
 from .clienttls import NoApplicationProtocol
@@ -81,7 +84,8 @@ class FrontendProtocol(Protocol):
         self._gate = False
         #: a failed login's answer, held back (login.Refused.delay)
         self._answer: Any = None
-        #: the penalty's admission this login waits for (penaltygate.py), if any
+        #: what this login waits for, if anything: the penalty's admission
+        #: (penaltygate.py) or its turn (pacinggate.py); cancelled when the session ends
         self._waiting: defer.Deferred[Any] | None = None
 
     @property
@@ -135,7 +139,7 @@ class FrontendProtocol(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._waiting is not None:
-            self._waiting.cancel()  # leaves the penalty's queue
+            self._waiting.cancel()  # leaves the penalty's queue or the pacing queue
         if self.leg is not None:
             self.leg.lost()
         if self.ticket is not None:
@@ -185,6 +189,10 @@ class FrontendProtocol(Protocol):
         """Close the client connection (after flushing, unless ``abort``): transports.py."""
         if not self.end_reason:
             self.end_reason = reason
+        if self._waiting is not None:
+            # A login waiting for the penalty or its turn leaves the queue now (a pre-login
+            # timeout, a drain), not when the client has read our last words and gone.
+            self._waiting.cancel()
         # The leg unregisters whatever producer is registered: the pre-login gate or,
         # when relaying, the backend's backpressure.
         self._gate = False
@@ -280,8 +288,12 @@ class FrontendProtocol(Protocol):
                 if isinstance(result, defer.Deferred):
                     result = await result
             except defer.CancelledError:
+                # The client went away (or its session ended) while the login waited for
+                # the penalty or for its turn: an admission it holds is given back.
                 flow.close()
-                return  # the client went away while waiting for the penalty
+                if admission is not None:
+                    admission.finish(Outcome.NEUTRAL)
+                return
             except Exception as e:  # noqa: BLE001 - the flow decides; what it does not
                 error = e           # handle comes back out of it, and is logged above
             if isinstance(step, WaitForPenalty) and error is None:
@@ -303,6 +315,14 @@ class FrontendProtocol(Protocol):
         elif isinstance(step, WaitForPenalty):
             self._waiting = runtime.shared.penalty.enter(step.address, step.user_key)
             return self._waiting.addBoth(self._waited)
+        elif isinstance(step, WaitForTurn):
+            turn = runtime.shared.pacer.enter()  # raises LoginQueueFull into the flow
+            if isinstance(turn, defer.Deferred):
+                self._waiting = turn
+                return turn.addBoth(self._waited)
+            return turn
+        elif isinstance(step, CountTurn):
+            runtime.metrics.login_turn(step.waited)
         elif isinstance(step, FinishPenalty):
             step.admission.finish(step.outcome, step.fingerprint)  # type: ignore[attr-defined]
         elif isinstance(step, Lookup):

@@ -2,7 +2,8 @@
 """The path of one login, as policy: sans-IO.
 
 A LOGIN (AUTHENTICATE, USER/PASS) goes: the name rewritten ([username]) -> the
-brute-force penalty, paid before anyone sees the credentials -> the name checked ->
+brute-force penalty, paid before anyone sees the credentials -> its turn (admission
+pacing, [limits] max_login_rate; see login() for why after the penalty) -> the name checked ->
 the directory -> what the backend is told of the client ([backend] forward_client) ->
 the route's servers in order (circuit breaker, routing loops) -> the backend's login
 dialogue -> the connection limits -> logged in. This module decides that order, what
@@ -28,6 +29,7 @@ from .actions import (
     CountBackendFailure,
     CountLogin,
     CountRefusal,
+    CountTurn,
     Dial,
     FinishPenalty,
     LoginAction,
@@ -35,6 +37,7 @@ from .actions import (
     LoginLog,
     Lookup,
     WaitForPenalty,
+    WaitForTurn,
 )
 from .breaker import CircuitBreaker
 from .config import BackendConfig, Config
@@ -45,6 +48,7 @@ from .errors import (
     BackendProtocolError,
     BackendUnavailable,
     InvalidUsername,
+    LoginQueueFull,
     LoginsRefused,
     ProxyError,
     RoutingLoop,
@@ -145,6 +149,26 @@ def login(client: Client, credentials: Credentials, client_id: tuple[tuple[str, 
     if admission.waited >= 0.001:
         yield _log(client, "info", "login delayed id={session_id} client={client} user={user} "
                    "waited={waited:.3f}s", credentials.username, waited=admission.waited)
+    # Then its turn (pacing.py), the last wait before the login costs anything (the
+    # directory, a backend). After the penalty, not before: a guesser's attempts wait
+    # in the penalty's queues, and a penalised address or user has one attempt at a
+    # time past it, so they cannot fill the queue the storm's logins wait in; and the
+    # turns are spent on logins that go on at once, which bounds the rate the directory
+    # and the backends see (a turn taken before the penalty could be spent seconds
+    # before the lookup it paced).
+    try:
+        waited = yield WaitForTurn()
+    except LoginQueueFull as e:
+        yield FinishPenalty(admission, Outcome.NEUTRAL)
+        yield _log(client, "info", "login refused id={session_id} client={client} user={user} "
+                   "reason={reason}", credentials.username, reason=e.reason)
+        yield CountRefusal("login_queue")
+        return Refused(e)
+    if waited is not None:
+        yield CountTurn(waited)
+        if waited >= 0.001:
+            yield _log(client, "info", "login paced id={session_id} client={client} "
+                       "user={user} waited={waited:.3f}s", credentials.username, waited=waited)
     started = clock()
     try:
         problem = username_problem(credentials.username, config.limits.max_username)

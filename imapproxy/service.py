@@ -34,6 +34,7 @@ from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
+from .pacinggate import PacingGate
 from .penaltygate import process_gate
 from .proxyheader import proxy_listener
 from .registry import SessionRegistry
@@ -127,13 +128,17 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     penalty, penalty_service, penalty_socket = process_gate(
         config.limits, reactor, workers=config.workers, worker=worker,
         socket_path=penalty_socket)
+    # Admission pacing: each process paces its own logins (pacinggate.py says why).
+    pacer = PacingGate.from_limits(config.limits, reactor)
     client_tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
     metrics: NullMetrics = NULL_METRICS
     if config.metrics is not None:
         metrics = Metrics(lambda: registry.sessions, draining=lambda: registry.draining,
-                          certificates=lambda: certificate_expiry(current))
+                          certificates=lambda: certificate_expiry(current),
+                          login_queue=lambda: pacer.waiting)
     shared = Shared(reactor, registry, ConnectionLimiter.from_limits(config.limits), penalty,
-                    CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls)
+                    CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls,
+                    pacer)
     runtime = build(config, shared)
     top.current = current = Current(runtime)
     # Started first, so stopped last: by then the listeners no longer accept.

@@ -27,6 +27,7 @@ from imapproxy.directory import StaticDirectory, parse_map
 from imapproxy.frontend import FrontendProtocol, ProxyFactory
 from imapproxy.limits import ConnectionLimiter
 from imapproxy.metrics import NULL_METRICS, NullMetrics
+from imapproxy.pacinggate import PacingGate
 from imapproxy.penalty import Penalty
 from imapproxy.penaltygate import LocalGate
 from imapproxy.registry import SessionRegistry
@@ -82,7 +83,8 @@ class Harness:
         self.shared = Shared(
             reactor, self.registry, ConnectionLimiter.from_limits(self.limits),
             LocalGate(Penalty.from_limits(self.limits, reactor.seconds), reactor),
-            CircuitBreaker(reactor, self.config.backend.down_cooldown), metrics, None)
+            CircuitBreaker(reactor, self.config.backend.down_cooldown), metrics, None,
+            PacingGate.from_limits(self.limits, reactor))
         connector = BackendConnector(reactor, self.config, endpoint_factory=metrics.timed_endpoints(
             lambda host, port: FakeEndpoint(reactor, host, port, self.backends), reactor))
         directory = metrics.timed_directory(StaticDirectory(parse_map(self.routes)), reactor)
