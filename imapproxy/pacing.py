@@ -91,6 +91,9 @@ class Pacer:
         #: theoretical arrival time); in the past: it is full
         self._full = -math.inf
         self._waiting: OrderedDict[int, None] = OrderedDict()
+        #: 1 / rate, and how far ahead of the bucket being full a login may pass
+        self._interval = 0.0
+        self._tolerance = 0.0
         self.configure(rate=rate, max_waiting=max_waiting)
 
     @classmethod
@@ -124,6 +127,9 @@ class Pacer:
         self.rate = float(rate)
         self.max_waiting = max_waiting
         self._full = now + min(spent, self.burst) / self.rate if self.rate else -math.inf
+        # Worked out once here rather than on every login.
+        self._interval = 1.0 / self.rate if self.rate else 0.0
+        self._tolerance = (self.burst - 1.0) * self._interval
         return self._admit(now)
 
     def reconfigure(self, limits: Limits) -> list[int]:
@@ -164,13 +170,14 @@ class Pacer:
 
     def _next_turn(self) -> float:
         """The earliest time the next login may pass."""
-        return self._full - (self.burst - 1.0) / self.rate
+        return self._full - self._tolerance
 
     def _conforms(self, now: float) -> bool:
-        return now + EPSILON >= self._next_turn()
+        return now + EPSILON >= self._full - self._tolerance
 
     def _take(self, now: float) -> None:
-        self._full = max(self._full, now) + 1.0 / self.rate
+        full = self._full
+        self._full = (full if full > now else now) + self._interval
 
     def _admit(self, now: float) -> list[int]:
         admitted: list[int] = []
