@@ -106,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                              "checks 32 logins at once per address (max_parallel_logins_per_ip)")
     parser.add_argument("--tls", action="store_true",
                         help="phones use implicit TLS (993), terminated by the instances")
+    parser.add_argument("--max-login-rate", type=float, default=0,
+                        help="[limits] max_login_rate of each instance (0: unlimited)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true",
                         help="keep the working folder (logs of HAProxy, the instances, Dovecot)")
     args = parser.parse_args(argv)
     n = args.phones
     figures: dict[str, Any] = {"phones": n, "jitter_s": args.jitter, "tls": args.tls,
-                               "phones_per_address": args.per_address}
+                               "phones_per_address": args.per_address,
+                               "max_login_rate": args.max_login_rate}
     work = Path(tempfile.mkdtemp(prefix="rolling-"))
     if args.keep:
         log(f"working folder {work}")
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             ca = TestCA(work / "ca")
             cert = ca.issue("localhost")
             context = ssl.create_default_context(cafile=str(ca.ca_path))
-        pool = Pool(work / "pool", store.imap_port, cert=cert)
+        pool = Pool(work / "pool", store.imap_port, cert=cert,
+                    limits=f"max_login_rate = {args.max_login_rate}\n")
         fleet = None
         try:
             pool.start()

@@ -54,7 +54,7 @@ backend proxies
 
 
 def instance_config(port: int, health_port: int, admin_socket: Path, extra: str = "",
-                    cert: CertPair | None = None) -> str:
+                    cert: CertPair | None = None, limits: str = "") -> str:
     """One instance: a PROXY-protocol listener for HAProxy (implicit TLS with ``cert``:
     HAProxy passes TLS through, the instance terminates it), /readyz, the admin socket."""
     tls = (f'certificate = "{cert.chain_path}"\nkey = "{cert.key_path}"\n' if cert
@@ -84,6 +84,7 @@ address = "{admin_socket}"
 [limits]
 login_delay = 0.01
 login_delay_max = 0.05
+{limits}
 
 [timeouts]
 drain = 20
@@ -99,14 +100,15 @@ class Instance:
     """One proxy instance of the pool: its process comes and goes, its ports stay."""
 
     def __init__(self, workdir: Path, name: str, backend_port: int, extra: str = "",
-                 cert: CertPair | None = None) -> None:
+                 cert: CertPair | None = None, limits: str = "") -> None:
         self.name = name
         self.port = free_port()
         self.health_port = free_port()
         self.admin_socket = workdir / f"{name}.admin.sock"
         self.process = ProxyProcess(
             workdir / name,
-            instance_config(self.port, self.health_port, self.admin_socket, extra, cert),
+            instance_config(self.port, self.health_port, self.admin_socket, extra, cert,
+                            limits),
             [self.port, self.health_port], {"users.map": f"*  {HOST}:{backend_port}\n"})
 
     def start(self) -> None:
@@ -135,11 +137,13 @@ class Pool:
     """``size`` instances in front of one backend port, and HAProxy in front of them."""
 
     def __init__(self, workdir: Path, backend_port: int, size: int = 2, *, maxconn: int = 8000,
-                 extra: str = "", cert: CertPair | None = None) -> None:
+                 extra: str = "", cert: CertPair | None = None, limits: str = "") -> None:
+        """``extra``: more tables for each instance's config; ``limits``: more keys of its
+        [limits] table."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.instances = [Instance(workdir, f"instance{chr(ord('a') + i)}", backend_port,
-                                   extra, cert) for i in range(size)]
+                                   extra, cert, limits) for i in range(size)]
         self.port = free_port()
         self.stats = workdir / "haproxy.stats.sock"
         self.config_path = workdir / "haproxy.cfg"
