@@ -93,9 +93,10 @@ class Slapd:
     serves its changes to consumers. With ``provider`` (a Slapd made with
     ``syncprov``) it is a consumer of that one: it starts with an empty database,
     fills it by a refreshAndPersist search of the whole suffix, bound as the
-    provider's admin, and follows every change from then on; writes sent to it are
-    answered with a referral to the provider (``updateref``). start() of a new
-    consumer returns once the base entry has arrived.
+    provider's admin, and follows every change from then on. It takes no writes: its
+    rootdn has no password, anonymous writes are refused, and a bound client's would
+    get a referral to the provider (``updateref``); admin_connection() raises.
+    start() of a new consumer returns once the base entry has arrived.
     """
 
     host = "127.0.0.1"
