@@ -154,10 +154,14 @@ class FrontendProtocol(Protocol):
             if self.relay is not None and self.relay.logout_sent:
                 # The backend answers our LOGOUT and closes by itself (RFC 3501 section
                 # 6.1.3); closing first could cut the LOGOUT short (Dovecot's TLS login
-                # process drops what it had not yet passed on). A drain waits for it.
-                registry.backend_closing(backend)
+                # process drops what it had not yet passed on). A drain waits for it,
+                # unless it has closed already: its answer can come in while our BYE to
+                # the client is still being flushed, and a drain waiting for a
+                # connection that is gone would hold a SIGTERM up for [timeouts] drain.
                 assert backend.leg is not None
-                backend.leg.close_after(LOGOUT_GRACE)
+                if not backend.leg.gone:
+                    registry.backend_closing(backend)
+                    backend.leg.close_after(LOGOUT_GRACE)
             else:
                 backend.close()
         # After the backend is in the closing set: a drain waiting for this session

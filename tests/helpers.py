@@ -9,7 +9,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransport,
+    StringTransportWithDisconnection,
+)
 
 from imapproxy.backendconn import BackendConnector
 from imapproxy.breaker import CircuitBreaker
@@ -95,16 +99,26 @@ class Harness:
     def runtime(self) -> Runtime:
         return self.current.runtime
 
-    def connect_client(self, host: str = "192.0.2.7") -> tuple[FrontendProtocol, Any]:
+    def connect_client(self, host: str = "192.0.2.7",
+                       lost_at_once: bool = True) -> tuple[FrontendProtocol, Any]:
+        """A client connection; with ``lost_at_once`` False, closing it only marks it
+        disconnecting (as a real transport flushing first): the test calls
+        connectionLost itself."""
         protocol = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
-        transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", host, 40000))
-        transport.protocol = protocol
+        peer = IPv4Address("TCP", host, 40000)
+        transport: Any
+        if lost_at_once:
+            transport = StringTransportWithDisconnection(peerAddress=peer)
+            transport.protocol = protocol
+        else:
+            transport = StringTransport(peerAddress=peer)
         protocol.makeConnection(transport)
         return protocol, transport
 
-    def logged_in_client(self, user: bytes = b"alice") -> tuple[FrontendProtocol, Any, Any]:
+    def logged_in_client(self, user: bytes = b"alice",
+                         lost_at_once: bool = True) -> tuple[FrontendProtocol, Any, Any]:
         """A client logged in through a fake backend; returns (client, its transport, backend)."""
-        client, transport = self.connect_client()
+        client, transport = self.connect_client(lost_at_once=lost_at_once)
         transport.clear()
         client.dataReceived(b"a1 LOGIN " + user + b" secret\r\n")
         backend = self.backends[-1]
