@@ -129,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             ca = TestCA(work / "ca")
             cert = ca.issue("localhost")
             context = ssl.create_default_context(cafile=str(ca.ca_path))
+        # The baseline: the same phones all at once straight to Dovecot, as a storm
+        # without a proxy (plaintext: Dovecot's own TLS is not what the proxies add to).
+        direct = Fleet(HOST, store.imap_port,
+                       [Phone(u.name, u.password, source=address(i // args.per_address))
+                        for i, u in enumerate(users)], open_concurrency=n)
+        try:
+            figures["direct_storm_s"] = direct.start(max(120.0, n / 10))
+        finally:
+            direct.stop()
+        log(f"{n} phones at once straight to Dovecot: in IDLE after "
+            f"{figures['direct_storm_s']:.2f}s")
+        time.sleep(2.0)  # Dovecot reaps those sessions
         pool = Pool(work / "pool", store.imap_port, cert=cert,
                     limits=f"max_login_rate = {args.max_login_rate}\n")
         fleet = None
