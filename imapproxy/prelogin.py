@@ -1,11 +1,12 @@
-"""What the IMAP and POP3 pre-login sessions have in common: sans-IO.
+"""What the pre-login sessions (IMAP, POP3, ManageSieve) have in common: sans-IO.
 
-imap.py and pop3.py each speak their own protocol; this base holds what a pre-login
-session does the same way in both: state changes checked against the protocol's table,
-closing, counting bad commands and failed logins, holding client bytes back while a
-login runs, and the two ends the proxy decides (shutdown, pre-auth timeout). Each
-protocol gives its states (its own Enum and table) and its words (``* BYE ...`` or
-``-ERR ...``) through the class attributes and hooks marked below.
+imap.py, pop3.py and managesieve.py each speak their own protocol; this base holds what
+a pre-login session does the same way in all: state changes checked against the
+protocol's table, closing, counting bad commands and failed logins, holding client bytes
+back while a login runs, and the two ends the proxy decides (shutdown, pre-auth
+timeout). Each protocol gives its states (IMAP and ManageSieve share CommandState and
+its table, below; POP3 has its own) and its words (``* BYE ...``, ``-ERR ...``,
+``BYE ...``) through the class attributes and hooks marked below.
 """
 
 from __future__ import annotations
