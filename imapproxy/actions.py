@@ -104,6 +104,12 @@ class WaitForPenalty:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitForTurn:
+    """Wait for this login's turn (admission pacing, pacing.py): the seconds it waited,
+    None when pacing is off, or LoginQueueFull."""
+
+
+@dataclass(frozen=True, slots=True)
 class FinishPenalty:
     """Tell the penalty what the admitted attempt's check found."""
 
@@ -185,6 +191,13 @@ class CountRefusal:
 
 
 @dataclass(frozen=True, slots=True)
+class CountTurn:
+    """imapproxy_login_wait_seconds, and imapproxy_logins_paced if it waited."""
+
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
 class CountBackendFailure:
     """imapproxy_backend_failures{backend, reason}."""
 
@@ -196,5 +209,6 @@ Action = (
     SendToClient | StartClientTLS | Login | Splice | Close
 )
 BackendAction = SendToBackend | StartBackendTLS | BackendLoggedIn | BackendLoginFailed
-LoginAction = (WaitForPenalty | FinishPenalty | Lookup | Dial | LogInAtBackend | CloseBackend
-               | ClaimSession | LoginLog | CountLogin | CountRefusal | CountBackendFailure)
+LoginAction = (WaitForPenalty | WaitForTurn | FinishPenalty | Lookup | Dial | LogInAtBackend
+               | CloseBackend | ClaimSession | LoginLog | CountLogin | CountRefusal | CountTurn
+               | CountBackendFailure)

@@ -10,6 +10,7 @@ anything else: whoever reaches it can end anyone's session). The CLI
     POST /kick?user=alice             end alice's sessions
     POST /kick?backend=host:port      end every session on that backend
     POST /drain                       end every session gracefully, refuse new ones
+                                      (after [timeouts] drain_notice, /readyz 503 meanwhile)
     POST /undrain                     accept new sessions again (409 while stopping)
 
 Moving a user between stores: change the directory, then kick the user; the
@@ -182,9 +183,11 @@ class AdminResource(Resource):
             return self._kick(request)
         if path == b"/drain" and method == b"POST":
             count = len(self.registry.sessions)
+            notice = float(self.current.runtime.config.timeouts.drain_notice)
             log.info("admin: drain requested ({count} sessions)", count=count)
-            self.registry.drain(self.grace)
-            return self._reply(request, 200, {"pid": os.getpid(), "draining": count})
+            self.registry.drain_after(notice, self.grace)
+            return self._reply(request, 200, {"pid": os.getpid(), "draining": count,
+                                              "notice": notice})
         if path == b"/undrain" and method == b"POST":
             return self._undrain(request)
         if path in (b"/sessions", b"/kick", b"/drain", b"/undrain"):

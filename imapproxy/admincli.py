@@ -218,8 +218,11 @@ def run(argv: list[str], out: TextIO, now: float | None = None) -> int:
             ask(address, "POST", "/undrain")
         out.write("accepting new sessions again\n")
         return 0
-    total = sum(ask(address, "POST", "/drain")["draining"] for address in addresses)
-    out.write(f"draining {total} session{'s' if total != 1 else ''}\n")
+    answers = [ask(address, "POST", "/drain") for address in addresses]
+    total = sum(answer["draining"] for answer in answers)
+    notice = max(float(answer.get("notice", 0)) for answer in answers)
+    out.write(f"draining {total} session{'s' if total != 1 else ''}"
+              + (f" in {notice:g}s (/readyz answers 503 until then)" if notice else "") + "\n")
     return 0
 
 

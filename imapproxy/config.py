@@ -220,6 +220,15 @@ class Limits:
     known_address_memory: float = 30 * 86400.0
     #: longest username in bytes (RFC 5321: 64 + 1 + 255); longer is a failed login
     max_username: int = _key(320, minimum=1, maximum=65536)
+    #: admission pacing (pacing.py): logins let through per second by this process (with
+    #: workers = N, by each worker), after the penalty and before the directory and the
+    #: backend see them, so that a reconnect storm is served at the rate they take; the
+    #: rest wait their turn; 0 = unlimited
+    max_login_rate: float = 0.0
+    #: logins waiting for their turn at most; more are refused at once (NO [UNAVAILABLE],
+    #: -ERR [SYS/TEMP]); 0 = automatic: what max_login_rate lets through in half of
+    #: preauth_timeout (the other half is for the TLS handshake and the login itself)
+    max_login_queue: int = 0
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,10 @@ class Timeouts:
     sweep_interval: float = _key(15.0, minimum=0.1)
     #: seconds a graceful drain (SIGTERM) waits for sessions before closing them
     drain: float = 30.0
+    #: seconds between SIGTERM and the drain, while /readyz answers 503 and sessions go
+    #: on, new ones included: a load balancer's health check takes the instance out of
+    #: its pool before the drain sends its sessions back through it. 0: drain at once.
+    drain_notice: float = _key(0.0, minimum=0.0)
     #: TCP keepalive on both legs: idle seconds, probe interval, probe count
     tcp_keepalive_idle: int = _key(300, minimum=1)
     tcp_keepalive_interval: int = _key(60, minimum=1)

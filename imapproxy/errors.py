@@ -158,3 +158,15 @@ class LoginsRefused(TooManyConnections):
     def __init__(self, reason: str) -> None:
         super().__init__("Too many login attempts, try again later")
         self.reason = reason
+
+
+class LoginQueueFull(TooManyConnections):
+    """Too many logins wait for their turn (admission pacing, pacing.py): refused at once,
+    unchecked; the client may come back later (RFC 5530 UNAVAILABLE, RFC 3206 SYS/TEMP,
+    RFC 5804 TRYLATER)."""
+
+    #: for the log line
+    reason = "too many logins waiting for their turn"
+
+    def __init__(self) -> None:
+        super().__init__("Too many logins at once, try again later")

@@ -4,16 +4,16 @@
 ``FrontendProtocol`` serves one client. Before login it feeds the bytes to the
 protocol's pre-login session (imap.py, pop3.py) and carries out what that asks; a
 login it hands to the login's policy (login.py), carrying out each of its steps
-(the penalty's wait, the lookup, the backend connection) and sending back what came
-of it; once logged in, the relay (relay.py) pumps the bytes. It decides nothing of
-its own: what it knows is how to do each action, and the state of its connection.
+(the penalty's wait, the wait for its turn, the lookup, the backend connection) and
+sending back what came of it; once logged in, the relay (relay.py) pumps the bytes.
+It decides nothing of its own: what it knows is how to do each action, and the state
+of its connection.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -31,6 +31,7 @@ from .actions import (
     CountBackendFailure,
     CountLogin,
     CountRefusal,
+    CountTurn,
     Dial,
     FinishPenalty,
     Login,
@@ -41,72 +42,22 @@ from .actions import (
     Splice,
     StartClientTLS,
     WaitForPenalty,
+    WaitForTurn,
 )
 from .backendconn import CONNECTION_DONE, BackendProtocol
 from .clienttls import NoApplicationProtocol
-from .config import Config, Listener
+from .config import Listener
 from .errors import BackendUnavailable, ProxyError, TooManyConnections
-from .imap import ImapSession
-from .imapwire import response
 from .limits import Refusal, Ticket, client_key
 from .logquote import quoted
-from .managesieve import ManageSieveSession, SieveCapabilities
 from .penalty import Outcome
-from .pop3 import Pop3Session
-from .pop3wire import reply
+from .protocols import REFUSALS, new_session
 from .relay import Relay
 from .runtime import Current, Runtime
-from .sievewire import response as sieve_response
 from .transports import LOGOUT_GRACE, Backpressure, Leg, configure_socket, write_now
 
 log = Logger(namespace="imapproxy")
 _session_ids = itertools.count(1)
-
-#: protocol name -> front-end session class (both take the same keyword arguments)
-FRONTEND_SESSIONS: dict[str, Callable[..., Any]] = {"imap": ImapSession, "pop3": Pop3Session,
-                                                    "managesieve": ManageSieveSession}
-
-#: protocol name -> the line refusing a connection in place of the greeting: RFC 3501
-#: section 7.1.5 allows BYE as the greeting; RFC 2449 section 8 codes for POP3; RFC 5804
-#: section 1.3: BYE may come at any time, (TRYLATER) says when to come back.
-REFUSALS: dict[str, Callable[[ProxyError], bytes]] = {
-    "imap": lambda e: response(b"*", b"BYE", e.client_text(), e.imap_code),
-    "pop3": lambda e: reply(False, e.client_text(), e.pop3_code),
-    "managesieve": lambda e: sieve_response(
-        b"BYE", e.client_text(), e.sieve_code.encode() if e.sieve_code else None),
-}
-
-
-def new_session(listener: Listener, config: Config,
-                sieve: SieveCapabilities | None = None) -> Any:
-    """The pre-login session for a new client of this listener; ``sieve``: what the
-    ManageSieve greeting says of the backends (runtime.Shared.sieve)."""
-    extra: dict[str, Any] = {"mechanisms": config.auth.mechanisms}
-    if listener.protocol == "managesieve":
-        extra["sieve"] = sieve
-    return FRONTEND_SESSIONS[listener.protocol](
-        tls_active=listener.tls == "implicit", starttls_available=listener.tls == "starttls",
-        plaintext_auth=config.tls.plaintext_auth, limits=config.limits, **extra)
-
-
-class _ReplyBackpressure:
-    """IPushProducer for the pre-login phase: the transport pauses us when our replies
-    pile up unread, and we stop reading the client until they drain."""
-
-    __slots__ = ("client",)
-
-    def __init__(self, client: FrontendProtocol) -> None:
-        self.client = client
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        self.client.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        self.client.transport.resumeProducing()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        pass
-
 
 @implementer(IHandshakeListener)
 class FrontendProtocol(Protocol):
@@ -134,7 +85,8 @@ class FrontendProtocol(Protocol):
         self._gate = False
         #: a failed login's answer, held back (login.Refused.delay)
         self._answer: Any = None
-        #: the penalty's admission this login waits for (penaltygate.py), if any
+        #: what this login waits for, if anything: the penalty's admission
+        #: (penaltygate.py) or its turn (pacinggate.py); cancelled when the session ends
         self._waiting: defer.Deferred[Any] | None = None
         #: this session as counted in the shared state (redisstate.py), if it is
         self._claim: Any = None
@@ -190,7 +142,7 @@ class FrontendProtocol(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._waiting is not None:
-            self._waiting.cancel()  # leaves the penalty's queue
+            self._waiting.cancel()  # leaves the penalty's queue or the pacing queue
         if self.leg is not None:
             self.leg.lost()
         if self.ticket is not None:
@@ -208,10 +160,14 @@ class FrontendProtocol(Protocol):
             if self.relay is not None and self.relay.logout_sent:
                 # The backend answers our LOGOUT and closes by itself (RFC 3501 section
                 # 6.1.3); closing first could cut the LOGOUT short (Dovecot's TLS login
-                # process drops what it had not yet passed on). A drain waits for it.
-                registry.backend_closing(backend)
+                # process drops what it had not yet passed on). A drain waits for it,
+                # unless it has closed already: its answer can come in while our BYE to
+                # the client is still being flushed, and a drain waiting for a
+                # connection that is gone would hold a SIGTERM up for [timeouts] drain.
                 assert backend.leg is not None
-                backend.leg.close_after(LOGOUT_GRACE)
+                if not backend.leg.gone:
+                    registry.backend_closing(backend)
+                    backend.leg.close_after(LOGOUT_GRACE)
             else:
                 backend.close()
         # After the backend is in the closing set: a drain waiting for this session
@@ -243,6 +199,10 @@ class FrontendProtocol(Protocol):
         """Close the client connection (after flushing, unless ``abort``): transports.py."""
         if not self.end_reason:
             self.end_reason = reason
+        if self._waiting is not None:
+            # A login waiting for the penalty or its turn leaves the queue now (a pre-login
+            # timeout, a drain), not when the client has read our last words and gone.
+            self._waiting.cancel()
         # The leg unregisters whatever producer is registered: the pre-login gate or,
         # when relaying, the backend's backpressure.
         self._gate = False
@@ -257,7 +217,7 @@ class FrontendProtocol(Protocol):
         if not self._gate and self.session is not None and not self.end_reason:
             self._gate = True
             assert self.leg is not None
-            self.leg.register(_ReplyBackpressure(self))
+            self.leg.register(Backpressure(self.transport))
 
     def _drop_gate(self) -> None:
         if self._gate:
@@ -338,8 +298,12 @@ class FrontendProtocol(Protocol):
                 if isinstance(result, defer.Deferred):
                     result = await result
             except defer.CancelledError:
+                # The client went away (or its session ended) while the login waited for
+                # the penalty or for its turn: an admission it holds is given back.
                 flow.close()
-                return  # the client went away while waiting for the penalty
+                if admission is not None:
+                    admission.finish(Outcome.NEUTRAL)
+                return
             except Exception as e:  # noqa: BLE001 - the flow decides; what it does not
                 error = e           # handle comes back out of it, and is logged above
             if isinstance(step, WaitForPenalty) and error is None:
@@ -361,6 +325,14 @@ class FrontendProtocol(Protocol):
         elif isinstance(step, WaitForPenalty):
             self._waiting = runtime.shared.penalty.enter(step.address, step.user_key)
             return self._waiting.addBoth(self._waited)
+        elif isinstance(step, WaitForTurn):
+            turn = runtime.shared.pacer.enter()  # raises LoginQueueFull into the flow
+            if isinstance(turn, defer.Deferred):
+                self._waiting = turn
+                return turn.addBoth(self._waited)
+            return turn
+        elif isinstance(step, CountTurn):
+            runtime.metrics.login_turn(step.waited)
         elif isinstance(step, FinishPenalty):
             step.admission.finish(step.outcome, step.fingerprint)  # type: ignore[attr-defined]
         elif isinstance(step, Lookup):

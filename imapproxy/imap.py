@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from base64 import b64encode
 from collections.abc import Callable
-from enum import Enum, auto
 from typing import ClassVar
 
 from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
@@ -26,7 +25,7 @@ from .imapwire import (
     NeedContinuation,
     response,
 )
-from .prelogin import PreLoginSession
+from .prelogin import COMMAND_TRANSITIONS, CommandState, PreLoginSession
 from .sasl import (
     DEFAULT_MECHANISMS,
     MECHANISMS,
@@ -35,30 +34,11 @@ from .sasl import (
     failure_challenge,
 )
 
-
-class State(Enum):
-    #: reading commands before login (RFC 3501 section 3.1)
-    NOT_AUTHENTICATED = auto()
-    #: AUTHENTICATE sent "+"; the next line is the SASL response (RFC 3501 section 6.2.2),
-    #: or the dummy response to a backend's error challenge (RFC 7628 section 3.2.3)
-    AUTHENTICATE = auto()
-    #: waiting for lookup and backend login; client bytes are held back, unparsed
-    LOGGING_IN = auto()
-    #: handed over to the relay
-    RELAYING = auto()
-    CLOSED = auto()
-
-
-# Rule: every state change goes through ImapSession._enter (prelogin.py), checked against
-# this table.
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.NOT_AUTHENTICATED: frozenset({State.AUTHENTICATE, State.LOGGING_IN, State.CLOSED}),
-    State.AUTHENTICATE: frozenset({State.NOT_AUTHENTICATED, State.LOGGING_IN, State.CLOSED}),
-    State.LOGGING_IN: frozenset({State.NOT_AUTHENTICATED, State.AUTHENTICATE, State.RELAYING,
-                                 State.CLOSED}),
-    State.RELAYING: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset(),
-}
+# RFC 3501 section 3: NOT_AUTHENTICATED until LOGIN or AUTHENTICATE (its "+" and the
+# SASL response, RFC 3501 section 6.2.2) succeeds; every state change goes through
+# ImapSession._enter, checked against the table (prelogin.py, shared with ManageSieve).
+State = CommandState
+TRANSITIONS = COMMAND_TRANSITIONS
 
 # Commands valid only after login, answered with a hint instead of "unknown command".
 _NEEDS_LOGIN = frozenset(

@@ -2,14 +2,26 @@
 """The path of one login, as policy: sans-IO.
 
 A LOGIN (AUTHENTICATE, USER/PASS) goes: the name rewritten ([username]) -> the
-brute-force penalty, paid before anyone sees the credentials -> the name checked ->
-the directory -> what the backend is told of the client ([backend] forward_client) ->
-the route's servers in order (circuit breaker, routing loops) -> the backend's login
-dialogue -> the connection limits (with [shared], counted on every instance) ->
-logged in. This module decides that order, what each failure means (a guess, or
-not), what is logged and counted, and how long a failure waits before it is
-answered. The adapter (frontend.py) carries out its actions and sends back what
-came of each.
+brute-force penalty, paid before anyone sees the credentials -> its turn (admission
+pacing, [limits] max_login_rate) -> the name checked -> the directory -> what the
+backend is told of the client ([backend] forward_client) -> the route's servers in
+order (circuit breaker, routing loops) -> the backend's login dialogue -> the
+connection limits (with [shared], counted on every instance) -> logged in. This
+module decides that order, what each failure means (a guess, or not), what is logged
+and counted, and how long a failure waits before it is answered. The adapter
+(frontend.py) carries out its actions and sends back what came of each.
+
+The turn comes after the penalty's admission, not before it, for two reasons. A
+guesser's attempts wait in the penalty's queues (one at a time per penalised address
+or user, bounded), so they cannot fill the line the storm's logins wait in; paced
+first, every queued guess would hold a place in that line while it then sat out its
+penalty. And a turn is spent right before the lookup it paces, so the rate is the
+rate the directory and the backends see; a turn taken before the penalty could be
+spent seconds before its lookup, and penalised logins would reach the backends in
+bunches. The price: an admitted attempt holds its penalty slot while it waits its
+turn, so one address has at most max_parallel_logins_per_ip logins in the line at
+once unless its users are known there (the rest wait in the penalty's queue, never
+refused for it); the check's clock (login_delay) starts when the turn comes.
 
 ``login()`` is a generator: it yields actions (actions.py) and is sent their results
 (or thrown their errors), so it reads top to bottom like the login it is, as
@@ -30,6 +42,7 @@ from .actions import (
     CountBackendFailure,
     CountLogin,
     CountRefusal,
+    CountTurn,
     Dial,
     FinishPenalty,
     LoginAction,
@@ -37,6 +50,7 @@ from .actions import (
     LoginLog,
     Lookup,
     WaitForPenalty,
+    WaitForTurn,
 )
 from .breaker import CircuitBreaker
 from .config import BackendConfig, Config
@@ -47,6 +61,7 @@ from .errors import (
     BackendProtocolError,
     BackendUnavailable,
     InvalidUsername,
+    LoginQueueFull,
     LoginsRefused,
     ProxyError,
     RoutingLoop,
@@ -147,6 +162,21 @@ def login(client: Client, credentials: Credentials, client_id: tuple[tuple[str, 
     if admission.waited >= 0.001:
         yield _log(client, "info", "login delayed id={session_id} client={client} user={user} "
                    "waited={waited:.3f}s", credentials.username, waited=admission.waited)
+    # Then its turn (pacing.py), the last wait before the login costs anything (the
+    # directory, a backend); after the penalty: the module docstring says why.
+    try:
+        waited = yield WaitForTurn()
+    except LoginQueueFull as e:
+        yield FinishPenalty(admission, Outcome.NEUTRAL)
+        yield _log(client, "info", "login refused id={session_id} client={client} user={user} "
+                   "reason={reason}", credentials.username, reason=e.reason)
+        yield CountRefusal("login_queue")
+        return Refused(e)
+    if waited is not None:
+        yield CountTurn(waited)
+        if waited >= 0.001:
+            yield _log(client, "info", "login paced id={session_id} client={client} "
+                       "user={user} waited={waited:.3f}s", credentials.username, waited=waited)
     started = clock()
     try:
         problem = username_problem(credentials.username, config.limits.max_username)

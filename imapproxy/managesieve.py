@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from base64 import b64encode
 from collections.abc import Callable
-from enum import Enum, auto
 from typing import ClassVar
 
 from .actions import Action, Close, Login, SendToClient, Splice, StartClientTLS
@@ -26,7 +25,7 @@ from .config import Limits
 from .credentials import Credentials
 from .crossprotocol import is_http_request_line
 from .errors import ClientProtocolError, ProxyError
-from .prelogin import PreLoginSession
+from .prelogin import COMMAND_TRANSITIONS, CommandState, PreLoginSession
 from .sasl import DEFAULT_MECHANISMS, MECHANISMS, Challenge, ServerExchange, failure_challenge
 from .sievewire import (
     BYE_SHUTDOWN,
@@ -43,31 +42,11 @@ from .sievewire import (
     tokens,
 )
 
-
-class State(Enum):
-    #: reading commands before login (RFC 5804 section 2)
-    NOT_AUTHENTICATED = auto()
-    #: AUTHENTICATE sent a challenge; the next message is the SASL response (RFC 5804
-    #: section 2.1), or the dummy response to a backend's error challenge (RFC 7628
-    #: section 3.2.3)
-    AUTHENTICATE = auto()
-    #: waiting for lookup and backend login; client bytes are held back, unparsed
-    LOGGING_IN = auto()
-    #: handed over to the relay
-    RELAYING = auto()
-    CLOSED = auto()
-
-
-# Rule: every state change goes through ManageSieveSession._enter (prelogin.py), checked
-# against this table.
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.NOT_AUTHENTICATED: frozenset({State.AUTHENTICATE, State.LOGGING_IN, State.CLOSED}),
-    State.AUTHENTICATE: frozenset({State.NOT_AUTHENTICATED, State.LOGGING_IN, State.CLOSED}),
-    State.LOGGING_IN: frozenset({State.NOT_AUTHENTICATED, State.AUTHENTICATE, State.RELAYING,
-                                 State.CLOSED}),
-    State.RELAYING: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset(),
-}
+# RFC 5804 section 2: commands until AUTHENTICATE (its challenges and the SASL response,
+# section 2.1) succeeds; every state change goes through ManageSieveSession._enter,
+# checked against the table (prelogin.py, shared with IMAP).
+State = CommandState
+TRANSITIONS = COMMAND_TRANSITIONS
 
 #: Commands of the authenticated state (RFC 5804 sections 2.4-2.11, 2.14), answered
 #: with a hint instead of "unknown command".

@@ -6,7 +6,8 @@ from the SessionRegistry when Prometheus scrapes (a session's byte counters exis
 anyway, for the session-end log line). Everything else is counted where it
 happens, once per login or connection: logins by result and reason, directory
 lookups (latency, cache hits), backend connects (latency, failures per backend),
-TLS handshake failures, refused PROXY headers, reloads.
+TLS handshake failures, refused PROXY headers, reloads, the wait for a login's turn
+(admission pacing; the logins waiting are read at scrape time too).
 
 Each process has its own registry (not prometheus_client's global one): with
 ``workers = N`` worker ``i`` serves its own numbers on the port plus ``i``.
@@ -46,6 +47,9 @@ PRE_AUTH, ACTIVE, IDLE = "pre-auth", "active", "idle"
 #: seconds: a lookup from cache takes microseconds, LDAP milliseconds, a dead server seconds
 LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                   5.0, 10.0)
+#: seconds a login waits for its turn: none in quiet times, up to half the pre-auth
+#: timeout (60 s by default) in a storm
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0)
 
@@ -80,7 +84,10 @@ class NullMetrics:
 
     def refused(self, limit: str) -> None:
         """A connection or a login was refused by a limit: total, per_client,
-        per_user_client, penalty."""
+        per_user_client, penalty, login_queue."""
+
+    def login_turn(self, waited: float) -> None:
+        """A login's turn came (admission pacing on) after ``waited`` seconds (0: at once)."""
 
     def reloaded(self, ok: bool) -> None:
         """A SIGHUP reload was applied (ok) or refused."""
@@ -109,6 +116,7 @@ class Metrics(NullMetrics):
     def __init__(self, sessions: Callable[[], Any] | None = None, *,
                  draining: Callable[[], bool] | None = None,
                  certificates: Callable[[], dict[str, float]] | None = None,
+                 login_queue: Callable[[], int] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         #: returns the live sessions (the SessionRegistry's set) at scrape time
         self._sessions = sessions or (lambda: ())
@@ -116,6 +124,8 @@ class Metrics(NullMetrics):
         self._draining = draining or (lambda: False)
         #: certificate name -> when it expires (ServerTLS.expiry, backend client's)
         self._certificates = certificates or dict
+        #: logins waiting for their turn now (pacinggate.PacingGate.waiting)
+        self._login_queue = login_queue or (lambda: 0)
         self._clock = clock
         # The *_created series double the output and tell a scraper nothing it needs.
         disable_created_metrics()
@@ -148,7 +158,14 @@ class Metrics(NullMetrics):
         self.limit_refusals = Counter("imapproxy_refused",
                                       "Connections and logins refused, by the limit that "
                                       "refused them (total, per_client, per_user_client, "
-                                      "penalty)", ["limit"], registry=r)
+                                      "penalty, login_queue)", ["limit"], registry=r)
+        self.logins_paced = Counter("imapproxy_logins_paced",
+                                    "Logins that waited for their turn (max_login_rate)",
+                                    registry=r)
+        self.login_wait_seconds = Histogram(
+            "imapproxy_login_wait_seconds", "Seconds logins waited for their turn "
+            "(max_login_rate; 0 for those let through at once)", buckets=WAIT_BUCKETS,
+            registry=r)
         self.proxy_refused = Counter("imapproxy_proxy_protocol_refused",
                                      "Connections refused on proxy_protocol listeners",
                                      ["reason"], registry=r)
@@ -194,6 +211,11 @@ class Metrics(NullMetrics):
 
     def refused(self, limit: str) -> None:
         self.limit_refusals.labels(limit).inc()
+
+    def login_turn(self, waited: float) -> None:
+        self.login_wait_seconds.observe(waited)
+        if waited > 0:
+            self.logins_paced.inc()
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "refused").inc()
@@ -273,6 +295,9 @@ class _LiveCollector:
         yield GaugeMetricFamily("imapproxy_draining",
                                 "1 while a drain is under way (new sessions are refused)",
                                 value=1 if metrics._draining() else 0)
+        yield GaugeMetricFamily("imapproxy_logins_waiting",
+                                "Logins waiting for their turn now (max_login_rate)",
+                                value=metrics._login_queue())
         expiry = GaugeMetricFamily("imapproxy_certificate_expiry_seconds",
                                    "Seconds until each configured certificate expires "
                                    "(negative: expired)", labels=["certificate"])

@@ -55,7 +55,7 @@ from .penalty import (
     is_exempt,
     user_key,
 )
-from .sharedstate import PenaltySettings, Verdict
+from .sharedstate import BUSY, POLL, POLL_MAX, PenaltySettings, Verdict
 
 log = Logger(namespace="imapproxy")
 
@@ -220,6 +220,8 @@ class _SharedAttempt:
         self.holds_turns = False
         #: a START is under way (its answer gives the turns back if cancelled meanwhile)
         self.asking = False
+        #: seconds before asking START again while an earlier check has not ended
+        self.poll = POLL
         self.cancelled = False
         #: what the other instances know (Verdict): for the gate behind this one
         self.known = self.user_failures = False
@@ -267,7 +269,10 @@ class _SharedAttempt:
                 self.gate.state.leave(self.address, self.ukey, self.token)
                 return
             self.waited += self.gate.clock.seconds() - started
-            if wait:
+            if wait == BUSY:  # an earlier check has not ended: ask again, less often
+                self._wait(self.poll)
+                self.poll = min(POLL_MAX, self.poll * 2)
+            elif wait:
                 self._wait(wait)
             else:  # now, or Redis unavailable: this process's gate decides the rest
                 self._enter_inner()

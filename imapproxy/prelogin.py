@@ -1,18 +1,19 @@
-"""What the IMAP and POP3 pre-login sessions have in common: sans-IO.
+"""What the pre-login sessions (IMAP, POP3, ManageSieve) have in common: sans-IO.
 
-imap.py and pop3.py each speak their own protocol; this base holds what a pre-login
-session does the same way in both: state changes checked against the protocol's table,
-closing, counting bad commands and failed logins, holding client bytes back while a
-login runs, and the two ends the proxy decides (shutdown, pre-auth timeout). Each
-protocol gives its states (its own Enum and table) and its words (``* BYE ...`` or
-``-ERR ...``) through the class attributes and hooks marked below.
+imap.py, pop3.py and managesieve.py each speak their own protocol; this base holds what
+a pre-login session does the same way in all: state changes checked against the
+protocol's table, closing, counting bad commands and failed logins, holding client bytes
+back while a login runs, and the two ends the proxy decides (shutdown, pre-auth
+timeout). Each protocol gives its states (IMAP and ManageSieve share CommandState and
+its table, below; POP3 has its own) and its words (``* BYE ...``, ``-ERR ...``,
+``BYE ...``) through the class attributes and hooks marked below.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from enum import Enum
+from enum import Enum, auto
 from typing import Any, ClassVar, Protocol
 
 from .actions import Action, Close, SendToClient
@@ -26,6 +27,39 @@ class HeldInput(Protocol):
     def buffered(self) -> int: ...
 
     def feed(self, data: bytes) -> None: ...
+
+
+class CommandState(Enum):
+    """The states of a session that logs in by a command or a SASL exchange: IMAP
+    (RFC 3501 section 3) and ManageSieve (RFC 5804 section 2). POP3 has its own
+    (pop3.py: USER then PASS)."""
+
+    #: reading commands before login
+    NOT_AUTHENTICATED = auto()
+    #: AUTHENTICATE sent a challenge; the next line or message is the SASL response
+    #: (RFC 3501 section 6.2.2, RFC 5804 section 2.1), or the dummy response to a
+    #: backend's error challenge (RFC 7628 section 3.2.3)
+    AUTHENTICATE = auto()
+    #: waiting for lookup and backend login; client bytes are held back, unparsed
+    LOGGING_IN = auto()
+    #: handed over to the relay
+    RELAYING = auto()
+    CLOSED = auto()
+
+
+#: Every state change of such a session goes through PreLoginSession._enter, checked
+#: against this table.
+COMMAND_TRANSITIONS: dict[Enum, frozenset[Enum]] = {
+    CommandState.NOT_AUTHENTICATED: frozenset({CommandState.AUTHENTICATE,
+                                               CommandState.LOGGING_IN, CommandState.CLOSED}),
+    CommandState.AUTHENTICATE: frozenset({CommandState.NOT_AUTHENTICATED,
+                                          CommandState.LOGGING_IN, CommandState.CLOSED}),
+    CommandState.LOGGING_IN: frozenset({CommandState.NOT_AUTHENTICATED,
+                                        CommandState.AUTHENTICATE, CommandState.RELAYING,
+                                        CommandState.CLOSED}),
+    CommandState.RELAYING: frozenset({CommandState.CLOSED}),
+    CommandState.CLOSED: frozenset(),
+}
 
 
 class PreLoginSession(ABC):

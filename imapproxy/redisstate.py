@@ -326,8 +326,9 @@ class RedisState(Service):
         return d.addCallback(answered).addErrback(failed)
 
     def start(self, address: str, ukey: bytes, token: str) -> defer.Deferred[float | None]:
-        """An attempt's turn came: seconds it must wait still (0: start now), or None
-        (Redis unavailable: start now). Never fails."""
+        """An attempt's turn came: seconds it must wait still (0: start now), BUSY (an
+        earlier check has not ended: ask again), or None (Redis unavailable: start
+        now). Never fails."""
         link = self._usable(None)
         if link is None:
             return defer.succeed(None)

@@ -24,6 +24,10 @@ class SessionRegistry:
         self.draining = False
         #: the process is going away (the SIGTERM drain): no undrain
         self.stopping = False
+        #: [timeouts] drain_notice is running: /readyz says 503, sessions go on
+        self.leaving = False
+        #: the drain that an announced one (drain_after) will start
+        self._announced: Any = None
         #: drains under way: (fires when done, its sessions, their backends)
         self._drains: list[tuple[defer.Deferred[None], set[Any], set[Any]]] = []
 
@@ -64,6 +68,7 @@ class SessionRegistry:
 
         ``stopping``: this is the process's last drain (SIGTERM); undrain() refuses then.
         """
+        self._cancel_announced()
         self.draining = True
         self.stopping = self.stopping or stopping
         log.info("draining {count} sessions (at most {timeout:g}s)", count=len(self.sessions),
@@ -91,6 +96,26 @@ class SessionRegistry:
             done.addBoth(stop_deadline)
         return done
 
+    def drain_after(self, notice: float, timeout: float) -> None:
+        """A drain announced first ([timeouts] drain_notice): for ``notice`` seconds
+        /readyz answers 503 while every session, new ones too, goes on, so that a load
+        balancer takes this instance out of its pool before the drain sends the
+        clients back through it; then ``drain(timeout)``."""
+        if notice <= 0:
+            self.drain(timeout)
+            return
+        if self.draining or self._announced is not None:
+            return  # under way already
+        self.leaving = True
+        log.info("drain announced: /readyz answers 503; the drain begins in {notice:g}s",
+                 notice=notice)
+        self._announced = self.clock.callLater(notice, self.drain, timeout)
+
+    def _cancel_announced(self) -> None:
+        announced, self._announced = self._announced, None
+        if announced is not None and announced.active():
+            announced.cancel()
+
     def undrain(self) -> bool:
         """Accept new sessions again after a drain; False if the process is stopping.
 
@@ -100,6 +125,10 @@ class SessionRegistry:
         """
         if self.stopping:
             return False
+        if self._announced is not None:
+            log.info("undrain: the announced drain will not begin")
+        self._cancel_announced()
+        self.leaving = False
         if self.draining:
             log.info("undrain: accepting new sessions again ({count} still ending)",
                      count=len(self.sessions))

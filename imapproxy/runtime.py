@@ -4,12 +4,12 @@
 A ``Runtime`` holds the config and what is built from it (the directory, the backend
 connector), and the ``Shared`` parts that outlive a reload because they hold live
 state (the session registry, the connection limits' counts, the brute-force penalty,
-the circuit breaker, the metrics, the client TLS contexts, the state shared through
-Redis): a reload reconfigures those in place and builds the rest anew. Every
-listener's factory reads the one ``Current`` holder; a new connection takes the runtime
-current when it arrives, and a reload is one assignment: ``current.runtime = new``.
-Nothing is patched after it is built (the metrics wrap the directory and the backend
-endpoints as they are built).
+the logins waiting for their turn, the circuit breaker, the metrics, the client TLS
+contexts, the state shared through Redis): a reload reconfigures those in place and
+builds the rest anew. Every listener's factory reads the one ``Current`` holder; a new
+connection takes the runtime current when it arrives, and a reload is one assignment:
+``current.runtime = new``. Nothing is patched after it is built (the metrics wrap the
+directory and the backend endpoints as they are built).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .directory import Server, StaticDirectory
 from .limits import ConnectionLimiter
 from .managesieve import SieveCapabilities
 from .metrics import NullMetrics
+from .pacinggate import PacingGate
 from .registry import SessionRegistry
 
 
@@ -43,6 +44,8 @@ class Shared:
     breaker: CircuitBreaker[Server]
     metrics: NullMetrics
     client_tls: ServerTLS | None
+    #: admission pacing of this process's logins (pacinggate.PacingGate)
+    pacer: PacingGate
     #: the backends' SIEVE capabilities, for the ManageSieve pre-login list (learnt
     #: from backend logins, so it outlives a reload)
     sieve: SieveCapabilities = field(default_factory=SieveCapabilities)
@@ -57,9 +60,11 @@ class Shared:
             self.client_tls.reload(config.tls)
 
     def reconfigure(self, config: Config) -> None:
-        """A reload: the new limits, penalty settings and cooldown; what they count stays."""
+        """A reload: the new limits, penalty settings, login rate and cooldown; what they
+        count stays (and who waits for a turn keeps waiting)."""
         self.limiter.reconfigure(config.limits)
         self.penalty.reconfigure(config.limits)
+        self.pacer.reconfigure(config.limits)
         self.breaker.cooldown = config.backend.down_cooldown
         if self.state is not None:
             self.state.reconfigure(config.shared)

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.internet import task
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
@@ -33,6 +34,7 @@ from .limits import ConnectionLimiter
 from .logs import LoggingRoot
 from .logs import configure as configure_logs
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
+from .pacinggate import PacingGate
 from .penaltygate import SharedGate, process_gate
 from .proxyheader import proxy_listener
 from .redisstate import RedisState
@@ -70,6 +72,22 @@ class ProxyService(LoggingRoot):
     #: one per [[listen]] table, in order
     factories: list[ProxyFactory]
     reloader: Reloader
+
+    def stopService(self) -> Any:  # noqa: N802
+        """SIGTERM: with [timeouts] drain_notice, first a notice: /readyz answers 503 while
+        every session, and new ones, go on being served, so that a load balancer takes
+        this instance out of its pool (its health check) before the drain ends the
+        sessions and their clients reconnect through it. Then the tree stops: listeners
+        close, and DrainService drains."""
+        runtime = self.current.runtime
+        notice = runtime.config.timeouts.drain_notice
+        if notice <= 0 or runtime.registry.leaving:
+            return super().stopService()
+        runtime.registry.leaving = True
+        log.info("stopping: /readyz answers 503; the drain begins in {notice:g}s",
+                 notice=notice)
+        stop = super().stopService
+        return task.deferLater(runtime.shared.reactor, notice, stop)
 
 
 def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> Any:
@@ -111,18 +129,21 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     penalty, penalty_service, penalty_socket = process_gate(
         config.limits, reactor, workers=config.workers, worker=worker,
         socket_path=penalty_socket)
+    # Admission pacing: each process paces its own logins (pacinggate.py says why).
+    pacer = PacingGate.from_limits(config.limits, reactor)
     client_tls = ServerTLS(config.tls, config.path) if config.tls.certificate else None
     metrics: NullMetrics = NULL_METRICS
     if config.metrics is not None:
         metrics = Metrics(lambda: registry.sessions, draining=lambda: registry.draining,
-                          certificates=lambda: certificate_expiry(current))
+                          certificates=lambda: certificate_expiry(current),
+                          login_queue=lambda: pacer.waiting)
     # With [shared] redis, every instance's penalty and session counts meet in Redis
     # (redisstate.py); off, it stays idle, ready for a reload that turns it on.
     state = RedisState(reactor, config.shared, metrics)
     penalty = SharedGate(penalty, state, reactor, config.limits)
     shared = Shared(reactor, registry, ConnectionLimiter.from_limits(config.limits), penalty,
                     CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls,
-                    state=state)
+                    pacer, state=state)
     runtime = build(config, shared)
     top.current = current = Current(runtime)
     # On stop it says goodbye to Redis at once: the sessions the drain is ending stop
@@ -169,7 +190,8 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
     if isinstance(metrics, Metrics) and config.metrics is not None:
         endpoint = tcp_server_endpoint(reactor, config.metrics.host,
                                        config.metrics.port + worker_index)
-        site = metrics_site(metrics, lambda: ready.serving and not registry.draining)
+        site = metrics_site(metrics, lambda: ready.serving and not registry.draining
+                            and not registry.leaving)
         internet.StreamServerEndpointService(endpoint, site).setServiceParent(top)
     if config.admin is not None:
         internet.StreamServerEndpointService(

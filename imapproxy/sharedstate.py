@@ -68,9 +68,13 @@ INSTANCE_TTL = 20.0
 #: ([backend] connect_timeout + login_timeout are 40 s by default).
 LEASE = 120.0
 #: Seconds between two STARTs of an attempt whose turn came while an earlier one in
-#: its lane has not ended: a check takes milliseconds (a failed one at Dovecot 0.5 s,
-#: or its auth_failure_delay, 2 s by default).
-POLL = 0.2
+#: its lane has not ended: POLL first, doubling to POLL_MAX (a check takes
+#: milliseconds, a failed one at Dovecot 0.5 s, or its auth_failure_delay, 2 s by
+#: default; an attempt may also wait for its turn of admission pacing).
+POLL = 0.1
+POLL_MAX = 1.0
+#: START's answer when an earlier turn has not ended (parse_start)
+BUSY = -1.0
 #: Seconds after Redis failed during which logins count locally without trying it.
 RETRY_AFTER = 2.0
 #: Dead instances the janitor clears per heartbeat, and their keys per instance.
@@ -155,26 +159,25 @@ end
 return {'ok', known and 1 or 0, #a_live, #u_live, fmt(slot - now), #lanes}
 """
 
-#: KEYS: address lane, its turns, user lane, its turns. ARGV: token, now, lease, poll.
-#: Asked when an attempt's turn has come: answers the seconds it must wait still, as a
-#: string ('0.000000': it may start now). Each lane it holds a turn in is checked one
+#: KEYS: address lane, its turns, user lane, its turns. ARGV: token, now, lease.
+#: Asked when an attempt's turn has come. Each lane it holds a turn in is checked one
 #: at a time: while an earlier turn is there (its check runs, or it waits in its own
-#: process's queue), ``poll`` seconds; then until the lane's ``next`` (delay(n) after
-#: the end of the last check), as a process's own queue does.
+#: process's queue), it answers 'busy' (ask again later); else the seconds to wait
+#: still, until the lanes' ``next`` (delay(n) after the end of the last check), as a
+#: process's own queue does ('0.000000': it may start now).
 START = _PRELUDE + """
 local token, now = ARGV[1], clock(ARGV[2])
-local lease, poll = tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease = tonumber(ARGV[3])
 local wait = 0
 for _, lane in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do
   local mine = tonumber(redis.call('ZSCORE', lane[2], token))
   if mine then
     redis.call('ZREMRANGEBYSCORE', lane[2], '-inf', '(' .. fmt(now - lease))
     if redis.call('ZCOUNT', lane[2], '-inf', '(' .. fmt(mine)) > 0 then
-      wait = math.max(wait, poll)
-    else
-      local after = tonumber(redis.call('HGET', lane[1], 'next'))
-      if after and after > now then wait = math.max(wait, after - now) end
+      return 'busy'
     end
+    local after = tonumber(redis.call('HGET', lane[1], 'next'))
+    if after and after > now then wait = math.max(wait, after - now) end
   end
 end
 return fmt(wait)
@@ -435,7 +438,7 @@ def enter(names: KeyNames, address: str, ukey: bytes, token: str,
 def start(names: KeyNames, address: str, ukey: bytes, token: str,
           now: float | None = None) -> Call:
     return Call("start", (*names.address(address), *names.user(ukey)),
-                (token, _now(now), LEASE, POLL))
+                (token, _now(now), LEASE))
 
 
 def finish(names: KeyNames, address: str, ukey: bytes, token: str, outcome: str,
@@ -525,9 +528,12 @@ def _text(value: Any) -> bytes:
 
 
 def parse_start(answer: Any) -> float:
-    """START's answer: seconds to wait still (0: start now)."""
+    """START's answer: seconds to wait still (0: start now), or BUSY."""
     try:
-        return max(0.0, float(_text(answer)))
+        text = _text(answer)
+        if text == b"busy":
+            return BUSY
+        return max(0.0, float(text))
     except (TypeError, ValueError) as e:
         raise BadAnswer(f"START: {e}") from None
 

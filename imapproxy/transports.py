@@ -106,7 +106,9 @@ class Backpressure:
     """An IPushProducer that passes pause and resume on to a transport, never a stop.
 
     The relay registers one on each leg for the other (as twisted.protocols.portforward
-    does with the transports themselves). Registering the transport itself would let
+    does with the transports themselves); before login the client's leg registers one
+    for itself: our replies are its only writes, and a client that never reads them is
+    no longer read (frontend.py). Registering the transport itself would let
     Twisted end one leg whenever the other is lost (``stopProducing`` is a
     ``loseConnection``), ahead of the session's own decision about how to end it
     (a BYE to the client first, a LOGOUT to the backend): that decision is the

@@ -5,7 +5,8 @@ The rig lives in ``tests/rig`` and is importable as ``rig`` from any test
 ``sys.path``. The session-scoped daemons are shared by every test: deliver into
 them freely, but compare message counts relative to a value read first, restore
 any LDAP entry you change, and never stop them; use ``dovecot_factory`` /
-``slapd_factory`` for a private instance you may stop, break or restart.
+``slapd_factory`` for a private instance you may stop, break or restart, and
+``replicated_slapd`` for a private syncrepl provider/consumer pair.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if _TESTS not in sys.path:
 
 from rig.certs import CertPair, TestCA  # noqa: E402
 from rig.dovecot import Dovecot, MailUser  # noqa: E402
-from rig.slapd import Slapd  # noqa: E402
+from rig.slapd import ReplicatedSlapd, Slapd  # noqa: E402
 
 #: Which session store holds which user's mailbox (and which the directory names).
 STORE1_USERS = ("alice", "carol", "erin")
@@ -166,3 +167,15 @@ def slapd_factory(tmp_path: Path, server_cert: CertPair) -> Iterator[Callable[..
     yield factory
     for server in made:
         server.stop()
+
+
+@pytest.fixture
+def replicated_slapd(tmp_path: Path) -> Iterator[ReplicatedSlapd]:
+    """A private, started, empty syncrepl pair (provider and read-only consumer, no
+    TLS), stopped after the test; stop, kill or pause either freely."""
+    pair = ReplicatedSlapd(tmp_path / "slapd-pair")
+    try:
+        pair.start()
+        yield pair
+    finally:
+        pair.stop()

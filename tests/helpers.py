@@ -9,7 +9,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransport,
+    StringTransportWithDisconnection,
+)
 
 from imapproxy.backendconn import BackendConnector
 from imapproxy.breaker import CircuitBreaker
@@ -27,6 +31,7 @@ from imapproxy.directory import StaticDirectory, parse_map
 from imapproxy.frontend import FrontendProtocol, ProxyFactory
 from imapproxy.limits import ConnectionLimiter
 from imapproxy.metrics import NULL_METRICS, NullMetrics
+from imapproxy.pacinggate import PacingGate
 from imapproxy.penalty import Penalty
 from imapproxy.penaltygate import LocalGate
 from imapproxy.registry import SessionRegistry
@@ -82,7 +87,8 @@ class Harness:
         self.shared = Shared(
             reactor, self.registry, ConnectionLimiter.from_limits(self.limits),
             LocalGate(Penalty.from_limits(self.limits, reactor.seconds), reactor),
-            CircuitBreaker(reactor, self.config.backend.down_cooldown), metrics, None)
+            CircuitBreaker(reactor, self.config.backend.down_cooldown), metrics, None,
+            PacingGate.from_limits(self.limits, reactor))
         connector = BackendConnector(reactor, self.config, endpoint_factory=metrics.timed_endpoints(
             lambda host, port: FakeEndpoint(reactor, host, port, self.backends), reactor))
         directory = metrics.timed_directory(StaticDirectory(parse_map(self.routes)), reactor)
@@ -93,16 +99,26 @@ class Harness:
     def runtime(self) -> Runtime:
         return self.current.runtime
 
-    def connect_client(self, host: str = "192.0.2.7") -> tuple[FrontendProtocol, Any]:
+    def connect_client(self, host: str = "192.0.2.7",
+                       lost_at_once: bool = True) -> tuple[FrontendProtocol, Any]:
+        """A client connection; with ``lost_at_once`` False, closing it only marks it
+        disconnecting (as a real transport flushing first): the test calls
+        connectionLost itself."""
         protocol = self.factory.buildProtocol(IPv4Address("TCP", host, 40000))
-        transport = StringTransportWithDisconnection(peerAddress=IPv4Address("TCP", host, 40000))
-        transport.protocol = protocol
+        peer = IPv4Address("TCP", host, 40000)
+        transport: Any
+        if lost_at_once:
+            transport = StringTransportWithDisconnection(peerAddress=peer)
+            transport.protocol = protocol
+        else:
+            transport = StringTransport(peerAddress=peer)
         protocol.makeConnection(transport)
         return protocol, transport
 
-    def logged_in_client(self, user: bytes = b"alice") -> tuple[FrontendProtocol, Any, Any]:
+    def logged_in_client(self, user: bytes = b"alice",
+                         lost_at_once: bool = True) -> tuple[FrontendProtocol, Any, Any]:
         """A client logged in through a fake backend; returns (client, its transport, backend)."""
-        client, transport = self.connect_client()
+        client, transport = self.connect_client(lost_at_once=lost_at_once)
         transport.clear()
         client.dataReceived(b"a1 LOGIN " + user + b" secret\r\n")
         backend = self.backends[-1]

@@ -11,6 +11,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from imapproxy.admin import AdminResource, describe, kick, parse_backend, select
+from imapproxy.config import Timeouts
 from imapproxy.credentials import Secret
 from imapproxy.imapwire import BYE_SHUTDOWN
 from imapproxy.service import DrainService
@@ -334,3 +335,31 @@ def test_undrain_is_refused_while_the_process_stops() -> None:
     assert call(resource, b"GET", b"/undrain")[0] == 405
     h.reactor.advance(h.timeouts.drain)
     assert closed(transport) and stopping.called
+
+
+def test_a_drain_with_a_notice_says_503_first_and_undrain_calls_it_off() -> None:
+    h = Harness(timeouts=Timeouts(drain_notice=3.0))
+    resource = on_socket(h)
+    client, transport, _ = h.logged_in_client()
+    code, body = call(resource, b"POST", b"/drain")
+    assert code == 200 and body["draining"] == 1 and body["notice"] == 3.0
+    # The notice: not ready (a load balancer takes us out), every session goes on, and a
+    # new one is still served.
+    assert h.registry.leaving and not h.registry.draining and not closed(transport)
+    newcomer, newcomer_transport, _ = h.logged_in_client()
+    assert newcomer.relay is not None
+    call(resource, b"POST", b"/drain")  # asked again: still the one drain, in 3 s
+    h.reactor.advance(2.9)
+    assert not h.registry.draining and not closed(transport)
+    h.reactor.advance(0.1)
+    assert h.registry.draining and closed(transport) and closed(newcomer_transport)
+    # Undrain during a notice: the drain never begins.
+    call(resource, b"POST", b"/undrain")
+    h.reactor.advance(LOGOUT_GRACE)
+    late, late_transport, _ = h.logged_in_client()
+    call(resource, b"POST", b"/drain")
+    assert h.registry.leaving
+    code, _body = call(resource, b"POST", b"/undrain")
+    assert code == 200 and not h.registry.leaving
+    h.reactor.advance(10)
+    assert not h.registry.draining and not closed(late_transport)

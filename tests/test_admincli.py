@@ -28,6 +28,8 @@ class _Api(BaseHTTPRequestHandler):
     seen: list[tuple[str | None, str | None]] = []
     #: the token to insist on, as the real API does; None: any
     token: str | None = None
+    #: what /drain says of [timeouts] drain_notice (older proxies say nothing)
+    notice: float | None = None
 
     def _answer(self) -> None:
         self.calls.append((self.command, self.path))
@@ -43,6 +45,8 @@ class _Api(BaseHTTPRequestHandler):
             body = {"kicked": 2, "ids": [3, 4]}
         elif self.path == "/drain":
             body = {"draining": 5}
+            if self.notice is not None:
+                body["notice"] = self.notice
         elif self.path == "/undrain":
             body = {"draining": False, "ending": 1}
         else:
@@ -213,3 +217,13 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         admincli.main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out == f"imapproxy-admin {__version__}\n"
+
+
+def test_drain_says_when_an_announced_drain_begins(api: str) -> None:
+    _Api.notice = 5.0
+    try:
+        out = io.StringIO()
+        assert run(["--address", api, "drain"], out) == 0
+    finally:
+        _Api.notice = None
+    assert out.getvalue() == "draining 5 sessions in 5s (/readyz answers 503 until then)\n"

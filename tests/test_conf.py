@@ -29,6 +29,9 @@ def relocated(example: Path, folder: Path) -> Path:
         moved.parent.mkdir(parents=True, exist_ok=True)
         if path.endswith(".map"):
             shutil.copy(CONF / "users.map", moved)
+        elif path.endswith(".key"):  # [shared] key_file: a secret only its owner reads
+            moved.write_text("0123456789abcdef" * 4 + "\n")
+            moved.chmod(0o600)
         else:
             moved.write_text("example-secret\n" if path.endswith(".secret") else "")
         text = text.replace(f'"{path}"', f'"{moved}"')
@@ -41,6 +44,11 @@ def relocated(example: Path, folder: Path) -> Path:
 def test_example_config_loads(name: str, tmp_path: Path) -> None:
     config = load(relocated(CONF / name, tmp_path))
     assert config.listeners
+    if name.startswith("scaleout-"):
+        # Every instance shares the penalty and the session counts through one Redis,
+        # with the same hashing key.
+        assert str(config.shared.url) == "redis://10.0.0.30:6379/0"
+        assert config.shared.key is not None
 
 
 def test_default_config_path_is_where_the_unit_points() -> None:
@@ -52,11 +60,12 @@ def test_default_config_path_is_where_the_unit_points() -> None:
 
 
 def test_unit_waits_for_the_drain(tmp_path: Path) -> None:
-    """systemd's stop timeout must outlast [timeouts] drain, or SIGKILL cuts the drain."""
+    """systemd's stop timeout must outlast [timeouts] drain_notice and drain, or SIGKILL
+    cuts the drain."""
     unit = (CONF / "imapproxy.service").read_text()
     stop_timeout = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))
-    drain = load(relocated(CONF / "imapproxy.toml", tmp_path)).timeouts.drain
-    assert stop_timeout >= drain + 10
+    timeouts = load(relocated(CONF / "imapproxy.toml", tmp_path)).timeouts
+    assert stop_timeout >= timeouts.drain_notice + timeouts.drain + 10
 
 
 def test_haproxy_example_is_valid() -> None:

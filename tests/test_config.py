@@ -426,8 +426,9 @@ def test_parse_address_refuses(text: str) -> None:
     ("text", "key"),
     [("[limits]\npreauth_timeout = nan\n", "limits.preauth_timeout"),
      ("[backend]\nconnect_timeout = inf\n", "backend.connect_timeout"),
-     ("[timeouts]\nidle = nan\n", "timeouts.idle")],
-    ids=["nan preauth_timeout", "inf connect_timeout", "nan idle"],
+     ("[timeouts]\nidle = nan\n", "timeouts.idle"),
+     ("[limits]\nmax_login_rate = inf\n", "limits.max_login_rate")],
+    ids=["nan preauth_timeout", "inf connect_timeout", "nan idle", "inf max_login_rate"],
 )
 def test_non_finite_numbers_are_refused(confdir: Path, text: str, key: str) -> None:
     assert config_error(confdir, MINIMAL + text).key == key
@@ -460,6 +461,7 @@ def test_security_defaults(confdir: Path) -> None:
             limits.max_connections_per_user_ip) == (0, 2000, 64, 20)
     assert (limits.login_delay, limits.login_delay_max, limits.login_failure_memory) == (
         2.0, 15.0, 900.0)
+    assert (limits.max_login_rate, limits.max_login_queue) == (0.0, 0)  # no pacing
     assert config.tls.sni == () and config.tls.ciphers == ""
     assert config.backend.client_certificate is None and config.backend.client_key is None
 
@@ -474,6 +476,8 @@ max_connections_per_user_ip = 0
 login_delay = 0.5
 login_delay_max = 8
 login_failure_memory = 60
+max_login_rate = 150
+max_login_queue = 3000
 
 [tls]
 certificate = "tls/cert.pem"
@@ -497,7 +501,9 @@ client_key = "tls/key.pem"
     assert config.limits == Limits(max_connections=5000, max_connections_per_ip=300,
                                    ipv6_prefix=56, max_connections_per_user_ip=0,
                                    login_delay=0.5, login_delay_max=8,
-                                   login_failure_memory=60)
+                                   login_failure_memory=60, max_login_rate=150.0,
+                                   max_login_queue=3000)
+    assert isinstance(config.limits.max_login_rate, float)
     assert [(s.domain, s.certificate.name) for s in config.tls.sni] == [
         ("imap.example.org", "cert.pem"), ("*.example.net", "cert.pem")]
     assert config.backend.client_certificate == confdir / "tls" / "cert.pem"
@@ -513,6 +519,10 @@ TLS_OK = '[tls]\ncertificate = "tls/cert.pem"\nkey = "tls/key.pem"\n'
         ("[limits]\nmax_connections_per_ip = -1\n", "limits.max_connections_per_ip", ">= 0"),
         ("[limits]\nipv6_prefix = 129\n", "limits.ipv6_prefix", "between 1 and 128"),
         ("[limits]\nlogin_delay = -2\n", "limits.login_delay", "at least 0"),
+        ("[limits]\nmax_login_rate = -1\n", "limits.max_login_rate", "at least 0"),
+        ('[limits]\nmax_login_rate = "fast"\n', "limits.max_login_rate", "number"),
+        ("[limits]\nmax_login_queue = -5\n", "limits.max_login_queue", ">= 0"),
+        ("[limits]\nmax_login_queue = 1.5\n", "limits.max_login_queue", "integer"),
         ('[backend]\nclient_certificate = "tls/cert.pem"\n', "backend.client_key",
          "go together"),
         ('[backend]\nclient_key = "tls/key.pem"\n', "backend.client_certificate",

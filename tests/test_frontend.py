@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
+from typing import Any
 
 import pytest
 from helpers import DOVECOT_GREETING, FakeEndpoint, Harness
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 
 from imapproxy.config import AuthConfig, Limits, SharedConfig, Timeouts
@@ -589,6 +593,166 @@ def test_managesieve_offers_the_auth_mechanisms_and_relays_a_token_refusal() -> 
     lines = [formatEvent(e) for e in events]
     assert any("user=<alice> reason=TokenRefused" in line for line in lines), lines
     assert not [line for line in lines if "ya29" in line or message.decode() in line]
+
+
+def test_a_login_walks_a_short_one_way_path() -> None:
+    """Issue 14: from the client's bytes to the backend's LOGIN, no call chain is deeper
+    than about 12 of our functions, and none re-enters a module it has left (an object's
+    inherited methods count as its own class's: a session's base in prelogin.py)."""
+    import sys
+
+    deepest: list[str] = []
+    reentered: list[list[str]] = []
+    stack: list[tuple[str, str, object]] = []
+
+    def owner(frame: Any) -> str:
+        self = frame.f_locals.get("self")
+        if self is not None and type(self).__module__.startswith("imapproxy."):
+            return type(self).__module__
+        return frame.f_globals.get("__name__", "")
+
+    def profile(frame: Any, event: str, _arg: object) -> None:
+        if event == "call" and frame.f_globals.get("__name__", "").startswith("imapproxy."):
+            stack.append((owner(frame), frame.f_code.co_qualname, frame))
+            runs = [m for i, (m, _, _) in enumerate(stack) if i == 0 or stack[i - 1][0] != m]
+            if len(runs) != len(set(runs)):
+                reentered.append([f"{m}.{f}" for m, f, _ in stack])
+            if len(stack) > len(deepest):
+                deepest[:] = [f"{m}.{f}" for m, f, _ in stack]
+        elif event == "return" and stack and stack[-1][2] is frame:
+            stack.pop()
+
+    h = Harness()
+    client, _transport = h.connect_client()
+    sys.setprofile(profile)
+    try:
+        client.dataReceived(b"a1 LOGIN alice secret\r\n")
+        backend = h.backends[-1]
+        backend.dataReceived(DOVECOT_GREETING)
+    finally:
+        sys.setprofile(None)
+    assert b"P3 LOGIN \"alice\" \"secret\"\r\n" in backend.transport.value()
+    assert 3 <= len(deepest) <= 12, deepest
+    assert reentered == [], reentered[:3]
+
+
+# -- admission pacing: a storm at the rate the backends take (pacing.py) -----------------------
+
+
+def pacing(**limits: object) -> Harness:
+    """A harness pacing logins; the penalty lets a storm from one address through."""
+    return Harness(limits=Limits(max_parallel_logins_per_ip=1000, **limits))  # type: ignore[arg-type]
+
+
+def test_a_storm_is_dialled_at_the_rate_the_rest_wait_or_are_told_to_come_back() -> None:
+    h = pacing(max_login_rate=2.0, max_login_queue=2)
+    clients = [h.connect_client() for _ in range(5)]
+    for i, (client, transport) in enumerate(clients):
+        transport.clear()
+        client.dataReceived(b"a%d LOGIN user%d secret\r\n" % (i, i))
+    assert len(h.backends) == 2, "one second's worth at once"
+    assert h.shared.pacer.waiting == 2
+    # The fifth is refused at once, unchecked, and may try again on the same connection.
+    assert clients[4][1].value() == (
+        b"a4 NO [UNAVAILABLE] Too many logins at once, try again later\r\n")
+    assert [t.value() for _c, t in clients[2:4]] == [b"", b""]
+    h.reactor.advance(0.5)
+    assert len(h.backends) == 3
+    h.reactor.advance(0.5)
+    assert len(h.backends) == 4 and h.shared.pacer.waiting == 0
+    for backend in h.backends:
+        backend.dataReceived(DOVECOT_GREETING + b"P3 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    assert all(t.value().startswith(b"a%d OK" % i) for i, (_c, t) in enumerate(clients[:4]))
+
+
+def test_pop3_and_managesieve_say_come_back_later_in_their_own_words() -> None:
+    for protocol, command, refusal in (
+            ("pop3", b"USER alice\r\nPASS secret\r\n",
+             b"-ERR [SYS/TEMP] Too many logins at once, try again later\r\n"),
+            ("managesieve",
+             b'AUTHENTICATE "PLAIN" "' + base64.b64encode(b"\0alice\0secret") + b'"\r\n',
+             b'NO (TRYLATER) "Too many logins at once, try again later"\r\n')):
+        h = Harness(protocol=protocol, routes="* 10.0.0.1\n",
+                    limits=Limits(max_login_rate=1.0, max_login_queue=1))
+        for _ in range(2):
+            client, _transport = h.connect_client()
+            client.dataReceived(command)
+        client, transport = h.connect_client()
+        transport.clear()
+        client.dataReceived(command)
+        assert transport.value().endswith(refusal), protocol
+
+
+def test_a_client_gone_while_queued_leaves_the_line_and_gives_its_penalty_slot_back() -> None:
+    h = Harness(limits=Limits(max_login_rate=1.0, max_login_queue=5,
+                              max_parallel_logins_per_ip=1))
+    first, _ = h.connect_client()
+    first.dataReceived(b"a1 LOGIN alice secret\r\n")  # the one turn of the bucket
+    h.backends[-1].dataReceived(DOVECOT_GREETING
+                                + b"P3 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    waiting, _ = h.connect_client()
+    waiting.dataReceived(b"a1 LOGIN bob secret\r\n")  # admitted by the penalty, then queued
+    behind, _ = h.connect_client()
+    behind.dataReceived(b"a1 LOGIN carol secret\r\n")  # waits for the address's one slot
+    gate = h.shared.penalty.penalty
+    assert (h.shared.pacer.waiting, gate.waiting) == (1, 1)
+    waiting.connectionLost()
+    # Its place in the line at once, and the penalty admission it held (finished as
+    # nothing learnt): the next login from the address is admitted, and queues in turn.
+    assert (h.shared.pacer.waiting, gate.waiting) == (1, 0)
+    assert gate.failures("192.0.2.7", "bob") == (0, 0)
+    h.reactor.advance(1.0)
+    assert h.shared.pacer.waiting == 0 and len(h.backends) == 2
+
+
+def test_a_queued_login_whose_preauth_time_runs_out_leaves_the_line_at_once() -> None:
+    """The pre-login timeout bounds the wait: BYE, and out of the line when it is said,
+    not when the client has read it and gone (it may never)."""
+    h = pacing(max_login_rate=0.1, max_login_queue=5, preauth_timeout=5.0)
+    first, _ = h.connect_client()
+    first.dataReceived(b"a1 LOGIN alice secret\r\n")
+    protocol = h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 40001))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 40001))
+    protocol.makeConnection(transport)  # a transport that never reports the close
+    protocol.dataReceived(b"a1 LOGIN bob secret\r\n")
+    assert h.shared.pacer.waiting == 1
+    h.reactor.advance(5.0)
+    assert transport.value().endswith(b"* BYE Autologout; idle for too long\r\n")
+    assert h.shared.pacer.waiting == 0
+    assert h.shared.penalty.penalty.waiting == 0
+    h.reactor.advance(10.0)
+    assert len(h.backends) == 1, "nobody was dialled for it"
+
+
+def test_a_drain_sends_queued_logins_away_and_empties_the_line() -> None:
+    h = pacing(max_login_rate=1.0, max_login_queue=5)
+    first, _ = h.connect_client()
+    first.dataReceived(b"a1 LOGIN alice secret\r\n")
+    queued = [h.connect_client() for _ in range(3)]
+    for client, _transport in queued:
+        client.dataReceived(b"a1 LOGIN bob secret\r\n")
+    assert h.shared.pacer.waiting == 3
+    h.registry.drain(timeout=30)
+    assert h.shared.pacer.waiting == 0
+    assert all(b"* BYE [UNAVAILABLE]" in t.value() for _c, t in queued)
+    h.reactor.advance(10.0)
+    assert len(h.backends) == 1
+
+
+def test_the_refusal_and_the_wait_are_logged_like_the_other_limits() -> None:
+    h = pacing(max_login_rate=1.0, max_login_queue=1)
+    with capturedLogs() as events:
+        for user in (b"alice", b"bob", b"carol"):
+            client, _ = h.connect_client()
+            client.dataReceived(b"a1 LOGIN " + user + b" secret\r\n")
+        h.reactor.advance(1.0)
+    lines = [formatEvent(e) for e in events]
+    assert [re.sub(r"id=\d+", "id=N", line) for line in lines if "carol" in line] == [
+        "login refused id=N client=192.0.2.7 user=<carol> "
+        "reason=too many logins waiting for their turn"]
+    assert [re.sub(r"id=\d+", "id=N", line) for line in lines
+            if line.startswith("login paced")] == [
+        "login paced id=N client=192.0.2.7 user=<bob> waited=1.000s"]
 
 
 # -- the session counted on every instance ([shared], redisstate.py) -----------------------

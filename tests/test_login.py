@@ -24,12 +24,14 @@ from imapproxy.actions import (
     CountBackendFailure,
     CountLogin,
     CountRefusal,
+    CountTurn,
     Dial,
     FinishPenalty,
     LogInAtBackend,
     LoginLog,
     Lookup,
     WaitForPenalty,
+    WaitForTurn,
 )
 from imapproxy.breaker import CircuitBreaker
 from imapproxy.config import (
@@ -52,6 +54,7 @@ from imapproxy.errors import (
     DirectoryUnavailable,
     InvalidUsername,
     LoginDropped,
+    LoginQueueFull,
     LoginsRefused,
     ProxyError,
     RoutingLoop,
@@ -181,6 +184,9 @@ class World:
     check_time: float = 0.0
     waited: float = 0.0
     penalty_refusal: str | None = None
+    #: the answer to WaitForTurn: seconds waited (the clock moves by it), None (pacing
+    #: off), or "full" (LoginQueueFull)
+    turn: float | str | None = None
     ticket: Any = None
     #: what the shared session count answers (ClaimSession)
     shared_refusal: Refusal | None = None
@@ -205,7 +211,8 @@ class World:
         flow = login.login(client, credentials,
                            client_id, config=self.config, breaker=self.breaker, keys=self.keys,
                            clock=self.clock, ticket=self.ticket)
-        return drive(flow, {WaitForPenalty: self.wait, FinishPenalty: self.finish,
+        return drive(flow, {WaitForPenalty: self.wait, WaitForTurn: self.take_turn,
+                            FinishPenalty: self.finish,
                             Lookup: self.lookup, Dial: self.dial,
                             LogInAtBackend: self.log_in, CloseBackend: self.close,
                             ClaimSession: lambda _step: self.shared_refusal})
@@ -216,6 +223,14 @@ class World:
         self.clock.advance(self.waited)
         self.attempts += 1
         return Admission(self.gate, self.attempts, self.waited)
+
+    def take_turn(self, step: WaitForTurn) -> float | None:
+        if self.turn == "full":
+            raise LoginQueueFull()
+        assert not isinstance(self.turn, str)
+        if self.turn is not None:
+            self.clock.advance(self.turn)
+        return self.turn
 
     def finish(self, step: FinishPenalty) -> None:
         step.admission.finish(step.outcome, step.fingerprint)  # type: ignore[attr-defined]
@@ -255,7 +270,7 @@ def dialled(run: Run) -> list[tuple[str, int]]:
 def test_a_login_waits_for_the_penalty_then_looks_up_dials_and_logs_in() -> None:
     world = World()
     run = world.run()
-    assert run.kinds == ["WaitForPenalty", "Lookup", "Dial", "LogInAtBackend",
+    assert run.kinds == ["WaitForPenalty", "WaitForTurn", "Lookup", "Dial", "LogInAtBackend",
                          "FinishPenalty", "LoginLog", "CountLogin"]
     wait = run.actions[0]
     assert wait == WaitForPenalty("192.0.2.7", world.keys.user_key("alice"))
@@ -307,6 +322,65 @@ def test_a_wait_of_a_millisecond_or_more_is_logged(waited: float, logged: str | 
     assert isinstance(run.result, login.LoggedIn)
 
 
+# -- its turn: admission pacing, after the penalty and before the lookup ------------------
+
+
+def test_the_turn_comes_after_the_penalty_and_before_anything_costs() -> None:
+    world = World(waited=1.0, turn=0.0)
+    run = world.run()
+    assert run.kinds == ["WaitForPenalty", "LoginLog", "WaitForTurn", "CountTurn", "Lookup",
+                         "Dial", "LogInAtBackend", "FinishPenalty", "LoginLog", "CountLogin"]
+    assert run.of(CountTurn) == [CountTurn(0.0)]
+    assert not [log for log in run.logs if log.text.startswith("login paced")]
+    assert isinstance(run.result, login.LoggedIn)
+
+
+@pytest.mark.parametrize(("waited", "logged"), [
+    (0.0009, None), (0.001, "waited=0.001s"), (12.5, "waited=12.500s")])
+def test_a_turn_waited_for_is_counted_and_logged_from_a_millisecond(
+        waited: float, logged: str | None) -> None:
+    run = World(turn=waited).run()
+    assert run.of(CountTurn) == [CountTurn(waited)]
+    paced = [log for log in run.logs if log.text.startswith("login paced")]
+    if logged is None:
+        assert paced == []
+    else:
+        assert [log.text for log in paced] == [
+            f"login paced id=7 client=192.0.2.7 user=<alice> {logged}"]
+        assert ("waited", waited) in paced[0].fields
+        assert run.kinds.index("LoginLog") < run.kinds.index("Lookup")
+
+
+def test_with_pacing_off_nothing_is_counted() -> None:
+    run = World(turn=None).run()
+    assert "WaitForTurn" in run.kinds and run.of(CountTurn) == []
+
+
+def test_a_full_queue_refuses_before_the_lookup_and_gives_the_admission_back() -> None:
+    world = World(turn="full")
+    run = world.run()
+    assert run.kinds == ["WaitForPenalty", "WaitForTurn", "FinishPenalty", "LoginLog",
+                         "CountRefusal"]
+    assert isinstance(run.result, login.Refused) and run.result.delay == 0.0
+    error = run.result.error
+    assert isinstance(error, LoginQueueFull) and isinstance(error, TooManyConnections)
+    assert (error.imap_code, error.pop3_code, error.sieve_code) == (
+        "UNAVAILABLE", "SYS/TEMP", "TRYLATER")
+    # Nothing was checked: the penalty learns nothing from it.
+    assert world.gate.finished == [(1, Outcome.NEUTRAL, b"")]
+    assert [log.text for log in run.logs] == [
+        "login refused id=7 client=192.0.2.7 user=<alice> "
+        "reason=too many logins waiting for their turn"]
+    assert run.of(CountRefusal) == [CountRefusal("login_queue")]
+
+
+def test_a_failed_guess_is_answered_login_delay_after_its_turn_not_after_the_penalty() -> None:
+    """The check begins when the turn comes: a wait in the queue does not make an
+    unknown user's answer come sooner than a wrong password's."""
+    run = World(lookup_error=UserNotFound(), turn=5.0).run()
+    assert isinstance(run.result, login.Refused) and run.result.delay == 2.0
+
+
 # -- names refused before the lookup --------------------------------------------------------
 
 
@@ -320,7 +394,7 @@ def test_a_wait_of_a_millisecond_or_more_is_logged(waited: float, logged: str | 
 def test_a_bad_name_is_a_failed_guess_without_a_lookup(username: str, problem: str) -> None:
     world = World()
     run = world.run(username)
-    assert run.kinds == ["WaitForPenalty", "FinishPenalty", "LoginLog", "CountLogin"]
+    assert run.kinds == ["WaitForPenalty", "WaitForTurn", "FinishPenalty", "LoginLog", "CountLogin"]
     assert isinstance(run.result, login.Refused)
     assert isinstance(run.result.error, InvalidUsername)
     # InvalidUsername is an AuthenticationFailed: "answered like a wrong password" (its
@@ -372,7 +446,8 @@ def test_a_slow_check_is_answered_at_once_never_with_a_negative_delay() -> None:
 def test_an_unknown_user_takes_as_long_as_a_wrong_password() -> None:
     world = World(lookup_error=UserNotFound())
     run = world.run()
-    assert run.kinds == ["WaitForPenalty", "Lookup", "FinishPenalty", "LoginLog", "CountLogin"]
+    assert run.kinds == ["WaitForPenalty", "WaitForTurn", "Lookup", "FinishPenalty", "LoginLog",
+                         "CountLogin"]
     assert isinstance(run.result, login.Refused) and run.result.delay == 2.0
     assert run.of(FinishPenalty)[0].outcome is Outcome.FAILURE
 
@@ -485,7 +560,7 @@ def test_a_connection_that_comes_back_to_us_is_aborted_before_the_credentials(
     world = World(config=make_config(listeners=(listener,)),
                   servers=(Server("mail.example.net", 1143),), peers={"mail.example.net": peer})
     run = world.run()
-    assert run.kinds[:4] == ["WaitForPenalty", "Lookup", "Dial", "CloseBackend"]
+    assert run.kinds[:5] == ["WaitForPenalty", "WaitForTurn", "Lookup", "Dial", "CloseBackend"]
     closed = run.of(CloseBackend)
     assert len(closed) == 1 and closed[0].abort is True and closed[0].backend.closed is True
     assert run.of(LogInAtBackend) == []  # not a byte of the credentials went out
@@ -524,8 +599,8 @@ def test_a_user_over_its_connection_limit_is_refused_and_its_backend_closed() ->
     assert isinstance(first, Ticket) and first.login("alice") is None
     world = World(ticket=limiter.admit("192.0.2.7"))
     run = world.run()
-    assert run.kinds == ["WaitForPenalty", "Lookup", "Dial", "LogInAtBackend", "FinishPenalty",
-                         "LoginLog", "CountRefusal", "CloseBackend"]
+    assert run.kinds == ["WaitForPenalty", "WaitForTurn", "Lookup", "Dial", "LogInAtBackend",
+                         "FinishPenalty", "LoginLog", "CountRefusal", "CloseBackend"]
     # The password was right: the penalty learns a success, whatever the limit says.
     assert world.gate.finished == [(1, Outcome.SUCCESS, b"")]
     assert run.logs[0].text == ("login refused id=7 client=192.0.2.7 user=<alice> "
@@ -633,6 +708,8 @@ def every_path() -> list[Run]:
         World().run(),
         World(waited=3.0).run(),
         World(penalty_refusal="queue full").run(),
+        World(turn=2.0).run(),
+        World(turn="full").run(),
         World().run("al\nice"),
         World(lookup_error=UserNotFound()).run(),
         World(lookup_error=DirectoryUnavailable()).run(),

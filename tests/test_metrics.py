@@ -141,6 +141,34 @@ def test_operators_metrics_process_build_draining_certificates_refusals() -> Non
                  certificate="mail.example.org") == -60.0
 
 
+def test_admission_pacing_the_queue_the_waits_and_the_refusals() -> None:
+    """Issue 17: logins waiting for their turn (read at scrape time), those that waited,
+    how long, and those refused because the queue was full."""
+    h = Harness(limits=Limits(max_login_rate=1.0, max_login_queue=2,
+                              max_parallel_logins_per_ip=100),
+                make_metrics=lambda h: Metrics(lambda: h.registry.sessions,
+                                               login_queue=lambda: h.shared.pacer.waiting))
+    metrics = h.metrics
+    assert isinstance(metrics, Metrics)
+    for user in (b"u1", b"u2", b"u3", b"u4"):
+        client, _ = h.connect_client()
+        client.dataReceived(b"a LOGIN " + user + b" secret\r\n")
+    assert value(metrics, "imapproxy_logins_waiting") == 2
+    assert value(metrics, "imapproxy_refused_total", limit="login_queue") == 1
+    assert value(metrics, "imapproxy_login_wait_seconds_count") == 1  # u1, at once
+    assert value(metrics, "imapproxy_logins_paced_total") == 0
+    h.reactor.pump([1.0, 1.0])  # the timer fires at each turn, as a live reactor's does
+    assert value(metrics, "imapproxy_logins_waiting") == 0
+    assert value(metrics, "imapproxy_logins_paced_total") == 2
+    assert value(metrics, "imapproxy_login_wait_seconds_count") == 3
+    assert value(metrics, "imapproxy_login_wait_seconds_sum") == 3.0  # waited 1 s and 2 s
+    assert value(metrics, "imapproxy_login_wait_seconds_bucket", le="1.0") == 2
+    # Pacing off: nothing observed, the gauge reads 0 (and a Metrics without the gauge
+    # source reads 0 too).
+    assert value(Metrics(), "imapproxy_logins_waiting") == 0
+    NULL_METRICS.login_turn(1.0)
+
+
 def test_tls_failures_before_login_only() -> None:
     h, metrics = instrumented()
     client, _ = h.connect_client()

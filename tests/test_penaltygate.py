@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
@@ -20,7 +21,7 @@ from imapproxy.penaltygate import (
     _GateServerService,
     process_gate,
 )
-from imapproxy.sharedstate import PenaltySettings, Verdict
+from imapproxy.sharedstate import BUSY, PenaltySettings, Verdict
 
 
 def gate(**kwargs: object) -> tuple[LocalGate, MemoryReactorClock]:
@@ -143,16 +144,19 @@ def test_the_shared_turn_is_waited_for_then_the_local_gate() -> None:
     answer.callback(Verdict(False, 1, 1, 2.5, 2))
     assert not entered.called and local.penalty.waiting == 0, "waits before the local gate"
     # At its turn it asks whether it may start: an earlier check still runs (START
-    # says: again in 0.2 s); then the penalty since that one's end (1.5 s more).
-    state.waits = [0.2, 1.5]
+    # says so twice: asked again 0.1 s later, then 0.2 s); then the penalty since that
+    # one's end (1.5 s more).
+    state.waits = [BUSY, BUSY, 1.5]
     clock.advance(2.5)
     assert state.started == [token] and not entered.called
-    clock.advance(0.2)
+    clock.advance(0.1)
     assert state.started == [token] * 2 and not entered.called
+    clock.advance(0.2)
+    assert state.started == [token] * 3 and not entered.called
     clock.advance(1.5)
-    assert state.started == [token] * 3
+    assert state.started == [token] * 4
     admission = entered.result
-    assert admission.waited == 4.2
+    assert admission.waited == pytest.approx(4.3)
     admission.finish(Outcome.FAILURE, g.fingerprint("alice", b"guess"))
     assert state.finished == [("192.0.2.7", ukey, token, "failure",
                                g.fingerprint("alice", b"guess"))]

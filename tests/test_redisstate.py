@@ -26,7 +26,7 @@ from imapproxy.metrics import Metrics
 from imapproxy.penalty import Refused, fingerprint, user_key
 from imapproxy.redisstate import RedisState
 from imapproxy.redisurl import parse_redis_url
-from imapproxy.sharedstate import LEASE, POLL, PenaltySettings, Verdict
+from imapproxy.sharedstate import BUSY, LEASE, PenaltySettings, Verdict
 
 SETTINGS = PenaltySettings(base=2.0, cap=15.0, memory=900.0, known_memory=86400.0)
 ADDRESS, OTHER = "192.0.2.7", "198.51.100.9"
@@ -172,7 +172,7 @@ async def test_one_check_at_a_time_each_the_penalty_after_the_last_one_ended(
     clock.now = t0 + 2
     assert await a.start(ADDRESS, erin, "ta") == 0.0, "its turn: it starts"
     clock.now = t0 + 4
-    assert await b.start(ADDRESS, erin, "tb") == POLL, "A's check has not ended"
+    assert await b.start(ADDRESS, erin, "tb") == BUSY, "A's check has not ended"
     clock.now = t0 + 4.5  # A's check ends: a second failure, 4 s from now
     await a.finish(ADDRESS, erin, "ta", "failure", b"\x02" * 16, SETTINGS)
     clock.now = t0 + 4.6

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from helpers import Harness
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 
 def test_drain_with_no_sessions_fires_at_once() -> None:
@@ -22,6 +24,23 @@ def test_drain_fires_when_the_last_session_goes() -> None:
     # The drain also waits for the backend to answer our LOGOUT and close.
     assert not drained.called and backend in h.registry.closing
     backend.connectionLost()
+    assert drained.called
+
+
+def test_drain_does_not_wait_for_a_backend_gone_before_its_client() -> None:
+    """The backend may answer our LOGOUT and close while the BYE to the client is still
+    being flushed: the drain must not wait for that backend then (it once held a SIGTERM
+    up for the whole [timeouts] drain, 30 s)."""
+    h = Harness()
+    client, transport, backend = h.logged_in_client(lost_at_once=False)
+    drained = h.registry.drain(timeout=30)
+    assert backend.transport.value().endswith(b"PXYDRAIN LOGOUT\r\n")
+    assert transport.disconnecting and client in h.registry.sessions  # BYE being flushed
+    backend.dataReceived(b"* BYE Logging out\r\nPXYDRAIN OK Logout completed.\r\n")
+    backend.connectionLost()
+    assert not drained.called  # the client's connection is still there
+    client.connectionLost(Failure(ConnectionDone()))
+    assert client not in h.registry.sessions and backend not in h.registry.closing
     assert drained.called
 
 

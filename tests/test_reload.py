@@ -221,6 +221,33 @@ def test_the_shared_section_applies_on_reload(tmp_path: Path) -> None:
     assert str(shared.url) == "redis://127.0.0.1:6390/1" and shared.timeout == 0.5
 
 
+def test_a_new_login_rate_applies_to_the_logins_already_waiting(tmp_path: Path) -> None:
+    """Issue 17: the pacer is shared (it holds the line); a reload reconfigures it."""
+    rig = Rig(tmp_path)
+    shared = rig.h.runtime.shared
+    path = tmp_path / "imapproxy.toml"
+    base = path.read_text()
+    path.write_text(base + "\n[limits]\nmax_login_rate = 1\nmax_login_queue = 10\n"
+                    "max_parallel_logins_per_ip = 100\n")
+    assert rig.reloader.reload()
+    assert (shared.pacer.pacer.rate, shared.pacer.pacer.max_waiting) == (1.0, 10)
+    for i in range(6):
+        client, _ = rig.h.connect_client()
+        client.dataReceived(b"a LOGIN user%d secret\r\n" % i)
+    assert len(rig.h.backends) == 1 and shared.pacer.waiting == 5
+    path.write_text(base + "\n[limits]\nmax_login_rate = 3\n"
+                    "max_parallel_logins_per_ip = 100\n")
+    assert rig.reloader.reload()
+    # A bucket of 3, less the one login still taken: two go at once, the rest at 3/s.
+    assert len(rig.h.backends) == 3 and shared.pacer.waiting == 3
+    assert shared.pacer.pacer.max_waiting == 90  # automatic: 3/s for half of 60 s
+    rig.h.reactor.advance(1.0)
+    assert len(rig.h.backends) == 6 and shared.pacer.waiting == 0
+    path.write_text(base)
+    assert rig.reloader.reload()
+    assert shared.pacer.pacer.rate == 0.0
+
+
 def test_tls_reload_failure_refuses_everything(tmp_path: Path) -> None:
     class ServerTLS:
         def reload(self, tls: Any) -> None:

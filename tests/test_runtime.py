@@ -38,6 +38,7 @@ from imapproxy.frontend import ProxyFactory
 from imapproxy.ldapdirectory import LdapDirectory
 from imapproxy.limits import ConnectionLimiter, Ticket
 from imapproxy.metrics import NULL_METRICS, Metrics, NullMetrics
+from imapproxy.pacinggate import PacingGate
 from imapproxy.penalty import Penalty
 from imapproxy.penaltygate import LocalGate
 from imapproxy.redisurl import parse_redis_url
@@ -70,7 +71,8 @@ def make_shared(config: Config, reactor: MemoryReactorClock | None = None, *,
     reactor = reactor if reactor is not None else MemoryReactorClock()
     return Shared(reactor, SessionRegistry(reactor), ConnectionLimiter.from_limits(config.limits),
                   LocalGate(Penalty.from_limits(config.limits, reactor.seconds), reactor),
-                  CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls)
+                  CircuitBreaker(reactor, config.backend.down_cooldown), metrics, client_tls,
+                  PacingGate.from_limits(config.limits, reactor))
 
 
 # -- build ----------------------------------------------------------------------------------
@@ -273,10 +275,12 @@ def test_reconfigure_applies_the_new_limits_and_keeps_the_counts(tmp_path: Path)
     first = shared.limiter.admit("192.0.2.7")
     assert isinstance(first, Ticket)
     shared.breaker.mark_failed(Server("10.0.0.1"))
+    assert shared.pacer.enter() is None  # no pacing
     new = make_config(tmp_path, limits=Limits(max_connections_per_ip=1, login_delay=4.0,
-                                              login_delay_max=8.0),
+                                              login_delay_max=8.0, max_login_rate=50.0),
                       backend=BackendConfig(down_cooldown=5.0))
     shared.reconfigure(new)
+    assert shared.pacer.pacer.rate == 50.0 and shared.pacer.enter() == 0.0
     # The connection already in still counts, against the new, lower limit.
     assert shared.limiter.connections_from("192.0.2.7") == 1
     assert not isinstance(shared.limiter.admit("192.0.2.7"), Ticket)

@@ -111,3 +111,46 @@ def test_the_shared_state_is_in_the_tree(tmp_path: Path) -> None:
     # Without [shared] it is there, off, for a reload to turn on.
     plain = build_service(load(config_file(tmp_path)), MemoryReactorClock())
     assert not plain.current.runtime.shared.state.enabled
+
+
+def _readyz(reactor: MemoryReactorClock) -> int:
+    """GET /readyz on the metrics site the tree listens with (port 9143 + worker 0)."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    site = next(factory for port, factory, _, _ in reactor.tcpServers if port == 9143)
+    request = DummyRequest([b"readyz"])
+    request.path = b"/readyz"
+    site.resource.render(request)
+    return request.responseCode or 200
+
+
+def test_sigterm_with_a_drain_notice_says_503_first_and_drains_after(tmp_path: Path) -> None:
+    path = config_file(tmp_path)
+    path.write_text(path.read_text() + "\n[timeouts]\ndrain_notice = 2.5\n")
+    reactor = MemoryReactorClock()
+    top = build_service(load(path), reactor)
+    registry = top.current.runtime.registry
+    top.privilegedStartService()
+    top.startService()
+    assert _readyz(reactor) == 200
+    stopped = top.stopService()
+    # The notice: not ready, but nothing is drained or stopped yet; new sessions are served.
+    assert registry.leaving and not registry.draining and not stopped.called
+    assert _readyz(reactor) == 503
+    assert all(listener.running for listener in top if hasattr(listener, "endpoint"))
+    reactor.advance(2.4)
+    assert not registry.draining and not stopped.called
+    reactor.advance(0.2)
+    # Then the tree stops as without a notice: the drain (nothing to drain here) is done.
+    assert registry.draining and registry.stopping
+    assert stopped.called
+
+
+def test_sigterm_without_a_drain_notice_drains_at_once(tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    top = build_service(load(config_file(tmp_path)), reactor)
+    top.privilegedStartService()
+    top.startService()
+    stopped = top.stopService()
+    assert top.current.runtime.registry.draining and not top.current.runtime.registry.leaving
+    assert stopped.called

@@ -57,7 +57,7 @@ def test_enter_and_finish_calls() -> None:
     assert "abcd" not in repr(done), "fingerprints stay out of reprs"
     start = sharedstate.start(NAMES, "192.0.2.7", UKEY, "tok", now=3.0)
     assert start.keys == call.keys
-    assert start.args == ("tok", "3.0", sharedstate.LEASE, sharedstate.POLL)
+    assert start.args == ("tok", "3.0", sharedstate.LEASE)
     assert sharedstate.leave(NAMES, "192.0.2.7", UKEY, "tok").keys == (
         NAMES.address("192.0.2.7")[1], NAMES.user(UKEY)[1])
 
@@ -109,6 +109,7 @@ def test_parse_start() -> None:
     assert sharedstate.parse_start(b"0.000000") == 0.0
     assert sharedstate.parse_start(b"1.250000") == 1.25
     assert sharedstate.parse_start(b"-0.000001") == 0.0
+    assert sharedstate.parse_start(b"busy") == sharedstate.BUSY
     for bad in (b"soon", None, [b"1"]):
         with pytest.raises(BadAnswer):
             sharedstate.parse_start(bad)

@@ -32,9 +32,9 @@ def test_the_policy_modules_are_sans_io_and_the_adapters_are_not() -> None:
     pure = set(_typecheck().sans_io_modules())
     for name in ("login", "relaysession", "imap", "pop3", "imapwire", "pop3wire", "tracker",
                  "pop3tracker", "penalty", "proxyprotocol", "imapbackend", "pop3backend",
-                 "prelogin", "config", "ldapentry", "routecache", "ldapsearch"):
+                 "prelogin", "config", "ldapentry", "routecache", "ldapsearch", "pacing"):
         assert f"imapproxy/{name}.py" in pure, name
-    for name in ("frontend", "backendconn", "relay", "service", "runtime"):
+    for name in ("frontend", "backendconn", "relay", "service", "runtime", "pacinggate"):
         assert f"imapproxy/{name}.py" not in pure, name
 
 

@@ -18,8 +18,8 @@ def _user(mail_users, name):
     return next(u for u in mail_users if u.name == name)
 
 
-def _idle(port: int, user) -> RawImap:
-    raw = RawImap(HOST, port)
+def _idle(port: int, user, timeout: float = 10.0) -> RawImap:
+    raw = RawImap(HOST, port, timeout=timeout)
     assert raw.command(b"l", b"LOGIN " + user.name.encode() + b" " + user.password.encode()
                        )[-1].startswith(b"l OK")
     assert raw.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
@@ -33,7 +33,9 @@ def test_backend_killed_mid_idle_gives_bye(dovecot_factory, start_proxy, mail_us
     port = free_port()
     proxy = start_proxy(imap_config(port), [port],
                         {"users.map": f"*  127.0.0.1:{store.imap_port}\n"})
-    raw = _idle(proxy.port, _user(mail_users, "erin"))
+    # Dovecot, stopping, gives its IDLE sessions up to 10 s before it closes them: the
+    # client waits longer than that for the BYE.
+    raw = _idle(proxy.port, _user(mail_users, "erin"), timeout=30.0)
     store.stop()
     # Dovecot may flush an IDLE keepalive ("* OK Still here") as it shuts down;
     # untagged OK lines are relayed as they come, the BYE must follow them.

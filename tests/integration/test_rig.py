@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from rig.certs import TestCA
 from rig.dovecot import Dovecot, MailUser
 from rig.ports import free_port, free_port_pair
-from rig.slapd import Slapd
+from rig.slapd import ReplicatedSlapd, Slapd, absent, has
 
 MESSAGE = b"From: rig@example.org\r\nTo: you@example.org\r\nSubject: rig test\r\n\r\nhello\r\n"
 
@@ -401,6 +401,67 @@ def test_slapd_restart_keeps_data(slapd_factory: Callable[..., Slapd]) -> None:
     connection = ldap3.Connection(ldap3.Server(server.uri), auto_bind=True)
     assert connection.search(server.base, "(mail=yves@example.org)")
     connection.unbind()
+
+
+# -- slapd replication (syncrepl, RFC 4533) ------------------------------------------
+
+
+def test_consumer_follows_adds_modifies_and_deletes(
+        replicated_slapd: ReplicatedSlapd) -> None:
+    pair = replicated_slapd
+    pair.add_user("xavier", mail="xavier@example.org", mail_host="127.0.0.1",
+                  imap_port=1143)  # returns once the consumer has it
+    found = pair.consumer.user("xavier")
+    assert found is not None and found["mail"] == ["xavier@example.org"]
+    assert found["mailImapPort"] == ["1143"]
+
+    pair.modify_user("xavier", mail_host="store2.example.org", imap_port=2143,
+                     pop3_port=2110)
+    pair.wait_replicated("xavier", has(mailHost="store2.example.org", mailImapPort=2143,
+                                       mailPop3Port=2110))
+    pair.modify_user("xavier", pop3_port=None)
+    pair.wait_replicated("xavier", has(mailPop3Port=None, mailImapPort=2143))
+    assert pair.provider.user("xavier") == pair.consumer.user("xavier")
+
+    pair.delete_user("xavier")
+    assert pair.wait_replicated("xavier", absent) is None
+    with pytest.raises(RuntimeError, match="did not reach the expected state"):
+        pair.wait_replicated("xavier", has(mail="x"), timeout=0.2)
+
+
+def test_consumer_takes_no_writes(replicated_slapd: ReplicatedSlapd) -> None:
+    pair = replicated_slapd
+    pair.add_user("yolanda", mail_host="127.0.0.1")
+    with pytest.raises(RuntimeError, match="read-only consumer"):
+        pair.consumer.add_user("zoe")
+    # Not as its rootdn either: a consumer has no rootpw, so nothing drifts.
+    with pytest.raises(ldap3.core.exceptions.LDAPBindError):
+        ldap3.Connection(ldap3.Server(pair.consumer.uri), user=pair.consumer.admin_dn,
+                         password=pair.consumer.admin_password, auto_bind=True)
+    anonymous = ldap3.Connection(ldap3.Server(pair.consumer.uri), auto_bind=True)
+    assert not anonymous.modify(pair.consumer.dn("yolanda"),
+                                {"mailHost": [(ldap3.MODIFY_REPLACE, ["elsewhere"])]})
+    anonymous.unbind()
+    assert pair.consumer.user("yolanda") == pair.provider.user("yolanda")
+    with pytest.raises(ValueError, match="no provider"):
+        Slapd(pair.consumer.workdir.parent / "third", provider=pair.consumer)
+
+
+def test_consumer_serves_while_the_provider_is_away_and_catches_up(
+        replicated_slapd: ReplicatedSlapd) -> None:
+    pair = replicated_slapd
+    pair.add_user("walter", mail_host="127.0.0.1", imap_port=1)
+    for port, away, back in ((2, pair.provider.stop, pair.provider.start),
+                             (3, pair.provider.kill, pair.provider.start),
+                             (4, pair.provider.pause, pair.provider.resume)):
+        away()
+        # The replica answers on its own, with what it had.
+        found = pair.consumer.user("walter")
+        assert found is not None and found["mailImapPort"] == [str(port - 1)]
+        back()
+        # syncrepl reconnects (retry every SYNC_RETRY s) and gets the change.
+        pair.modify_user("walter", imap_port=port)
+        pair.wait_replicated("walter", has(mailImapPort=port))
 
 
 def test_shared_files_leave_a_private_parent(tmp_path: Path, mail_users: list[MailUser]) -> None:

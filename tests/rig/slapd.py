@@ -9,17 +9,28 @@ misc.schema's inetLocalMailRecipient (``mailHost``) plus our auxiliary
 
 Note: misc.schema declares ``mailHost`` SINGLE-VALUE, so slapd itself refuses an
 entry with two hosts (add_user raises RuntimeError naming the constraint).
+
+Replication (RFC 4533 syncrepl): ``Slapd(..., syncprov=True)`` is a provider (the
+syncprov overlay), ``Slapd(..., provider=that)`` a read-only consumer of it, and
+``ReplicatedSlapd`` starts such a pair. Why provider/consumer and not two providers
+in mirror mode: the proxy only reads, so a replica that takes no writes is all it
+needs, and it is the usual deployment (one writable master, read-only replicas near
+the readers); a change made on the provider reaching the proxy through the consumer
+is exactly the path a moved user takes in production. Mirror mode adds nothing the
+proxy can observe but a second write path to keep consistent.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote
 
 import ldap3
@@ -43,6 +54,15 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 #: Bytes of a Unix socket path (Linux's sun_path, less its terminating NUL).
 MAX_SOCKET_PATH = 107
+#: Seconds between a consumer's attempts to reach its provider again (syncrepl
+#: retry): short, so a restarted provider is caught up with at once.
+SYNC_RETRY = 1
+#: Seconds wait_for_user() polls by default: replication over loopback takes
+#: milliseconds, a retry after a provider restart up to SYNC_RETRY more.
+REPLICATION_TIMEOUT = 10.0
+
+#: A user entry as read back: attribute name -> values as text.
+Attributes = Mapping[str, Sequence[str]]
 
 
 class _Unchanged:
@@ -68,6 +88,15 @@ class Slapd:
 
     It also listens on ldapi:// (a Unix socket in ``workdir``) when the path is short
     enough for a socket address, and with ``ipv6`` on a free port of [::1] too.
+
+    With ``syncprov`` it is a syncrepl provider (RFC 4533): the syncprov overlay
+    serves its changes to consumers. With ``provider`` (a Slapd made with
+    ``syncprov``) it is a consumer of that one: it starts with an empty database,
+    fills it by a refreshAndPersist search of the whole suffix, bound as the
+    provider's admin, and follows every change from then on. It takes no writes: its
+    rootdn has no password, anonymous writes are refused, and a bound client's would
+    get a referral to the provider (``updateref``); admin_connection() raises.
+    start() of a new consumer returns once the base entry has arrived.
     """
 
     host = "127.0.0.1"
@@ -76,9 +105,16 @@ class Slapd:
     admin_dn = "cn=admin,dc=example,dc=org"
     admin_password = "admin-secret"
 
-    def __init__(self, workdir: Path, cert: CertPair | None = None, ipv6: bool = False) -> None:
+    def __init__(self, workdir: Path, cert: CertPair | None = None, ipv6: bool = False, *,
+                 syncprov: bool = False, provider: Slapd | None = None) -> None:
+        if provider is not None and not provider.syncprov:
+            raise ValueError(f"{provider!r} is no provider: make it with syncprov=True")
         self.workdir = Path(workdir).resolve()
         self.cert = cert
+        self.syncprov = syncprov
+        self.provider = provider
+        #: True while stopped with SIGSTOP (pause()): a hung server
+        self.paused = False
         self.port = free_port(self.host)
         self.ldaps_port: int | None = free_port(self.host) if cert else None
         self.ipv6_port: int | None = free_port("::1") if ipv6 else None
@@ -116,8 +152,46 @@ class Slapd:
         """``ldap://[::1]:PORT/`` when started with ``ipv6``, else None."""
         return None if self.ipv6_port is None else f"ldap://[::1]:{self.ipv6_port}/"
 
+    def _replication(self) -> tuple[str, str]:
+        """(module lines, database lines) for the provider's or the consumer's role."""
+        if self.provider is not None:
+            provider = self.provider
+            # rid: the consumer's id for this provider (three digits). retry: every
+            # SYNC_RETRY s, forever ("+"). timeout / network-timeout bound one
+            # attempt, so a hung provider is retried rather than waited on.
+            return "", f"""\
+index entryUUID,entryCSN eq
+syncrepl rid=001
+  provider={provider.uri}
+  type=refreshAndPersist
+  retry="{SYNC_RETRY} +"
+  timeout=2
+  network-timeout=2
+  searchbase="{provider.suffix}"
+  bindmethod=simple
+  binddn="{provider.admin_dn}"
+  credentials="{provider.admin_password}"
+updateref {provider.uri}
+"""
+        if self.syncprov:
+            # checkpoint: contextCSN written every 100 writes or 1 minute; the session
+            # log lets a consumer that was away catch up by delta, not by a full
+            # refresh (RFC 4533 section 3.3.1).
+            return "moduleload syncprov\n", """\
+index entryUUID,entryCSN eq
+overlay syncprov
+syncprov-checkpoint 100 1
+syncprov-sessionlog 1000
+"""
+        return "", ""
+
     def _config(self) -> str:
         includes = "".join(f"include {SCHEMA_DIR / name}.schema\n" for name in SCHEMAS)
+        modules, replication = self._replication()
+        # A consumer's rootdn is the identity syncrepl writes as; with no password no
+        # one can bind as it, so every write from outside gets the referral and the
+        # replica cannot drift from its provider.
+        rootpw = "" if self.provider is not None else f"rootpw {self.admin_password}\n"
         tls = ""
         if self.cert is not None:
             tls = (
@@ -132,14 +206,13 @@ pidfile {self.workdir / "slapd.pid"}
 argsfile {self.workdir / "slapd.args"}
 modulepath {MODULE_DIR}
 moduleload back_mdb
-{tls}
+{modules}{tls}
 database mdb
 # mdb maps this much address space; it is sparse, not allocated
 maxsize 1073741824
 suffix "{self.suffix}"
 rootdn "{self.admin_dn}"
-rootpw {self.admin_password}
-directory {self.db_dir}
+{rootpw}directory {self.db_dir}
 sizelimit unlimited
 index objectClass eq
 index uid,mail,mailLocalAddress,mailLoginName eq
@@ -150,7 +223,7 @@ access to attrs=userPassword
   by * none
 access to *
   by * read
-"""
+{replication}"""
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -165,7 +238,8 @@ access to *
             raise RuntimeError("slapd not installed: run scripts/install-deps")
         if self.running:
             return
-        if not (self.db_dir / "data.mdb").exists():
+        if self.provider is None and not (self.db_dir / "data.mdb").exists():
+            # A consumer gets everything, the suffix too, from its provider.
             self._seed()
         listeners = f"{self.uri}/"
         if self.ldaps_uri is not None:
@@ -175,14 +249,19 @@ access to *
         if self.ipv6_uri is not None:
             listeners += f" {self.ipv6_uri}"
         with self.log_path.open("ab") as log:
-            # -d keeps slapd in the foreground; "stats" logs connections and operations.
+            # -d keeps slapd in the foreground; "stats" logs connections and operations,
+            # "sync" what syncprov sends and syncrepl receives.
+            debug = ["-d", "stats"]
+            if self.syncprov or self.provider is not None:
+                debug += ["-d", "sync"]
             self._process = subprocess.Popen(
-                [str(SLAPD), "-d", "stats", "-h", listeners, "-f", str(self.config_path)],
+                [str(SLAPD), *debug, "-h", listeners, "-f", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
             )
+        self.paused = False
         deadline = time.monotonic() + START_TIMEOUT
         while not self._answers():
             if self._process.poll() is not None:
@@ -236,11 +315,39 @@ access to *
         raise RuntimeError(f"{message}\n--- {self.log_path} ---\n{tail(self.log_path)}")
 
     def stop(self) -> None:
-        """Stop slapd; no-op when not running. Data survives a later start()."""
+        """Stop slapd (SIGTERM); no-op when not running. Data survives a later start()."""
         process, self._process = self._process, None
         if process is None:
             return
+        if self.paused:
+            # A stopped process takes SIGTERM only once it runs again.
+            self.resume(process)
         stop_process(process, STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL slapd, as a crash would; mdb's data survives a later start()."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self.paused = False
+
+    def pause(self) -> None:
+        """SIGSTOP slapd: a hung server. Its sockets stay open and the kernel still
+        completes TCP handshakes on its listeners, but nothing is ever answered."""
+        if self._process is None:
+            raise RuntimeError(f"{self!r} is not running")
+        os.killpg(self._process.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self, process: subprocess.Popen[bytes] | None = None) -> None:
+        """SIGCONT after pause(): slapd answers what waited, and carries on."""
+        process = process or self._process
+        if process is None:
+            raise RuntimeError(f"{self!r} is not running")
+        os.killpg(process.pid, signal.SIGCONT)
+        self.paused = False
 
     def __enter__(self) -> Slapd:
         self.start()
@@ -255,7 +362,9 @@ access to *
         self.stop()
 
     def __repr__(self) -> str:
-        return f"<Slapd {self.uri}>"
+        role = (" consumer" if self.provider is not None
+                else " provider" if self.syncprov else "")
+        return f"<Slapd {self.uri}{role}>"
 
     # -- entries -------------------------------------------------------------
 
@@ -264,7 +373,9 @@ access to *
         return f"uid={escape_rdn(uid)},{self.base}"
 
     def admin_connection(self) -> ldap3.Connection:
-        """A bound admin connection (caller unbinds)."""
+        """A bound admin connection (caller unbinds); a consumer has none (RuntimeError)."""
+        if self.provider is not None:
+            raise RuntimeError(f"{self!r} is a read-only consumer: write to {self.provider!r}")
         return ldap3.Connection(
             ldap3.Server(self.host, port=self.port),
             user=self.admin_dn,
@@ -351,3 +462,131 @@ access to *
     def modify_host(self, uid: str, mail_host: list[str] | str | None) -> None:
         """Replace (or with None remove) the mailHost of ``uid``."""
         self.modify_user(uid, mail_host=mail_host)
+
+    def user(self, uid: str) -> dict[str, list[str]] | None:
+        """The attributes of ``uid``'s entry as this server has them (anonymous read,
+        so no userPassword), or None when it has no such entry."""
+        connection = ldap3.Connection(
+            ldap3.Server(self.host, port=self.port, get_info=ldap3.NONE, connect_timeout=2),
+            auto_bind=True, receive_timeout=2)
+        try:
+            connection.search(self.dn(uid), "(objectClass=*)", ldap3.BASE, attributes=["*"])
+            if not connection.response:
+                return None
+            raw = connection.response[0]["raw_attributes"]
+            return {name: [v.decode() for v in values] for name, values in raw.items()}
+        finally:
+            connection.unbind()
+
+    def wait_for_user(
+        self,
+        uid: str,
+        predicate: Callable[[Attributes | None], bool],
+        timeout: float = REPLICATION_TIMEOUT,
+    ) -> Attributes | None:
+        """Poll until ``predicate(self.user(uid))`` holds; return what it accepted.
+
+        For a consumer: wait for a change made on the provider to arrive
+        (replication is asynchronous). RuntimeError after ``timeout`` seconds, with
+        what was read last and the log's tail.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.user(uid)
+            if predicate(found):
+                return found
+            if time.monotonic() > deadline:
+                self._fail(f"{self!r}: {uid} did not reach the expected state within "
+                           f"{timeout} s; last read: {found}")
+            time.sleep(0.01)
+
+
+def has(**expected: object) -> Callable[[Attributes | None], bool]:
+    """A wait_for_user predicate: the entry exists and each given attribute has exactly
+    these values (``mailImapPort=143``, ``mailHost="a"``, a list for several; None:
+    the attribute is absent)."""
+
+    def check(found: Attributes | None) -> bool:
+        if found is None:
+            return False
+        return all(sorted(found.get(name, [])) == sorted(_values(value))
+                   for name, value in expected.items())
+
+    return check
+
+
+def absent(found: Attributes | None) -> bool:
+    """A wait_for_user predicate: there is no such entry (deleted)."""
+    return found is None
+
+
+class ReplicatedSlapd:
+    """A syncrepl pair: ``provider`` takes the writes, ``consumer`` replicates them.
+
+    Writes (add_user, modify_user, delete_user) go to the provider; wait_replicated()
+    waits for the consumer to have them. ``uris`` lists both, provider first, as a
+    proxy's ``[directory.ldap] uris`` would. See the module docstring for why a
+    provider and a read-only consumer rather than mirror mode.
+    """
+
+    def __init__(self, workdir: Path, cert: CertPair | None = None) -> None:
+        workdir = Path(workdir)
+        self.provider = Slapd(workdir / "provider", cert, syncprov=True)
+        self.consumer = Slapd(workdir / "consumer", cert, provider=self.provider)
+        self.base = self.provider.base
+
+    @property
+    def uris(self) -> list[str]:
+        """[provider URI, consumer URI]."""
+        return [self.provider.uri, self.consumer.uri]
+
+    def start(self) -> ReplicatedSlapd:
+        """Start the provider, then the consumer (which returns once it has the base)."""
+        self.provider.start()
+        self.consumer.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop both (either may have been stopped, killed or paused already)."""
+        # Provider first: a consumer's shutdown otherwise waits for its persistent
+        # search to time out (2 s); with the provider gone that search has ended.
+        self.provider.stop()
+        self.consumer.stop()
+
+    def __enter__(self) -> ReplicatedSlapd:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<ReplicatedSlapd {self.provider.uri} -> {self.consumer.uri}>"
+
+    def add_user(self, uid: str, **attributes: Any) -> str:
+        """Slapd.add_user on the provider, then wait until the consumer has the entry."""
+        dn = self.provider.add_user(uid, **attributes)
+        self.wait_replicated(uid, lambda found: found is not None)
+        return dn
+
+    def modify_user(self, uid: str, **changes: Any) -> None:
+        """Slapd.modify_user on the provider (returns at once: see wait_replicated)."""
+        self.provider.modify_user(uid, **changes)
+
+    def delete_user(self, uid: str) -> None:
+        """Slapd.delete_user on the provider (returns at once: see wait_replicated)."""
+        self.provider.delete_user(uid)
+
+    def wait_replicated(
+        self,
+        uid: str,
+        predicate: Callable[[Attributes | None], bool],
+        timeout: float = REPLICATION_TIMEOUT,
+    ) -> Attributes | None:
+        """Poll the consumer until ``uid``'s entry satisfies ``predicate`` (see has(),
+        absent()); returns the entry as accepted."""
+        return self.consumer.wait_for_user(uid, predicate, timeout)
