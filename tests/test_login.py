@@ -635,7 +635,7 @@ def test_with_shared_state_the_session_is_counted_over_every_instance() -> None:
     config = make_config(shared=SHARED, username=UsernameConfig(lowercase=True))
     world = World(config=config, ticket=limiter.admit("192.0.2.7"))
     run = world.run("Alice")
-    assert run.kinds == ["WaitForPenalty", "Lookup", "Dial", "LogInAtBackend",
+    assert run.kinds == ["WaitForPenalty", "WaitForTurn", "Lookup", "Dial", "LogInAtBackend",
                          "FinishPenalty", "ClaimSession", "LoginLog", "CountLogin"]
     assert run.of(ClaimSession) == [ClaimSession("alice", "192.0.2.7", 20)]
     assert isinstance(run.result, login.LoggedIn)
@@ -648,8 +648,9 @@ def test_over_the_limit_on_every_instance_together() -> None:
     world = World(config=make_config(shared=SHARED), ticket=ticket,
                   shared_refusal=Refusal.PER_USER_CLIENT)
     run = world.run()
-    assert run.kinds == ["WaitForPenalty", "Lookup", "Dial", "LogInAtBackend", "FinishPenalty",
-                         "ClaimSession", "LoginLog", "CountRefusal", "CloseBackend"]
+    assert run.kinds == ["WaitForPenalty", "WaitForTurn", "Lookup", "Dial", "LogInAtBackend",
+                         "FinishPenalty", "ClaimSession", "LoginLog", "CountRefusal",
+                         "CloseBackend"]
     assert isinstance(run.result, login.Refused)
     assert isinstance(run.result.error, TooManyConnections)
     assert run.of(CountRefusal) == [CountRefusal("per_user_client")]
