@@ -287,7 +287,10 @@ class RedisState(Service):
     @staticmethod
     def _reason(link: _Link, failure: Failure) -> str:
         """Why a call failed, in words fit for the log (never the password)."""
-        if failure.check(defer.TimeoutError, Expired):
+        # Whichever gave up first: the reactor's addTimeout, or redis-py's socket
+        # timeout in the thread (the same [shared] timeout).
+        if failure.check(defer.TimeoutError, Expired, redis.exceptions.TimeoutError,
+                         TimeoutError):
             reason = f"no answer within {link.timeout:g} s"
         elif failure.check(redis.exceptions.RedisError, OSError, BadAnswer):
             reason = f"{type(failure.value).__name__}: {str(failure.value)[:200]}"
