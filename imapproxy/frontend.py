@@ -58,6 +58,9 @@ from .transports import LOGOUT_GRACE, Backpressure, Leg, configure_socket, write
 
 log = Logger(namespace="imapproxy")
 _session_ids = itertools.count(1)
+#: the login's steps that wait for something outside (the client may leave meanwhile)
+_AWAITED = frozenset({WaitForPenalty, WaitForTurn, Lookup, Dial, LogInAtBackend,
+                      ClaimSession})
 
 @implementer(IHandshakeListener)
 class FrontendProtocol(Protocol):
@@ -310,6 +313,16 @@ class FrontendProtocol(Protocol):
                 admission = result
             elif isinstance(step, FinishPenalty):
                 admission = None
+            if self.disconnected and type(step) in _AWAITED:
+                # The client went away while the login waited for the directory or a
+                # backend: nobody is left to log in. A backend connection it brought is
+                # closed (logged in there or not), an admission given back.
+                flow.close()
+                if isinstance(result, BackendProtocol):
+                    result.close(abort=True)
+                if admission is not None:
+                    admission.finish(Outcome.NEUTRAL)
+                return
 
     def _perform(self, step: Any) -> Any:
         """One action of the login's; its result (maybe a Deferred), or raises."""

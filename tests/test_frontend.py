@@ -829,3 +829,23 @@ def test_a_client_gone_while_its_session_is_counted_is_released() -> None:
     client.connectionLost()
     sessions.pending[0].callback(None)
     assert sessions.released == [("claim", 1)]
+
+
+def test_a_client_gone_during_the_backend_login_leaves_no_backend_behind() -> None:
+    """The client disconnects while the backend is still answering our LOGIN: the
+    backend's connection is closed once logged in, and nothing else breaks."""
+    h = Harness()
+    client, _transport = h.connect_client()
+    with capturedLogs() as events:
+        client.dataReceived(b"a1 LOGIN alice secret\r\n")
+        backend = h.backends[-1]
+        backend.dataReceived(DOVECOT_GREETING)
+        client.connectionLost()
+        backend.dataReceived(b"P3 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+    assert closed(backend.transport)
+    lines = [formatEvent(e) for e in events]
+    assert not [line for line in lines if "unexpected error" in line], lines
+    assert client.relay is None and client not in h.registry.sessions
+    # The address's penalty lane is free again: a new login goes straight through.
+    again, again_transport, _ = h.logged_in_client()
+    assert again.relay is not None and not closed(again_transport)
