@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from . import sharedstate
+from . import sharedscripts, sharedstate
 from .config import SharedConfig
 from .metrics import NULL_METRICS, NullMetrics
 from .penalty import Refused, user_key
@@ -199,7 +199,7 @@ class RedisState(Service):
         config = self.config
         client = redis_client(config)
         scripts = {name: client.register_script(text)
-                   for name, text in sharedstate.SCRIPTS.items()}
+                   for name, text in sharedscripts.SCRIPTS.items()}
         penalty_pool = ThreadPool(1, PENALTY_THREADS, name="imapproxy-redis")
         sessions_pool = ThreadPool(1, 1, name="imapproxy-redis-sessions")
         penalty_pool.start()

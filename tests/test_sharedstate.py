@@ -11,6 +11,7 @@ import pytest
 from imapproxy import sharedstate
 from imapproxy.config import Limits
 from imapproxy.penalty import MAX_WAITING, MAX_WAITING_USER, Refused
+from imapproxy.sharedscripts import SCRIPTS
 from imapproxy.sharedstate import (
     Availability,
     BadAnswer,
@@ -44,7 +45,7 @@ def test_settings_come_from_limits() -> None:
 
 def test_enter_and_finish_calls() -> None:
     call = sharedstate.enter(NAMES, "192.0.2.7", UKEY, "tok", SETTINGS)
-    assert call.script == "enter" and call.script in sharedstate.SCRIPTS
+    assert call.script == "enter" and call.script in SCRIPTS
     assert call.keys == (*NAMES.address("192.0.2.7"), *NAMES.user(UKEY))
     assert call.args == ("192.0.2.7", "tok", "", 2.0, 15.0, 900.0, 86400.0, MAX_WAITING,
                          MAX_WAITING_USER, sharedstate.LEASE)
