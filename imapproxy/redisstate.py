@@ -302,7 +302,7 @@ class RedisState(Service):
             reason = reason.replace(password.reveal().decode("utf-8", "replace"), "***")
         return reason
 
-    # -- the penalty (penaltygate.SharedGate) ----------------------------------------------
+    # -- the penalty (sharedgate.SharedGate) -----------------------------------------------
 
     def enter(self, address: str, ukey: bytes, token: str,
               settings: PenaltySettings) -> defer.Deferred[Verdict | Refused | None]:

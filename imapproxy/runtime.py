@@ -39,7 +39,8 @@ class Shared:
     reactor: Any
     registry: SessionRegistry
     limiter: ConnectionLimiter
-    #: the brute-force penalty (penaltygate.LocalGate, or RemoteGate in a worker)
+    #: the brute-force penalty (penaltygate.LocalGate, penaltyworkers.RemoteGate in a
+    #: worker, sharedgate.SharedGate in front of either with [shared] redis)
     penalty: Any
     breaker: CircuitBreaker[Server]
     metrics: NullMetrics

@@ -35,12 +35,13 @@ from .logs import LoggingRoot
 from .logs import configure as configure_logs
 from .metrics import NULL_METRICS, Metrics, NullMetrics, metrics_site
 from .pacinggate import PacingGate
-from .penaltygate import SharedGate, process_gate
+from .penaltyworkers import process_gate
 from .proxyheader import proxy_listener
 from .redisstate import RedisState
 from .registry import SessionRegistry
 from .reload import Reloader, ReloadService
 from .runtime import Current, Shared, build
+from .sharedgate import SharedGate
 from .transports import tcp_server_endpoint
 from .workers import BACKLOG, ParentWatch, ReusePortService, WorkerPool
 
@@ -125,7 +126,7 @@ def build_service(config: Config, reactor: Any, worker: bool = False,
              version=__version__, pid=os.getpid(), config=config.path,
              worker=f", worker {worker_index}" if worker else "", stack=sdnotify.stack())
     registry = SessionRegistry(reactor)
-    # With workers, one penalty for all of them (penaltygate.py).
+    # With workers, one penalty for all of them (penaltyworkers.py).
     penalty, penalty_service, penalty_socket = process_gate(
         config.limits, reactor, workers=config.workers, worker=worker,
         socket_path=penalty_socket)

@@ -96,7 +96,7 @@ class WorkerPool(service.Service):
         self.reactor = reactor
         self.config_path = config_path
         self.count = count
-        #: where the workers ask for the brute-force penalty (penaltygate.py)
+        #: where the workers ask for the brute-force penalty (penaltyworkers.py)
         self.penalty_socket = penalty_socket
         self.workers: dict[int, tuple[_WorkerProcess, Any]] = {}
 

@@ -12,10 +12,11 @@ from imapproxy.admin import AdminResource, admin_endpoint
 from imapproxy.config import load
 from imapproxy.frontend import ProxyFactory
 from imapproxy.metrics import Metrics, TimedDirectory
-from imapproxy.penaltygate import LocalGate, SharedGate
+from imapproxy.penaltygate import LocalGate
 from imapproxy.proxyheader import ProxyHeaderFactory
 from imapproxy.redisstate import RedisState
 from imapproxy.service import build_service
+from imapproxy.sharedgate import SharedGate
 
 CONFIG = """
 [[listen]]
