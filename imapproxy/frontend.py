@@ -25,32 +25,19 @@ from zope.interface import implementer
 
 from . import forwarding, login
 from .actions import (
-    ClaimSession,
     Close,
-    CloseBackend,
-    CountBackendFailure,
-    CountLogin,
-    CountRefusal,
-    CountTurn,
-    Dial,
-    FinishPenalty,
     Login,
-    LogInAtBackend,
-    LoginLog,
-    Lookup,
     SendToClient,
     Splice,
     StartClientTLS,
-    WaitForPenalty,
-    WaitForTurn,
 )
 from .backendconn import CONNECTION_DONE, BackendProtocol
 from .clienttls import NoApplicationProtocol
 from .config import Listener
-from .errors import BackendUnavailable, ProxyError, TooManyConnections
+from .errors import ProxyError, TooManyConnections
 from .limits import Refusal, Ticket, client_key
+from .loginrunner import LoginRunner
 from .logquote import quoted
-from .penalty import Outcome
 from .protocols import REFUSALS, new_session
 from .relay import Relay
 from .runtime import Current, Runtime
@@ -58,9 +45,6 @@ from .transports import LOGOUT_GRACE, Backpressure, Leg, configure_socket, write
 
 log = Logger(namespace="imapproxy")
 _session_ids = itertools.count(1)
-#: the login's steps that wait for something outside (the client may leave meanwhile)
-_AWAITED = frozenset({WaitForPenalty, WaitForTurn, Lookup, Dial, LogInAtBackend,
-                      ClaimSession})
 
 @implementer(IHandshakeListener)
 class FrontendProtocol(Protocol):
@@ -88,11 +72,8 @@ class FrontendProtocol(Protocol):
         self._gate = False
         #: a failed login's answer, held back (login.Refused.delay)
         self._answer: Any = None
-        #: what this login waits for, if anything: the penalty's admission
-        #: (penaltygate.py) or its turn (pacinggate.py); cancelled when the session ends
-        self._waiting: defer.Deferred[Any] | None = None
-        #: this session as counted in the shared state (redisstate.py), if it is
-        self._claim: Any = None
+        #: the login being carried out, or done (its count in the shared state)
+        self._runner: LoginRunner | None = None
 
     @property
     def clock(self) -> Any:
@@ -144,15 +125,12 @@ class FrontendProtocol(Protocol):
         for timer in (self._timer, self._answer):
             if timer is not None and timer.active():
                 timer.cancel()
-        if self._waiting is not None:
-            self._waiting.cancel()  # leaves the penalty's queue or the pacing queue
+        if self._runner is not None:
+            self._runner.client_gone()
         if self.leg is not None:
             self.leg.lost()
         if self.ticket is not None:
             self.ticket.release()
-        if self._claim is not None:
-            self.runtime.shared.state.release(self._claim)
-            self._claim = None
         if not self.end_reason:
             # An ALPN refusal (ALPACA) is worth telling apart from a client that left.
             self.end_reason = ("TLS: no application protocol"
@@ -202,10 +180,8 @@ class FrontendProtocol(Protocol):
         """Close the client connection (after flushing, unless ``abort``): transports.py."""
         if not self.end_reason:
             self.end_reason = reason
-        if self._waiting is not None:
-            # A login waiting for the penalty or its turn leaves the queue now (a pre-login
-            # timeout, a drain), not when the client has read our last words and gone.
-            self._waiting.cancel()
+        if self._runner is not None:
+            self._runner.stop_waiting()
         # The leg unregisters whatever producer is registered: the pre-login gate or,
         # when relaying, the backend's backpressure.
         self._gate = False
@@ -258,7 +234,7 @@ class FrontendProtocol(Protocol):
             elif isinstance(action, Login):
                 # Client bytes are still read meanwhile (the session holds them, bounded),
                 # so a client that goes away is noticed at once.
-                defer.ensureDeferred(self._login(action))
+                self._login(action)
             elif isinstance(action, Splice):
                 self._splice(action.trailing)
             elif isinstance(action, Close):
@@ -266,7 +242,7 @@ class FrontendProtocol(Protocol):
 
     # -- the login: login.py decides, this carries out --------------------------------------
 
-    async def _login(self, action: Login) -> None:
+    def _login(self, action: Login) -> None:
         runtime = self.runtime
         shared = runtime.shared
         peer, host = self.transport.getPeer(), self.transport.getHost()
@@ -279,105 +255,8 @@ class FrontendProtocol(Protocol):
         flow = login.login(client, action.credentials, action.client_id,
                            config=runtime.config, breaker=shared.breaker, keys=shared.penalty,
                            clock=self.clock.seconds, ticket=self.ticket)
-        result: Any = None
-        error: BaseException | None = None
-        admission: Any = None  # finished by the flow; by us only if the flow breaks
-        while True:
-            try:
-                step = flow.send(result) if error is None else flow.throw(error)
-            except StopIteration as done:
-                self._logged_in(done.value)
-                return
-            except Exception:
-                log.failure("unexpected error during login of {user}",
-                            user=quoted(action.credentials.username))
-                if admission is not None:
-                    admission.finish(Outcome.NEUTRAL)
-                self._logged_in(login.Refused(BackendUnavailable()))
-                return
-            result, error = None, None
-            try:
-                result = self._perform(step)
-                if isinstance(result, defer.Deferred):
-                    result = await result
-            except defer.CancelledError:
-                # The client went away (or its session ended) while the login waited for
-                # the penalty or for its turn: an admission it holds is given back.
-                flow.close()
-                if admission is not None:
-                    admission.finish(Outcome.NEUTRAL)
-                return
-            except Exception as e:  # noqa: BLE001 - the flow decides; what it does not
-                error = e           # handle comes back out of it, and is logged above
-            if isinstance(step, WaitForPenalty) and error is None:
-                admission = result
-            elif isinstance(step, FinishPenalty):
-                admission = None
-            if self.disconnected and type(step) in _AWAITED:
-                # The client went away while the login waited for the directory or a
-                # backend: nobody is left to log in. A backend connection it brought is
-                # closed (logged in there or not), an admission given back.
-                flow.close()
-                if isinstance(result, BackendProtocol):
-                    result.close(abort=True)
-                if admission is not None:
-                    admission.finish(Outcome.NEUTRAL)
-                return
-
-    def _perform(self, step: Any) -> Any:
-        """One action of the login's; its result (maybe a Deferred), or raises."""
-        runtime = self.runtime
-        if isinstance(step, LoginLog):
-            getattr(log, step.level)("{line}", line=step.text, **dict(step.fields))
-        elif isinstance(step, CountLogin):
-            runtime.metrics.login(self.factory.listener.protocol, step.result, step.reason)
-        elif isinstance(step, CountRefusal):
-            runtime.metrics.refused(step.limit)
-        elif isinstance(step, CountBackendFailure):
-            runtime.metrics.backend_failed(step.backend, step.reason)
-        elif isinstance(step, WaitForPenalty):
-            self._waiting = runtime.shared.penalty.enter(step.address, step.user_key)
-            return self._waiting.addBoth(self._waited)
-        elif isinstance(step, WaitForTurn):
-            turn = runtime.shared.pacer.enter()  # raises LoginQueueFull into the flow
-            if isinstance(turn, defer.Deferred):
-                self._waiting = turn
-                return turn.addBoth(self._waited)
-            return turn
-        elif isinstance(step, CountTurn):
-            runtime.metrics.login_turn(step.waited)
-        elif isinstance(step, FinishPenalty):
-            step.admission.finish(step.outcome, step.fingerprint)  # type: ignore[attr-defined]
-        elif isinstance(step, Lookup):
-            return defer.maybeDeferred(runtime.directory.lookup, step.name, step.protocol,
-                                       step.backend_login)
-        elif isinstance(step, Dial):
-            return defer.ensureDeferred(runtime.connector.dial(
-                step.server, step.port, step.proxy_header))  # type: ignore[arg-type]
-        elif isinstance(step, LogInAtBackend):
-            return defer.ensureDeferred(runtime.connector.log_in(
-                step.backend, step.dialogue))  # type: ignore[arg-type]
-        elif isinstance(step, CloseBackend):
-            step.backend.close(step.abort)  # type: ignore[attr-defined]
-        elif isinstance(step, ClaimSession):
-            state = runtime.shared.state
-            if state is None:
-                return None
-            return state.claim(step.user, step.client, step.limit).addCallback(self._claimed)
-        return None
-
-    def _claimed(self, claim: Any) -> Refusal | None:
-        if claim is None:
-            return Refusal.PER_USER_CLIENT
-        if self.disconnected:
-            self.runtime.shared.state.release(claim)  # gone while it was counted
-        else:
-            self._claim = claim
-        return None
-
-    def _waited(self, result: Any) -> Any:
-        self._waiting = None
-        return result
+        self._runner = LoginRunner(runtime, client.protocol, self._logged_in)
+        defer.ensureDeferred(self._runner.run(flow, action.credentials.username))
 
     def _logged_in(self, outcome: login.LoggedIn | login.Refused) -> None:
         if isinstance(outcome, login.Refused):
