@@ -52,16 +52,15 @@ from . import sharedscripts, sharedstate
 from .config import SharedConfig
 from .metrics import NULL_METRICS, NullMetrics
 from .penalty import Refused, user_key
+from .sessiontally import Claim, SessionTally
 from .sharedstate import (
     HEARTBEAT,
     RETRY_AFTER,
     Availability,
     BadAnswer,
     Call,
-    Claim,
     KeyNames,
     PenaltySettings,
-    SessionTally,
     Verdict,
 )
 
