@@ -32,16 +32,11 @@ counts are written to it.
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -52,6 +47,7 @@ from . import sharedscripts, sharedstate
 from .config import SharedConfig
 from .metrics import NULL_METRICS, NullMetrics
 from .penalty import Refused, user_key
+from .redislink import Expired, Link, instance_id, redis_client
 from .sessiontally import Claim, SessionTally
 from .sharedstate import (
     HEARTBEAT,
@@ -68,58 +64,6 @@ log = Logger(namespace="imapproxy")
 
 #: Threads for the penalty's calls: a login makes one at its start and one at its end.
 PENALTY_THREADS = 4
-
-
-class Expired(Exception):
-    """A call waited in the thread pool's queue past its deadline: it was not run."""
-
-
-@dataclass
-class _Link:
-    """Everything made from one [shared] config: the client, its scripts, its threads."""
-
-    config: SharedConfig
-    client: Any
-    scripts: dict[str, Any]
-    names: KeyNames
-    penalty_pool: ThreadPool
-    sessions_pool: ThreadPool
-
-    @property
-    def timeout(self) -> float:
-        return self.config.timeout
-
-    @property
-    def label(self) -> str:
-        """The URL, its password masked: for log lines."""
-        return str(self.config.url)
-
-
-def redis_client(config: SharedConfig) -> Any:
-    """A redis-py client for [shared]: the timeout on connect and on every reply, and no
-    retries (a retry would be a second timeout in one login)."""
-    url = config.url
-    assert url is not None
-    options: dict[str, Any] = {
-        "db": url.db, "username": url.username or None,
-        "password": url.password.reveal().decode("utf-8") if url.password else None,
-        "socket_timeout": config.timeout, "socket_connect_timeout": config.timeout,
-        "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False,
-        "health_check_interval": 0, "client_name": "imapproxy",
-    }
-    if url.scheme == "unix":
-        options["unix_socket_path"] = url.socket_path
-    else:
-        options.update(host=url.host, port=url.port)
-        if url.tls:
-            options.update(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
-                           ssl_ca_certs=str(config.ca_file) if config.ca_file else None)
-    return redis.Redis(**options)
-
-
-def instance_id() -> str:
-    """This process among the instances: host, pid, and a random part (pids recur)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class RedisState(Service):
@@ -141,7 +85,7 @@ class RedisState(Service):
         self.config = config
         #: the key of the keyed hashes: from key_file, else learnt from Redis
         self._key: bytes | None = self._file_key(config)
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._beat: task.LoopingCall | None = None
         self._resyncing = False
         #: links being closed (their goodbye under way)
@@ -203,7 +147,7 @@ class RedisState(Service):
         sessions_pool = ThreadPool(1, 1, name="imapproxy-redis-sessions")
         penalty_pool.start()
         sessions_pool.start()
-        self._link = _Link(config, client, scripts, KeyNames(config.prefix), penalty_pool,
+        self._link = Link(config, client, scripts, KeyNames(config.prefix), penalty_pool,
                            sessions_pool)
         log.info("shared state through {url}, this instance {instance}",
                  url=self._link.label, instance=self.instance)
@@ -239,7 +183,7 @@ class RedisState(Service):
 
     # -- calls -----------------------------------------------------------------------------
 
-    def _ask(self, link: _Link, pool: ThreadPool, *calls: Call) -> defer.Deferred[Any]:
+    def _ask(self, link: Link, pool: ThreadPool, *calls: Call) -> defer.Deferred[Any]:
         """Run the calls in order on a thread of ``pool``: the last one's answer, or a
         failure; within the timeout (for each call) whatever happens."""
         deadline = time.monotonic() + link.timeout
@@ -255,7 +199,7 @@ class RedisState(Service):
         d.addTimeout(link.timeout * len(calls), self.reactor)
         return d
 
-    def _usable(self, what: str | None) -> _Link | None:
+    def _usable(self, what: str | None) -> Link | None:
         """The link to ask now, or None: count locally (``what`` is counted so)."""
         link = self._link
         if link is None or self._key is None \
@@ -265,7 +209,7 @@ class RedisState(Service):
             return None
         return link
 
-    def _answered(self, link: _Link) -> None:
+    def _answered(self, link: Link) -> None:
         if link is not self._link:
             return
         if self.availability.answered():
@@ -274,7 +218,7 @@ class RedisState(Service):
             self._maybe_resync()
         self.metrics.shared_state_up(True)
 
-    def _failed(self, link: _Link, failure: Failure) -> None:
+    def _failed(self, link: Link, failure: Failure) -> None:
         if link is not self._link:
             return
         reason = self._reason(link, failure)
@@ -284,7 +228,7 @@ class RedisState(Service):
         self.metrics.shared_state_up(False)
 
     @staticmethod
-    def _reason(link: _Link, failure: Failure) -> str:
+    def _reason(link: Link, failure: Failure) -> str:
         """Why a call failed, in words fit for the log (never the password)."""
         # Whichever gave up first: the reactor's addTimeout, or redis-py's socket
         # timeout in the thread (the same [shared] timeout).
@@ -366,7 +310,7 @@ class RedisState(Service):
         return self._send(link, link.penalty_pool,
                           sharedstate.leave(link.names, address, ukey, token))
 
-    def _send(self, link: _Link, pool: ThreadPool, call: Call,
+    def _send(self, link: Link, pool: ThreadPool, call: Call,
               failed: Callable[[], None] | None = None) -> defer.Deferred[None]:
         def bad(failure: Failure) -> None:
             if failed is not None:
