@@ -156,14 +156,20 @@ class Pool:
         self.haproxy: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Pool:
-        for instance in self.instances:
-            instance.start()
+        """Start everything; on any failure, stop what was started (no orphans)."""
         if not Path(HAPROXY).exists():
             raise RuntimeError("haproxy is not installed: run scripts/install-deps")
-        with self.log_path.open("ab") as log:
-            self.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config_path)],
-                                            stdout=log, stderr=subprocess.STDOUT)
-        self.wait_for(lambda: all(self.up(i) for i in self.instances), "every instance UP")
+        try:
+            for instance in self.instances:
+                instance.start()
+            with self.log_path.open("ab") as log:
+                self.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config_path)],
+                                                stdout=log, stderr=subprocess.STDOUT)
+            self.wait_for(lambda: all(self.up(i) for i in self.instances),
+                          "every instance UP")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
