@@ -56,7 +56,7 @@ def redis_client(config: SharedConfig) -> Any:
         "db": url.db, "username": url.username or None,
         "password": url.password.reveal().decode("utf-8") if url.password else None,
         "socket_timeout": config.timeout, "socket_connect_timeout": config.timeout,
-        "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False,
+        "retry": Retry(NoBackoff(), 0),  # retry_on_timeout is off by default (and deprecated)
         "health_check_interval": 0, "client_name": "imapproxy",
     }
     if url.scheme == "unix":
