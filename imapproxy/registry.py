@@ -26,7 +26,7 @@ class SessionRegistry:
         self.stopping = False
         #: [timeouts] drain_notice is running: /readyz says 503, sessions go on
         self.leaving = False
-        #: the drain that an announced one (drain_after) will start
+        #: the timer of an announced drain that undrain() may call off (drain_after)
         self._announced: Any = None
         #: drains under way: (fires when done, its sessions, their backends)
         self._drains: list[tuple[defer.Deferred[None], set[Any], set[Any]]] = []
@@ -96,20 +96,33 @@ class SessionRegistry:
             done.addBoth(stop_deadline)
         return done
 
-    def drain_after(self, notice: float, timeout: float) -> None:
-        """A drain announced first ([timeouts] drain_notice): for ``notice`` seconds
-        /readyz answers 503 while every session, new ones too, goes on, so that a load
-        balancer takes this instance out of its pool before the drain sends the
-        clients back through it; then ``drain(timeout)``."""
+    def announce(self, notice: float, *, stopping: bool = False) -> defer.Deferred[None]:
+        """Say a drain is coming ([timeouts] drain_notice): for ``notice`` seconds /readyz
+        answers 503 while every session, new ones too, goes on, so that a load balancer
+        takes this instance out of its pool before the drain sends the clients back
+        through it. Fires when the notice is over (at once without one).
+
+        ``stopping``: the process is going away (SIGTERM): from now on undrain() refuses,
+        so nothing calls the notice off; otherwise undrain() may.
+        """
+        self.stopping = self.stopping or stopping
+        over: defer.Deferred[None] = defer.Deferred()
         if notice <= 0:
-            self.drain(timeout)
-            return
-        if self.draining or self._announced is not None:
-            return  # under way already
+            over.callback(None)
+            return over
         self.leaving = True
-        log.info("drain announced: /readyz answers 503; the drain begins in {notice:g}s",
-                 notice=notice)
-        self._announced = self.clock.callLater(notice, self.drain, timeout)
+        log.info("drain announced{why}: /readyz answers 503; the drain begins in {notice:g}s",
+                 why=" (stopping)" if stopping else "", notice=notice)
+        timer = self.clock.callLater(notice, over.callback, None)
+        if not stopping:
+            self._announced = timer
+        return over
+
+    def drain_after(self, notice: float, timeout: float) -> None:
+        """The admin's drain: announced first (announce()), then drain(timeout)."""
+        if self.draining or self.leaving:
+            return  # under way already, announced or not
+        self.announce(notice).addCallback(lambda _: self.drain(timeout))
 
     def _cancel_announced(self) -> None:
         announced, self._announced = self._announced, None

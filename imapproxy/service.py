@@ -15,7 +15,6 @@ import sys
 from typing import Any
 
 from twisted.application import internet, service
-from twisted.internet import task
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
@@ -81,14 +80,12 @@ class ProxyService(LoggingRoot):
         sessions and their clients reconnect through it. Then the tree stops: listeners
         close, and DrainService drains."""
         runtime = self.current.runtime
-        notice = runtime.config.timeouts.drain_notice
-        if notice <= 0 or runtime.registry.leaving:
-            return super().stopService()
-        runtime.registry.leaving = True
-        log.info("stopping: /readyz answers 503; the drain begins in {notice:g}s",
-                 notice=notice)
+        registry = runtime.registry
         stop = super().stopService
-        return task.deferLater(runtime.shared.reactor, notice, stop)
+        if registry.leaving:  # a drain was announced already: the balancer knows
+            return stop()
+        notice = runtime.config.timeouts.drain_notice
+        return registry.announce(notice, stopping=True).addCallback(lambda _: stop())
 
 
 def listening_endpoint(reactor: Any, listener: Listener, tls_options: Any) -> Any:

@@ -155,3 +155,20 @@ def test_sigterm_without_a_drain_notice_drains_at_once(tmp_path: Path) -> None:
     stopped = top.stopService()
     assert top.current.runtime.registry.draining and not top.current.runtime.registry.leaving
     assert stopped.called
+
+
+def test_undrain_cannot_call_off_the_notice_of_a_sigterm(tmp_path: Path) -> None:
+    """During SIGTERM's drain_notice the process is stopping: an undrain is refused and
+    /readyz stays 503 (the balancer must not send clients to a process about to go)."""
+    path = config_file(tmp_path)
+    path.write_text(path.read_text() + "\n[timeouts]\ndrain_notice = 2.5\n")
+    reactor = MemoryReactorClock()
+    top = build_service(load(path), reactor)
+    registry = top.current.runtime.registry
+    top.privilegedStartService()
+    top.startService()
+    stopped = top.stopService()
+    assert registry.undrain() is False
+    assert registry.leaving and _readyz(reactor) == 503
+    reactor.advance(2.5)
+    assert registry.draining and stopped.called
