@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import random
 import shutil
 import ssl
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from rig.certs import TestCA  # noqa: E402
 from rig.dovecot import Dovecot, make_users  # noqa: E402
-from rig.fleet import Fleet, Phone  # noqa: E402
+from rig.fleet import Fleet, Mailman, Phone  # noqa: E402
 from rig.pool import Instance, Pool  # noqa: E402
 
 from bench import procmem  # noqa: E402
@@ -53,33 +51,6 @@ HOST = "127.0.0.1"
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-class Mailman:
-    """Delivers to random users in the background, and counts what each user got."""
-
-    def __init__(self, store: Dovecot, users: list[str]) -> None:
-        self.store, self.users = store, users
-        self.delivered: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def deliver(self, user: str) -> None:
-        self.store.deliver(user, b"From: bench@example.org\r\nSubject: rolling\r\n\r\nhi\r\n")
-        with self._lock:
-            self.delivered[user] += 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.deliver(random.choice(self.users))
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
 
 
 def address(index: int) -> str:
@@ -161,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in pool.instances}
             log(f"{n} phones in IDLE in {figures['open_s']:.1f}s, spread {figures['spread']},"
                 f" PSS per session {figures['pss_kib_per_session']}")
-            mailman = Mailman(store, [u.name for u in users])
+            mailman = Mailman(store, [u.name for u in users], interval=0.02)
             mailman.start()
             try:
                 on_a = status[a.name][1]
@@ -208,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             probe = time.monotonic()
             with ThreadPoolExecutor(4) as pool_ex:
                 list(pool_ex.map(mailman.deliver, [u.name for u in users]))
-            expected = {u.name: mailman.delivered[u.name] for u in users}
+            expected = mailman.expected()
             with contextlib.suppress(AssertionError):  # counted as missed below
                 fleet.wait(lambda: fleet.missed(expected) == 0,  # type: ignore[union-attr]
                            "every message seen", 120)

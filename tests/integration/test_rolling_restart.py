@@ -11,17 +11,14 @@ bench/rolling.py runs the same with 2,000 phones and reports the times.
 
 from __future__ import annotations
 
-import random
 import ssl
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 from rig.certs import CertPair
 from rig.dovecot import Dovecot, make_users
-from rig.fleet import Fleet, Phone
+from rig.fleet import Fleet, Mailman, Phone
 from rig.pool import Pool
 
 HOST = "127.0.0.1"
@@ -36,37 +33,6 @@ def phones_store(tmp_path_factory: pytest.TempPathFactory) -> Dovecot:
     store.start()
     yield store
     store.stop()
-
-
-class Mailman:
-    """Delivers a message to random users every ``interval`` seconds until stopped,
-    and counts what each user got."""
-
-    def __init__(self, store: Dovecot, users: list[str], interval: float = 0.05) -> None:
-        self.store, self.users, self.interval = store, users, interval
-        self.delivered: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def deliver(self, user: str) -> None:
-        self.store.deliver(user, b"From: a@example.org\r\nSubject: while restarting\r\n\r\n"
-                           + str(self.delivered[user]).encode() + b"\r\n")
-        self.delivered[user] += 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.deliver(random.choice(self.users))
-
-    def __enter__(self) -> Mailman:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def expected(self) -> dict[str, int]:
-        return {user: self.delivered[user] for user in self.users}
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "implicit-tls"])

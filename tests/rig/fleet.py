@@ -21,8 +21,10 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Seconds one step of a session (connect, a command's answer) may take before the
 #: client gives up on that connection and starts over.
@@ -97,11 +99,11 @@ class Fleet:
         self.wait(lambda: self.idling() == len(self.phones), "every phone in IDLE", timeout)
         return time.monotonic() - started
 
-    def wait(self, check: object, what: str, timeout: float) -> float:
+    def wait(self, check: Callable[[], object], what: str, timeout: float) -> float:
         """Wait until ``check()`` is true; the seconds it took."""
         started = time.monotonic()
         deadline = started + timeout
-        while not check():  # type: ignore[operator]
+        while not check():
             if time.monotonic() > deadline:
                 errors = [e for p in self.phones for e in p.errors[-1:]][:5]
                 raise AssertionError(f"timed out waiting for {what}: {self.idling()} of "
@@ -223,3 +225,46 @@ async def _tagged(reader: asyncio.StreamReader, tag: bytes, phone: Phone) -> Non
             if not line.startswith(tag + b" OK"):
                 raise _Refused(line)
             return
+
+
+class Mailman:
+    """Delivers a message to a random user every ``interval`` seconds while running (in a
+    thread; a context manager, or start() and stop()), and counts what each user got:
+    what the phones must have seen (``Fleet.missed(mailman.expected())``)."""
+
+    def __init__(self, store: Any, users: list[str], interval: float = 0.05) -> None:
+        #: a rig Dovecot (tests/rig/dovecot.py): deliver(user, message)
+        self.store, self.users, self.interval = store, users, interval
+        self.delivered: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def deliver(self, user: str) -> None:
+        """One message to ``user`` now (thread-safe)."""
+        self.store.deliver(user, b"From: a@example.org\r\nSubject: while restarting\r\n\r\n"
+                           + str(self.delivered[user]).encode() + b"\r\n")
+        with self._lock:
+            self.delivered[user] += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.deliver(random.choice(self.users))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def __enter__(self) -> Mailman:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def expected(self) -> dict[str, int]:
+        """Each user's messages delivered so far."""
+        return {user: self.delivered[user] for user in self.users}

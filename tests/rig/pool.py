@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -220,9 +221,9 @@ class Pool:
         except OSError:
             return False
 
-    def wait_for(self, check: object, what: str, timeout: float = 30.0) -> float:
+    def wait_for(self, check: Callable[[], object], what: str, timeout: float = 30.0) -> float:
         started = time.monotonic()
-        while not check():  # type: ignore[operator]
+        while not check():
             if self.haproxy is not None and self.haproxy.poll() is not None:
                 raise RuntimeError(f"haproxy exited:\n{tail(self.log_path)}")
             if time.monotonic() - started > timeout:
